@@ -8,6 +8,7 @@ and loading (base model + head + tokenizer).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -163,7 +164,7 @@ class LatentActor(nn.Module):
         """Add the special tokens (resizing embeddings only if needed) and attach a fresh head."""
         add_special_tokens(tokenizer)
         if len(tokenizer) > base_model.get_input_embeddings().weight.shape[0]:
-            base_model.resize_token_embeddings(len(tokenizer))
+            base_model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
         hidden = base_model.get_input_embeddings().weight.shape[1]
         head = LatentCommHead(HeadConfig(latent_dim or hidden, hidden, num_heads, prepended_length, dropout))
         return cls(base_model, head, tokenizer)
@@ -239,19 +240,21 @@ class LatentActor(nn.Module):
 
     def load_weights(self, checkpoint_dir: str) -> None:
         """Load base-model and head weights saved by `save_pretrained` into this actor (resume, best model)."""
-        from transformers.modeling_utils import load_sharded_checkpoint
         from safetensors.torch import load_file
 
-        single = os.path.join(checkpoint_dir, "model.safetensors")
-        if os.path.exists(single):
-            result = self.base_model.load_state_dict(load_file(single), strict=False)
-            tied = {k for k in result.missing_keys if "lm_head" in k or "embed" in k}
-            if set(result.missing_keys) - tied or result.unexpected_keys:
-                raise RuntimeError(f"{checkpoint_dir}: weights do not match the model: {result}")
-            if getattr(self.base_model.config, "tie_word_embeddings", False):
-                self.base_model.tie_weights()
-        else:
-            load_sharded_checkpoint(self.base_model, checkpoint_dir, strict=False)
+        index = os.path.join(checkpoint_dir, "model.safetensors.index.json")
+        files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) \
+            else ["model.safetensors"]
+        state = {}
+        for name in files:
+            state.update(load_file(os.path.join(checkpoint_dir, name)))
+        result = self.base_model.load_state_dict(state, strict=False)
+        # Tied output embeddings are saved once; anything else missing means a different model.
+        tied = {k for k in result.missing_keys if "lm_head" in k}
+        if set(result.missing_keys) - tied or result.unexpected_keys:
+            raise RuntimeError(f"{checkpoint_dir}: weights do not match the model: {result}")
+        if tied:
+            self.base_model.tie_weights()
         state = load_head_file(os.path.join(checkpoint_dir, HEAD_FILE))
         self.head.load_state_dict(state["state_dict"])
 

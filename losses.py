@@ -69,6 +69,7 @@ class LossSums:
     random_contrast: torch.Tensor
     neg_ce: torch.Tensor
     js: torch.Tensor
+    ce_on_contrast: torch.Tensor  # positive-branch CE on the rows that have a negative
     plan_tokens: torch.Tensor
     contrast_tokens: torch.Tensor
 
@@ -78,7 +79,7 @@ def _chunk_terms(pos_h, plan_h, neg_h, labels, plan_w, neg_w, weight):
     pos_logits = pos_h @ weight.T
     ce = token_ce(pos_logits, labels)
     zero = ce.new_zeros(())
-    plan_sum = neg_ce_sum = js_sum = contrast_sum = zero
+    plan_sum = neg_ce_sum = js_sum = contrast_sum = ce_on_contrast = zero
     if plan_h is not None:
         plan_sum = (plan_similarity(pos_logits, plan_h @ weight.T) * plan_w).sum()
     if neg_h is not None:
@@ -87,7 +88,8 @@ def _chunk_terms(pos_h, plan_h, neg_h, labels, plan_w, neg_w, weight):
         contrast_sum = (random_contrast(js) * neg_w).sum()
         js_sum = (js.detach() * neg_w).sum()
         neg_ce_sum = (token_ce(neg_logits, labels).detach() * neg_w).sum()
-    return torch.stack([ce.sum(), plan_sum, contrast_sum, neg_ce_sum, js_sum])
+        ce_on_contrast = (ce.detach() * neg_w).sum()
+    return torch.stack([ce.sum(), plan_sum, contrast_sum, neg_ce_sum, js_sum, ce_on_contrast])
 
 
 def latent_comm_loss_sums(
@@ -112,7 +114,7 @@ def latent_comm_loss_sums(
     ones = pos_hidden.new_ones(n, dtype=torch.float32)
     plan_w = ones if plan_mask is None else plan_mask.float()
     neg_w = ones if neg_mask is None else neg_mask.float()
-    sums = pos_hidden.new_zeros(5, dtype=torch.float32)
+    sums = pos_hidden.new_zeros(6, dtype=torch.float32)
     step = n if not chunk_size else chunk_size
     for start in range(0, n, max(step, 1)):
         sl = slice(start, start + step)
@@ -123,7 +125,7 @@ def latent_comm_loss_sums(
             sums = sums + checkpoint(_chunk_terms, *args, use_reentrant=False)
         else:
             sums = sums + _chunk_terms(*args)
-    return LossSums(ce=sums[0], plan_similarity=sums[1], random_contrast=sums[2], neg_ce=sums[3], js=sums[4],
+    return LossSums(ce=sums[0], plan_similarity=sums[1], random_contrast=sums[2], neg_ce=sums[3], js=sums[4], ce_on_contrast=sums[5],
                     plan_tokens=plan_w.sum() if plan_hidden is not None else plan_w.new_zeros(()),
                     contrast_tokens=neg_w.sum() if neg_hidden is not None else neg_w.new_zeros(()))
 

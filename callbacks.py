@@ -1,0 +1,135 @@
+"""What watches training: `loss_log.csv` and `loss_curve.png`, and the InfoNCE probe."""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+
+import torch
+from transformers import TrainerCallback
+
+from losses import infonce_from_scores, token_ce
+
+logger = logging.getLogger(__name__)
+
+# Panels of loss_curve.png: (title, train key, eval key).
+PANELS = (
+    ("total loss", "loss", "eval_loss"),
+    ("cross-entropy (nats/token)", "ce_loss", "eval_ce_loss"),
+    ("plan similarity", "plan_similarity", "eval_plan_similarity"),
+    ("random contrast", "random_contrast", "eval_random_contrast"),
+    ("delta NLL, wrong vs true latent (bits/token)", "delta_nll_bits", "eval_delta_nll_bits"),
+    ("InfoNCE lower bound (nats)", "probe/cInfoNCE_LB", None),
+)
+
+
+def write_loss_log(log_history: list[dict], path: str) -> None:
+    """Every logged entry as a CSV row; columns are the union of keys, `step` first."""
+    keys = sorted({k for row in log_history for k in row} - {"step"})
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", *keys])
+        writer.writeheader()
+        writer.writerows(log_history)
+    os.replace(tmp, path)
+
+
+def plot_loss_curve(log_history: list[dict], path: str) -> None:
+    """One panel per loss component, training and evaluation on the same axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [p for p in PANELS if any(p[1] in r or (p[2] and p[2] in r) for r in log_history)]
+    if not panels:
+        return
+    cols = min(3, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    for ax, (title, train_key, eval_key) in zip(axes.flat, panels):
+        for key, label, style in ((train_key, "train", "-"), (eval_key, "eval", "o-")):
+            points = [(r["step"], r[key]) for r in log_history if key and key in r]
+            if points:
+                ax.plot(*zip(*points), style, label=label, markersize=4)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+class LossLogCallback(TrainerCallback):
+    """Keeps `loss_log.csv` current at every log, and redraws `loss_curve.png` at evaluations and the end."""
+
+    def __init__(self, output_dir: str, plot: bool = True):
+        self.output_dir, self.plot = output_dir, plot
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero:
+            os.makedirs(self.output_dir, exist_ok=True)
+            write_loss_log(state.log_history, os.path.join(self.output_dir, "loss_log.csv"))
+            if self.plot and logs and any(k.startswith("eval_") for k in logs):
+                plot_loss_curve(state.log_history, os.path.join(self.output_dir, "loss_curve.png"))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.plot:
+            plot_loss_curve(state.log_history, os.path.join(self.output_dir, "loss_curve.png"))
+
+
+@torch.no_grad()
+def conditional_ce_matrix(actor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """s[j, o] = -CE(conversation j | latents of sample o), mean nats per supervised token, [K, K].
+
+    One batched forward per latent o over all K conversations (pure latents, head in eval mode).
+    """
+    k = batch["input_ids"].shape[0]
+    text = {name: batch[name] for name in ("input_ids", "labels", "attention_mask", "marker_index")}
+    scores = torch.empty(k, k)
+    weight = actor.lm_head_weight()
+    for o in range(k):
+        latents = batch["latents"][o:o + 1].expand(k, -1, -1)
+        lengths = batch["latent_lengths"][o:o + 1].expand(k)
+        out = actor(**text, latents=latents, latent_lengths=lengths, latent_rows=lengths)
+        ce = token_ce(out.hidden @ weight.T, out.labels)
+        per_sample = torch.zeros(k, device=ce.device).index_add_(0, out.sample_index, ce)
+        count = torch.bincount(out.sample_index, minlength=k).clamp_min(1)
+        scores[:, o] = -(per_sample / count).cpu()
+    return scores
+
+
+class InfoNCEProbeCallback(TrainerCallback):
+    """Every `interval` steps, scores K held-out samples against each other's latents.
+
+    Logs `probe/cInfoNCE_loss` and `probe/cInfoNCE_LB` (= ln K - loss, a lower bound on the
+    mutual information between latent and conversation, in nats).
+    """
+
+    def __init__(self, trainer, samples: list[dict], interval: int, tau: float = 1.0):
+        self.trainer, self.interval, self.tau = trainer, interval, tau
+        self.batch = trainer.data_collator(samples)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.interval > 0 and state.global_step % self.interval == 0:
+            self.run()
+
+    def run(self) -> dict[str, float]:
+        actor = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        was_training = actor.training
+        actor.eval()
+        try:
+            batch = {k: v.to(actor.device) for k, v in self.batch.items()}
+            with torch.autocast(actor.device.type, dtype=torch.bfloat16, enabled=self.trainer.args.bf16):
+                scores = conditional_ce_matrix(actor, batch)
+        finally:
+            actor.train(was_training)
+        loss, bound = infonce_from_scores(scores, self.tau)
+        metrics = {"probe/cInfoNCE_loss": round(loss.item(), 6), "probe/cInfoNCE_LB": round(bound.item(), 6)}
+        self.trainer.log(metrics)  # every rank runs the probe (same weights, same samples), so logs agree
+        return metrics

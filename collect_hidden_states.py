@@ -1,0 +1,373 @@
+"""The sender: write each task's plan latents (last-layer hidden states) for actor training.
+
+For every record the sender model reads a chat prompt (a fixed instruction plus the first
+human message) and an assistant turn holding the plan. The latents are the last layer's
+hidden states at exactly the plan's content tokens: one row per plan token, an array [K, d]
+saved as `<latent_dir>/<safe id>.npy`. The output JSONL is the input record plus `plan` and
+`hidden_state_path` (relative to the output file's folder), the format `train_actor.py` reads.
+
+Modes:
+  teacher_forced  every record carries `plan`; one forward pass per batch.
+  generate        the sender writes the plan itself (sampled), then the generated text is
+                  re-tokenised and run teacher-forced, so a record's latents are always
+                  reproducible from its saved `plan` alone.
+
+Runs resume: ids already in the output file are skipped and new lines are appended.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+import models
+
+logger = logging.getLogger(__name__)
+
+PLAN_INSTRUCTION = "Write a short plan for this task."
+
+
+class CollectError(RuntimeError):
+    """A user-facing error: printed without a traceback, exit code 2."""
+
+
+# -- prompts and token layout ---------------------------------------------------------------
+def plan_prompt_messages(task: str, instruction: str = PLAN_INSTRUCTION) -> list[dict[str, str]]:
+    """The sender's user turn: the fixed instruction, then the task."""
+    return [{"role": "user", "content": f"{instruction}\n\n{task}"}]
+
+
+def first_human_message(record: dict) -> str:
+    for turn in record.get("conversations") or []:
+        if turn.get("from") == "human":
+            return turn["value"]
+    raise ValueError("no human message in `conversations`")
+
+
+def prompt_text(tokenizer, task: str, instruction: str = PLAN_INSTRUCTION) -> str:
+    """The rendered chat prompt, ending with the assistant header (the generation prompt)."""
+    return tokenizer.apply_chat_template(plan_prompt_messages(task, instruction), add_generation_prompt=True,
+                                         tokenize=False)
+
+
+def prompt_token_ids(tokenizer, task: str, instruction: str = PLAN_INSTRUCTION) -> list[int]:
+    """Token ids of the chat prompt up to (and including) the assistant header."""
+    # The template already holds BOS-like markup where the model wants it.
+    return tokenizer(prompt_text(tokenizer, task, instruction), add_special_tokens=False)["input_ids"]
+
+
+_template_checked: set[int] = set()
+
+
+def _check_template_once(tokenizer, task: str, plan: str, instruction: str) -> None:
+    """Warn (once per tokenizer) if the template does not render the plan right after the generation prompt.
+
+    The latent layout assumes `render(user, assistant=plan)` starts with
+    `render(user, add_generation_prompt=True) + plan`; templates that rewrite assistant
+    content (e.g. strip reasoning blocks) would silently break that.
+    """
+    if id(tokenizer) in _template_checked:
+        return
+    _template_checked.add(id(tokenizer))
+    messages = plan_prompt_messages(task, instruction) + [{"role": "assistant", "content": plan}]
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt_text(tokenizer, task, instruction) + plan):
+        logger.warning("The chat template does not render the assistant plan right after the generation "
+                       "prompt; latents are taken at the tokens that follow the generation prompt.")
+
+
+def plan_token_ids(tokenizer, plan: str) -> list[int]:
+    """The plan's content tokens, as a model generating after the prompt would have emitted them."""
+    return tokenizer(plan, add_special_tokens=False)["input_ids"]
+
+
+def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token-id lists into `input_ids` and `attention_mask` [B, T]."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):  # a loop over the batch, not over tokens
+        span = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, span] = torch.tensor(r, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return 0 if pad is None else pad
+
+
+# -- hidden states ----------------------------------------------------------------------------
+@torch.inference_mode()
+def states_for_token_ids(model, prompts: Sequence[Sequence[int]], plans: Sequence[Sequence[int]],
+                         device: str | torch.device) -> list[np.ndarray]:
+    """Last-layer hidden states at the plan tokens of each `prompt + plan` sequence: float32 [K_i, d] each.
+
+    Right padding keeps every row's positions 0..L-1 as in an unbatched run, and causal
+    attention means the padding after a row never reaches it.
+    """
+    sequences = [list(p) + list(q) for p, q in zip(prompts, plans)]
+    ids, mask = _pad(sequences, 0, left=False)  # pad id is irrelevant: masked and after every real token
+    ids, mask = ids.to(device), mask.to(device)
+    # The decoder alone returns the same hidden_states[-1] without the [B, T, vocab] logits.
+    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model
+    out = backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    hidden = out.hidden_states[-1]
+    start = torch.tensor([len(p) for p in prompts], device=device)[:, None]
+    lengths = torch.tensor([len(q) for q in plans], device=device)
+    pos = torch.arange(ids.shape[1], device=device)[None, :]
+    is_plan = (pos >= start) & (pos < start + lengths[:, None])
+    rows = hidden[is_plan].float().cpu()  # row-major: sample 0's plan tokens, then sample 1's, ...
+    return [r.numpy() for r in torch.split(rows, lengths.tolist())]
+
+
+def teacher_forced_states(model, tokenizer, tasks: Sequence[str], plans: Sequence[str],
+                          device: str | torch.device, instruction: str = PLAN_INSTRUCTION) -> list[np.ndarray]:
+    """Latents of each (task, plan) pair: float32 arrays [K_i, d], K_i = len(plan_token_ids(plan))."""
+    if tasks:
+        _check_template_once(tokenizer, tasks[0], plans[0], instruction)
+    prompts = [prompt_token_ids(tokenizer, t, instruction) for t in tasks]
+    return states_for_token_ids(model, prompts, [plan_token_ids(tokenizer, p) for p in plans], device)
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """End-of-turn ids: the generation config's EOS ids plus the tokenizer's."""
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value is not None:
+            ids.update(value)
+    return sorted(ids)
+
+
+@torch.inference_mode()
+def generate_plans(model, tokenizer, tasks: Sequence[str], device: str | torch.device, max_new_tokens: int = 128,
+                   temperature: float = 0.7, top_p: float = 0.9, min_new_tokens: int = 0,
+                   instruction: str = PLAN_INSTRUCTION) -> list[str]:
+    """Let the sender write a plan for each task (sampled; greedy when temperature <= 0). Returns the texts.
+
+    The text is cut at the first end-of-turn token and stripped of special tokens and
+    surrounding whitespace. Seed with `transformers.set_seed` beforehand for reproducibility.
+    """
+    prompts = [prompt_token_ids(tokenizer, t, instruction) for t in tasks]
+    pad_id = _pad_id(tokenizer)
+    ids, mask = _pad(prompts, pad_id, left=True)  # left padding: every row continues at the same column
+    stops = stop_token_ids(model, tokenizer)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                         min_new_tokens=min_new_tokens, pad_token_id=pad_id, eos_token_id=stops or None,
+                         **sampling)
+    new = out[:, ids.shape[1]:].cpu()
+    # Keep tokens before the first stop token (generate pads finished rows afterwards).
+    is_stop = torch.isin(new, torch.tensor(stops, dtype=new.dtype)) if stops else torch.zeros_like(new, dtype=torch.bool)
+    keep = is_stop.cumsum(1) == 0
+    return [tokenizer.decode(row[k].tolist(), skip_special_tokens=True).strip() for row, k in zip(new, keep)]
+
+
+# -- files -------------------------------------------------------------------------------------
+def load_records(path: str) -> list[dict]:
+    """Records from a JSON list, a {"data": [...]} object, or JSONL."""
+    if not os.path.exists(path):
+        raise CollectError(f"input file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        return data["data"]
+    records = []  # JSONL (a one-line JSONL file is a single record object, handled here too)
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise CollectError(f"{path}:{n}: not JSON, a JSON list or JSONL ({e.msg})") from None
+    return records
+
+
+def read_done_ids(output_file: str) -> set[str]:
+    """Ids already written to `output_file`; a trailing partial line (killed run) is cut off the file."""
+    if not os.path.exists(output_file):
+        return set()
+    with open(output_file, "rb") as f:
+        data = f.read()
+    # Lines are appended whole, so a kill can only leave a partial *last* line: one without its newline.
+    end = data.rfind(b"\n") + 1
+    done: set[str] = set()
+    for n, line in enumerate(data[:end].split(b"\n")[:-1], 1):
+        if line.strip():
+            try:
+                done.add(str(json.loads(line)["id"]))
+            except (ValueError, KeyError, TypeError):
+                raise CollectError(f"{output_file}: line {n} is not a record with an `id`; fix or remove the file") \
+                    from None
+    if end < len(data):
+        logger.warning("%s: dropping a partial last line (%d bytes) from an interrupted run",
+                       output_file, len(data) - end)
+        with open(output_file, "r+b") as f:
+            f.truncate(end)  # so appended lines start on a line of their own
+    return done
+
+
+def safe_name(record_id: Any) -> str:
+    """A file name for an id; ids that need changing get a hash suffix so names never collide."""
+    text = str(record_id)
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", text).lstrip(".") or "_"
+    if safe != text:
+        safe = f"{safe[:100]}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+    return safe
+
+
+def save_npy(path: str, array: np.ndarray) -> None:
+    """np.save via a temporary file and os.replace: a killed run never leaves half an array."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    index: int  # position in the input file, for error messages
+    record: dict
+    task: str
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model_name_or_path", default=models.EMBEDDED_MODEL, help="the sender model")
+    p.add_argument("--input_file", required=True, help="JSON list, JSONL, or {\"data\": [...]}")
+    p.add_argument("--output_file", required=True, help="JSONL in the training format (appended to on resume)")
+    p.add_argument("--latent_dir", default=None, help="default: <output_file stem>_latents/ next to output_file")
+    p.add_argument("--mode", choices=("generate", "teacher_forced"), default="teacher_forced")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="dtype of the saved .npy")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--min_new_tokens", type=int, default=0, help="generate mode: forbid stopping earlier")
+    p.add_argument("--temperature", type=float, default=0.7, help="generate mode; <= 0 means greedy")
+    p.add_argument("--top_p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off by default)")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error("--batch_size must be >= 1")
+    return args
+
+
+def build_jobs(records: list[dict], input_file: str, mode: str) -> list[Job]:
+    """Validate records up front, so a bad record fails before any model work."""
+    jobs, seen = [], set()
+    for i, record in enumerate(records):
+        where = f"{input_file}: record {i}"
+        if not isinstance(record, dict) or "id" not in record:
+            raise CollectError(f"{where} has no `id`")
+        rid = str(record["id"])
+        where += f" (id {rid!r})"
+        if rid in seen:
+            raise CollectError(f"{where}: duplicate id")
+        seen.add(rid)
+        if mode == "teacher_forced" and not isinstance(record.get("plan"), str):
+            raise CollectError(f"{where} has no `plan`; teacher_forced mode needs one (or use --mode generate)")
+        try:
+            task = first_human_message(record)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CollectError(f"{where}: {e}") from None
+        jobs.append(Job(i, record, task))
+    return jobs
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+    from transformers import set_seed
+
+    records = load_records(args.input_file)
+    jobs = build_jobs(records, args.input_file, args.mode)
+    out_dir = os.path.dirname(os.path.abspath(args.output_file))
+    latent_dir = args.latent_dir or os.path.join(out_dir, os.path.splitext(os.path.basename(args.output_file))[0]
+                                                 + "_latents")
+    os.makedirs(latent_dir, exist_ok=True)
+    done = read_done_ids(args.output_file)
+    todo = [j for j in jobs if str(j.record["id"]) not in done]
+    logger.info("%d records in %s: %d already in %s (skipped), %d to do", len(jobs), args.input_file,
+                len(jobs) - len(todo), args.output_file, len(todo))
+    if not todo:
+        return 0
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        model, tokenizer = models.load_model_and_tokenizer(args.model_name_or_path, dtype=model_dtype,
+                                                           trust_remote_code=args.trust_remote_code)
+    except models.ModelNotFoundError as e:
+        raise CollectError(str(e)) from None
+    model.to(device).eval()
+    set_seed(args.seed)
+    save_dtype = np.dtype(args.dtype)
+    empty = 0
+
+    with open(args.output_file, "a", encoding="utf-8") as out, \
+            tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="latents", unit="rec") as bar:
+        for b in range(0, len(todo), args.batch_size):
+            batch = todo[b:b + args.batch_size]
+            tasks = [j.task for j in batch]
+            if args.mode == "generate":
+                plans = generate_plans(model, tokenizer, tasks, device, args.max_new_tokens, args.temperature,
+                                       args.top_p, args.min_new_tokens)
+            else:
+                plans = [j.record["plan"] for j in batch]
+            states = teacher_forced_states(model, tokenizer, tasks, plans, device)
+            lines = []
+            for job, plan, array in zip(batch, plans, states):
+                if save_dtype == np.float16 and np.abs(array).max(initial=0) > np.finfo(np.float16).max:
+                    logger.warning("id %s: latents overflow float16; use --dtype float32", job.record["id"])
+                empty += array.shape[0] == 0
+                path = os.path.join(latent_dir, safe_name(job.record["id"]) + ".npy")
+                save_npy(path, array.astype(save_dtype))
+                record = {k: v for k, v in job.record.items() if k != "hidden_state"}  # the path replaces inline data
+                if args.mode == "generate" and isinstance(record.get("plan"), str) and record["plan"] != plan:
+                    record["reference_plan"] = record["plan"]
+                record["plan"] = plan
+                record["hidden_state_path"] = os.path.relpath(path, out_dir)
+                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+            # Arrays first, then lines: a record is only "done" once its array is in place.
+            out.writelines(lines)
+            out.flush()
+            bar.update(len(batch))
+    if empty:
+        logger.warning("%d records have an empty plan (0 latent rows)", empty)
+    logger.info("wrote %d records to %s, latents in %s", len(todo), args.output_file, latent_dir)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit code (2 for user errors, reported without a traceback)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except CollectError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

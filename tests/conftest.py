@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny random causal LM with a real chat tokenizer, and small data files."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import models  # noqa: E402
+
+LATENT_DIM = 24  # deliberately not the tiny model's hidden size: exercises the input projection
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir():
+    """The embedded SmolLM2's folder: a real ChatML tokenizer, offline."""
+    return models.resolve_model(models.EMBEDDED_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir):
+    """A randomly initialised 2-layer Llama with SmolLM2's tokenizer, saved like a hub model."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=2048,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def make_records(n: int, latent_dir: str, seed: int = 0, latent_dim: int = LATENT_DIM, multi_turn: bool = True):
+    rng = np.random.default_rng(seed)
+    os.makedirs(latent_dir, exist_ok=True)
+    records = []
+    for i in range(n):
+        conv = [{"from": "human", "value": f"Task {i}: where is object {i % 5}?"},
+                {"from": "gpt", "value": f"It is in room {i % 3}."}]
+        if multi_turn and i % 2:
+            conv += [{"from": "human", "value": "Are you sure?"}, {"from": "gpt", "value": "Yes, quite sure."}]
+        k = int(rng.integers(3, 9))
+        path = os.path.join(latent_dir, f"{i:03d}.npy")
+        np.save(path, rng.standard_normal((k, latent_dim)).astype(np.float32))
+        records.append({"id": f"s{i:03d}", "conversations": conv, "plan": f"Object {i % 5} is in room {i % 3}.",
+                        "hidden_state_path": os.path.relpath(path, os.path.dirname(latent_dir))})
+    return records
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    """(train.jsonl, eval.jsonl) with relative latent paths."""
+    train = write_jsonl(tmp_path / "train.jsonl", make_records(12, str(tmp_path / "latents")))
+    evaluation = write_jsonl(tmp_path / "eval.jsonl", make_records(4, str(tmp_path / "latents_eval"), seed=1))
+    return train, evaluation

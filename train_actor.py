@@ -1,0 +1,185 @@
+"""Train an actor that reads a sender's latent message: arguments, building, running, saving.
+
+    python train_actor.py --train_file data/train.jsonl --output_dir checkpoints/actor ...
+    torchrun --nproc_per_node 2 train_actor.py ...
+
+See README.md for the data format, the flags and the outputs.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+from transformers import HfArgumentParser, TrainingArguments
+
+from callbacks import InfoNCEProbeCallback, LossLogCallback
+from data import ActorDataset, DataError, LatentCollator, build_hf_dataset, latent_shape, split_train_eval
+from latent_head import LatentActor
+from models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
+from trainer import LatentActorTrainer, LossConfig
+
+logger = logging.getLogger("train_actor")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default="Qwen/Qwen2.5-0.5B-Instruct", metadata={
+        "help": f"Hub id or local folder of a causal LM; offline, {EMBEDDED_MODEL} is embedded."})
+    prepended_length: int = field(default=256, metadata={"help": "Latent rows used per sample (the first ones)."})
+    num_heads: int = field(default=8, metadata={"help": "Attention heads of the latent head's MHA."})
+    plan_similarity_weight: float = field(default=1.0, metadata={"help": "Weight of 0.7 KL + 0.3 (1-cos)."})
+    random_contrast_weight: float = field(default=2.0, metadata={"help": "Weight of max(0, 0.69 - JS)."})
+    mix_ratios: str = field(default="0.2,0.3,0.4,0.5,0.6,0.7,0.8", metadata={
+        "help": "Comma-separated latent shares drawn per sample and step (rest of the block is plan text)."})
+    pure_latent_prob: float = field(default=0.25, metadata={
+        "help": "Share of training samples that get pure latents (ratio 1), the condition used at inference."})
+    head_dropout: float = field(default=0.1, metadata={"help": "Attention dropout of the latent head."})
+    loss_chunk_size: int = field(default=2048, metadata={
+        "help": "Supervised tokens per chunk when projecting to the vocabulary (bounds logits memory)."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa, eager, flex_attention."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the model's folder."})
+
+
+@dataclass
+class DataArguments:
+    train_file: str | None = field(default=None, metadata={"help": "JSON, JSONL or {\"data\": [...]} records."})
+    eval_file: str | None = field(default=None, metadata={"help": "Held-out records (else see --eval_ratio)."})
+    eval_ratio: float = field(default=0.0, metadata={"help": "Share of train_file held out when no eval_file."})
+    lazy_preprocess: bool = field(default=False, metadata={"help": "Tokenize on access instead of up front."})
+    model_max_length: int = field(default=3072, metadata={"help": "Longest sequence, latent block included."})
+
+
+@dataclass
+class ActorTrainingArguments(TrainingArguments):
+    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate."})
+    evaluation_strategy: str | None = field(default=None, metadata={"help": "Alias of --eval_strategy."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: auto-detect)."})
+    fp16: bool | None = field(default=None, metadata={"help": "fp16 mixed precision (default: auto-detect)."})
+    remove_unused_columns: bool = False  # the batch carries latents and plans, not forward's named inputs
+    label_names: list[str] | None = field(default_factory=lambda: ["labels"])
+    train_sampling_strategy: str = field(default="group_by_length", metadata={
+        "help": "Batches of similar length waste less compute on padding."})
+    load_best_model_at_end: bool | None = field(default=None, metadata={
+        "help": "Default: on when evaluation and saving run on the same schedule."})
+    enable_loss_plot: bool = field(default=True, metadata={"help": "Write loss_curve.png."})
+    enable_infoNCE_probe: bool = field(default=False, metadata={"help": "Log the InfoNCE probe."})
+    infoNCE_probe_interval: int = field(default=200, metadata={"help": "Steps between InfoNCE probes."})
+    infoNCE_probe_samples: int = field(default=8, metadata={"help": "K samples scored against each other."})
+    validate_only: bool = field(default=False, metadata={"help": "Check the data files and exit."})
+
+    def __post_init__(self):
+        if self.evaluation_strategy is not None:  # dropped by transformers 5; the seed's commands still use it
+            self.eval_strategy = self.evaluation_strategy
+        if self.bf16 is None and self.fp16 is None:
+            on_gpu = torch.cuda.is_available() and not self.use_cpu
+            self.bf16 = on_gpu and torch.cuda.is_bf16_supported()
+            self.fp16 = on_gpu and not self.bf16
+        self.bf16, self.fp16 = bool(self.bf16), bool(self.fp16)
+        explicit_best = self.load_best_model_at_end is not None
+        self.load_best_model_at_end = bool(self.load_best_model_at_end)
+        super().__post_init__()
+        if not explicit_best and _schedules_match(self):
+            self.load_best_model_at_end = True
+            self.metric_for_best_model = self.metric_for_best_model or "loss"
+            self.greater_is_better = False if self.greater_is_better is None else self.greater_is_better
+
+
+def _schedules_match(args: TrainingArguments) -> bool:
+    """Best-model tracking needs a checkpoint at every evaluation."""
+    if args.eval_strategy == "no" or args.save_strategy != args.eval_strategy or args.save_strategy == "best":
+        return False
+    return args.save_strategy != "steps" or args.save_steps % args.eval_steps == 0
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, ActorTrainingArguments))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def build_datasets(data_args: DataArguments, seed: int):
+    train = build_hf_dataset(data_args.train_file)
+    evaluation = build_hf_dataset(data_args.eval_file) if data_args.eval_file else None
+    if evaluation is None and data_args.eval_ratio > 0:
+        train, evaluation = split_train_eval(train, data_args.eval_ratio, seed)
+    return train, evaluation
+
+
+def latent_width(hf_dataset) -> int | None:
+    """The sender's hidden size, read from the first sample that has latents."""
+    for row in hf_dataset:
+        source = row["hidden_state_path"] or (row["hidden_state"] and __import__("json").loads(row["hidden_state"]))
+        if source:
+            return latent_shape(source)[1]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    model_args, data_args, args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if args.should_log else logging.WARNING)
+    transformers.utils.logging.set_verbosity_warning()
+    if not data_args.train_file:
+        print("error: --train_file is required", file=sys.stderr)
+        return 2
+    try:
+        train_rows, eval_rows = build_datasets(data_args, args.data_seed or args.seed)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.validate_only:
+        print(f"{len(train_rows)} training and {len(eval_rows) if eval_rows else 0} evaluation records read")
+        return 0
+
+    try:
+        base, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, dtype=torch.float32,
+                                                   trust_remote_code=model_args.trust_remote_code,
+                                                   attn_implementation=model_args.attn_implementation)
+    except ModelNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    actor = LatentActor.from_base(base, tokenizer, latent_dim=latent_width(train_rows),
+                                  num_heads=model_args.num_heads, prepended_length=model_args.prepended_length,
+                                  dropout=model_args.head_dropout)
+    if args.gradient_checkpointing:
+        base.config.use_cache = False
+
+    datasets = {name: ActorDataset(rows, tokenizer, data_args.model_max_length, model_args.prepended_length,
+                                   lazy=data_args.lazy_preprocess)
+                for name, rows in (("train", train_rows), ("eval", eval_rows)) if rows is not None}
+    loss_config = LossConfig(
+        plan_similarity_weight=model_args.plan_similarity_weight,
+        random_contrast_weight=model_args.random_contrast_weight,
+        mix_ratios=tuple(float(x) for x in model_args.mix_ratios.split(",") if x.strip()),
+        pure_latent_prob=model_args.pure_latent_prob, loss_chunk_size=model_args.loss_chunk_size or None)
+    trainer = LatentActorTrainer(
+        model=actor, args=args, train_dataset=datasets["train"], eval_dataset=datasets.get("eval"),
+        data_collator=LatentCollator(tokenizer.pad_token_id, actor.head.config.latent_dim),
+        processing_class=tokenizer, loss_config=loss_config,
+        callbacks=[LossLogCallback(args.output_dir, plot=args.enable_loss_plot)])
+    if args.enable_infoNCE_probe:
+        probe_set = datasets.get("eval") or datasets["train"]
+        k = min(args.infoNCE_probe_samples, len(probe_set))
+        trainer.add_callback(InfoNCEProbeCallback(trainer, [probe_set[i] for i in range(k)],
+                                                  args.infoNCE_probe_interval))
+
+    try:
+        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    except DataError as e:  # a latent file that broke mid-run: keep what was trained
+        print(f"error: {e}", file=sys.stderr)
+        trainer.save_model(os.path.join(args.output_dir, "interrupted"))
+        return 1
+    trainer.save_model(args.output_dir)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(os.path.join(args.output_dir, "tokenizer"))
+    if "eval" in datasets:
+        trainer.evaluate()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

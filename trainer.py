@@ -1,0 +1,232 @@
+"""`LatentActorTrainer`: a `transformers.Trainer` whose `compute_loss` runs the three branches.
+
+positive (with gradient): the curriculum mix of latents and plan tokens;
+plan (no gradient): the plan text between <bop>/<eop>;
+negative (no gradient): another sample's latents (any rank; never the sample's own).
+Loss terms come from `losses.py`; every component is logged the Trainer way (see `log`).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from transformers import Trainer
+
+from latent_head import LatentActor
+from losses import LN2, latent_comm_loss_sums
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LossConfig:
+    plan_similarity_weight: float = 1.0
+    random_contrast_weight: float = 2.0
+    mix_ratios: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    pure_latent_prob: float = 0.25  # share of training samples that see pure latents (ratio 1)
+    loss_chunk_size: int | None = 2048
+
+
+def draw_mix_ratios(batch_size: int, mix_ratios: tuple[float, ...], pure_latent_prob: float,
+                    generator: torch.Generator) -> torch.Tensor:
+    """A fresh ratio per sample: 1.0 with probability `pure_latent_prob`, else uniform over `mix_ratios`."""
+    choices = torch.tensor(mix_ratios, dtype=torch.float32)
+    ratios = choices[torch.randint(len(choices), (batch_size,), generator=generator)]
+    pure = torch.rand(batch_size, generator=generator) < pure_latent_prob
+    return torch.where(pure, torch.ones_like(ratios), ratios)
+
+
+def shift_left(ids: torch.Tensor, lengths: torch.Tensor, start: torch.Tensor, pad_id: int):
+    """Row b of the result is `ids[b, start[b]:lengths[b]]`, left-aligned and padded: (ids, lengths)."""
+    pos = torch.arange(ids.shape[1], device=ids.device)[None, :]
+    src = (pos + start[:, None]).clamp(max=max(ids.shape[1] - 1, 0))
+    new_lengths = (lengths - start).clamp_min(0)
+    out = torch.where(pos < new_lengths[:, None], ids.gather(1, src) if ids.shape[1] else ids, pad_id)
+    return out, new_lengths
+
+
+def pick_negatives(own_index: torch.Tensor, candidate_valid: torch.Tensor, bank_valid: torch.Tensor,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each sample, a random candidate that is not itself (bank entries only when no other exists).
+
+    `own_index` [B] indexes the sample's own entry in the pool [M]; `candidate_valid` [M]
+    marks pool entries with latents; `bank_valid` [M_bank] marks latents kept from an
+    earlier batch (indices M...M+M_bank-1). Returns (index into pool+bank [B], found [B]).
+    """
+    m = candidate_valid.shape[0]
+    others = candidate_valid[None, :] & (torch.arange(m)[None, :] != own_index[:, None])
+    has_other = others.any(1)
+    bank = bank_valid[None, :] & ~has_other[:, None]
+    weights = torch.cat([others, bank], dim=1).float()
+    found = weights.sum(1) > 0
+    weights[~found, 0] = 1.0  # placeholder draw for rows without any candidate; masked out by `found`
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1), found
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, 0, 0, rows - t.shape[1])) if t.shape[1] < rows else t
+
+
+class LatentActorTrainer(Trainer):
+    """HF Trainer for a `LatentActor`, adding plan-similarity and random-contrast terms."""
+
+    def __init__(self, *args, loss_config: LossConfig | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_config = loss_config or LossConfig()
+        # Our loss is a sum over supervised tokens divided by `num_items_in_batch`, the token count of
+        # the whole optimizer step (all accumulation micro-batches, all ranks). Saying the model
+        # "accepts loss kwargs" makes the Trainer count them and not divide again by the accumulation steps.
+        self.model_accepts_loss_kwargs = True
+        self._metric_sums: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
+        self._bank: tuple[torch.Tensor, torch.Tensor] | None = None  # latents kept for batch-size-1 negatives
+        self._draw_key = (-1, 0)  # (global_step, micro-batch within it) -> random stream
+        self._eval_draws = 0  # batches seen in the current evaluation
+
+    # -- randomness that survives resumption: a stream per (seed, rank, step, micro-batch) ------------
+    def _generator(self) -> torch.Generator:
+        if self.model.training:
+            step, micro = self._draw_key
+            micro = micro + 1 if step == self.state.global_step else 0
+            self._draw_key = (self.state.global_step, micro)
+            key = f"{self.args.seed}/{self.args.process_index}/train/{self.state.global_step}/{micro}"
+        else:  # every evaluation draws the same negatives: eval metrics compare across steps
+            self._eval_draws += 1
+            key = f"{self.args.seed}/{self.args.process_index}/eval/{self._eval_draws}"
+        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
+
+    # -- negatives from every rank ----------------------------------------------------------------------
+    def _negatives(self, latents: torch.Tensor, lengths: torch.Tensor, gen: torch.Generator):
+        """Donor latents [B, K, d], their lengths [B], and whether a donor was found [B]."""
+        own = torch.arange(lengths.shape[0])
+        pool, pool_lengths = latents, lengths
+        if self.accelerator.num_processes > 1:
+            # Same shapes on every rank, then tensor all-gather (never pickled objects).
+            padded = self.accelerator.pad_across_processes(latents, dim=1)
+            padded = self.accelerator.pad_across_processes(padded, dim=0)
+            padded_lengths = self.accelerator.pad_across_processes(lengths, dim=0)  # pads with 0: not a candidate
+            pool, pool_lengths = self.accelerator.gather(padded), self.accelerator.gather(padded_lengths)
+            own = own + self.accelerator.process_index * padded.shape[0]
+        bank_latents, bank_lengths = self._bank if self._bank is not None else (pool[:0], pool_lengths[:0])
+        rows = max(pool.shape[1], bank_latents.shape[1])
+        everything = torch.cat([_pad_rows(pool, rows), _pad_rows(bank_latents, rows)])
+        all_lengths = torch.cat([pool_lengths, bank_lengths])
+        donor, found = pick_negatives(own, (pool_lengths > 0).cpu(), (bank_lengths > 0).cpu(), gen)
+        donor, found = donor.to(latents.device), found.to(latents.device)
+        if self.model.training:
+            self._bank = (latents.detach(), lengths.detach())
+        return everything[donor], all_lengths[donor] * found, found
+
+    # -- the loss ---------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        actor: LatentActor = self.accelerator.unwrap_model(model)
+        cfg = self.loss_config
+        gen = self._generator()
+        text = {k: inputs[k] for k in ("input_ids", "labels", "attention_mask", "marker_index")}
+        latents, latent_lengths = inputs["latents"], inputs["latent_lengths"]
+        plan_ids, plan_lengths = inputs["plan_ids"], inputs["plan_lengths"]
+        has_latent, has_plan = latent_lengths > 0, plan_lengths > 0
+
+        # Curriculum: first round(r*K) latent rows, then the plan tokens from round(r*P) on.
+        # Evaluation (and samples without a plan) use pure latents; samples without latents the plan.
+        if model.training:
+            ratio = draw_mix_ratios(len(latent_lengths), cfg.mix_ratios, cfg.pure_latent_prob, gen)
+            ratio = ratio.to(latent_lengths.device)
+        else:
+            ratio = torch.ones(len(latent_lengths), device=latent_lengths.device)
+        ratio = torch.where(has_plan, ratio, 1.0)
+        ratio = torch.where(has_latent, ratio, 0.0)
+        latent_rows = torch.round(ratio * latent_lengths).long()
+        block_ids, block_lengths = shift_left(plan_ids, plan_lengths, torch.round(ratio * plan_lengths).long(),
+                                              actor.pad_id)
+        pos = model(**text, latents=latents, latent_lengths=latent_lengths, latent_rows=latent_rows,
+                    block_ids=block_ids, block_lengths=block_lengths)
+
+        plan_hidden = neg_hidden = plan_mask = neg_mask = None
+        with torch.no_grad():
+            if cfg.plan_similarity_weight:
+                plan = actor(**text, block_ids=plan_ids, block_lengths=plan_lengths)
+                plan_hidden, plan_mask = plan.hidden, has_plan[pos.sample_index]
+            if cfg.random_contrast_weight:
+                neg_latents, neg_lengths, found = self._negatives(latents, latent_lengths, gen)
+                neg = actor(**text, latents=neg_latents, latent_lengths=neg_lengths, latent_rows=neg_lengths)
+                neg_hidden, neg_mask = neg.hidden, (found & has_latent)[pos.sample_index]
+
+        sums = latent_comm_loss_sums(pos.hidden, pos.labels, actor.lm_head_weight(), plan_hidden, plan_mask,
+                                     neg_hidden, neg_mask, chunk_size=cfg.loss_chunk_size)
+        tokens = pos.labels.new_tensor(pos.labels.numel(), dtype=torch.float32)
+        total = sums.ce + cfg.plan_similarity_weight * sums.plan_similarity + \
+            cfg.random_contrast_weight * sums.random_contrast
+        if num_items_in_batch is None:
+            loss = total / tokens.clamp_min(1)
+        else:
+            # DDP averages gradients over ranks, while num_items_in_batch counts every rank's tokens.
+            scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+            loss = total / num_items_in_batch * scale
+        self._accumulate_metrics("train" if model.training else "eval", sums, tokens, neg_mask)
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    # -- metrics: detached sums per log period; averaged (and synced) only when logging ------------------
+    def _accumulate_metrics(self, mode, sums, tokens, neg_mask):
+        vec = torch.stack([sums.ce, sums.plan_similarity, sums.random_contrast, sums.neg_ce, sums.js, tokens,
+                           sums.plan_tokens, sums.contrast_tokens, sums.ce_on_contrast]).detach().float()
+        self._metric_sums[mode] = vec if self._metric_sums[mode] is None else self._metric_sums[mode] + vec
+
+    def _pop_metrics(self, mode: str) -> dict[str, float]:
+        vec = self._metric_sums[mode]
+        if vec is None:
+            return {}
+        self._metric_sums[mode] = None
+        if self.accelerator.num_processes > 1:
+            vec = self.accelerator.reduce(vec, reduction="sum")
+        ce, plan, contrast, neg_ce, js, tokens, plan_tokens, contrast_tokens, ce_on_contrast = vec.tolist()
+        out = {"ce_loss": ce / max(tokens, 1)}
+        if plan_tokens:
+            out["plan_similarity"] = plan / plan_tokens
+        if contrast_tokens:
+            out["random_contrast"] = contrast / contrast_tokens
+            out["delta_nll_bits"] = (neg_ce - ce_on_contrast) / contrast_tokens / LN2
+            out["js_bits"] = js / contrast_tokens / LN2
+        return out
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        if mode == "train" and "loss" not in logs:
+            return super().log(logs, *args, **kwargs)
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({prefix + k: round(v, 6) for k, v in self._pop_metrics(mode).items()})
+        return super().log(logs, *args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        self._eval_draws = 0
+        return super().evaluate(*args, **kwargs)
+
+    # -- sampling, saving and loading a wrapper that is not a PreTrainedModel --------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = getattr(dataset, "lengths", None)
+        if self.args.train_sampling_strategy == "group_by_length" and lengths is not None:
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        dataset=dataset, lengths=lengths)
+        return super()._get_train_sampler(train_dataset)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        actor: LatentActor = self.accelerator.unwrap_model(self.model)
+        actor.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        actor: LatentActor = self.accelerator.unwrap_model(model or self.model)
+        actor.load_weights(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        logger.info("Loading best model from %s (score: %s).", self.state.best_model_checkpoint,
+                    self.state.best_metric)
+        self.accelerator.unwrap_model(self.model).load_weights(self.state.best_model_checkpoint)
