@@ -77,14 +77,14 @@ def read_records(path: str) -> Iterator[tuple[str, Any]]:
 
 
 def _is_jsonl(path: str) -> bool:
-    """A file starting with `{` is JSONL when its first line is a complete JSON value."""
+    """A file starting with `{` is JSONL when its first line is a complete record (not a `{"data": ...}`)."""
     with open(path, encoding="utf-8", errors="replace") as f:
         first_line = f.readline()
     try:
-        json.loads(first_line)
-        return True
+        first = json.loads(first_line)
     except json.JSONDecodeError:
         return False
+    return not (isinstance(first, dict) and isinstance(first.get("data"), list) and "conversations" not in first)
 
 
 def resolve_path(path: str, base_dir: str) -> str:

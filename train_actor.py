@@ -57,6 +57,8 @@ class DataArguments:
 class ActorTrainingArguments(TrainingArguments):
     learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate."})
     evaluation_strategy: str | None = field(default=None, metadata={"help": "Alias of --eval_strategy."})
+    warmup_ratio: float | None = field(default=None, metadata={
+        "help": "Share of steps spent warming up (transformers 5 reads a float --warmup_steps < 1 the same way)."})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: auto-detect)."})
     fp16: bool | None = field(default=None, metadata={"help": "fp16 mixed precision (default: auto-detect)."})
     remove_unused_columns: bool = False  # the batch carries latents and plans, not forward's named inputs
@@ -74,6 +76,10 @@ class ActorTrainingArguments(TrainingArguments):
     def __post_init__(self):
         if self.evaluation_strategy is not None:  # dropped by transformers 5; the seed's commands still use it
             self.eval_strategy = self.evaluation_strategy
+        if self.warmup_ratio is not None:  # also dropped by transformers 5
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            self.warmup_steps = self.warmup_ratio
         if self.bf16 is None and self.fp16 is None:
             on_gpu = torch.cuda.is_available() and not self.use_cpu
             self.bf16 = on_gpu and torch.cuda.is_bf16_supported()
@@ -134,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(train_rows)} training and {len(eval_rows) if eval_rows else 0} evaluation records read")
         return 0
 
+    transformers.set_seed(args.seed)  # the head's and the new token embeddings' initialisation
     try:
         base, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, dtype=torch.float32,
                                                    trust_remote_code=model_args.trust_remote_code,

@@ -34,7 +34,7 @@ def tiny_model(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tiny_model, tokenizer, tmp_path_factory):
+def tiny_sender_dir(tiny_model, tokenizer, tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_sender")
     tiny_model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -82,9 +82,9 @@ def test_teacher_forced_matches_the_models_own_states(tiny_model, tokenizer):
     assert batched[0].shape[0] != batched[1].shape[0]
 
 
-def test_resume_skips_finished_samples(tiny_model_dir, tmp_path):
+def test_resume_skips_finished_samples(tiny_sender_dir, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    args = ["--model_name_or_path", tiny_model_dir, "--input_file", str(inp), "--output_file", str(out),
+    args = ["--model_name_or_path", tiny_sender_dir, "--input_file", str(inp), "--output_file", str(out),
             "--batch_size", "2", "--device", "cpu"]
     records = make_records([f"r{i}" for i in range(5)])
     write_jsonl(inp, records[:3])
@@ -113,14 +113,14 @@ def test_resume_skips_finished_samples(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
-def test_output_arrays_and_paths(tiny_model_dir, tokenizer, tmp_path, dtype):
+def test_output_arrays_and_paths(tiny_sender_dir, tokenizer, tmp_path, dtype):
     records = make_records(["a", "b/c", "d"])
     records[0]["hidden_state"] = [[0.0]]  # inline latents of an input record are replaced by the path
     inp = tmp_path / "in.json"
     inp.write_text(json.dumps({"data": records}))
     out = tmp_path / "sub" / "collected.jsonl"
     out.parent.mkdir()
-    assert chs.main(["--model_name_or_path", tiny_model_dir, "--input_file", str(inp), "--output_file", str(out),
+    assert chs.main(["--model_name_or_path", tiny_sender_dir, "--input_file", str(inp), "--output_file", str(out),
                      "--dtype", dtype, "--device", "cpu"]) == 0
     rows = read_jsonl(out)
     assert [r["id"] for r in rows] == ["a", "b/c", "d"]
@@ -136,10 +136,10 @@ def test_output_arrays_and_paths(tiny_model_dir, tokenizer, tmp_path, dtype):
     assert not [p for p in os.listdir(out.parent / "collected_latents") if ".tmp" in p]
 
 
-def test_generate_mode(tiny_model_dir, tokenizer, tmp_path):
+def test_generate_mode(tiny_sender_dir, tokenizer, tmp_path):
     inp, out = tmp_path / "in.json", tmp_path / "gen.jsonl"
     inp.write_text(json.dumps(make_records(["g0", "g1", "g2"], with_plan=False)))
-    args = ["--model_name_or_path", tiny_model_dir, "--input_file", str(inp), "--output_file", str(out),
+    args = ["--model_name_or_path", tiny_sender_dir, "--input_file", str(inp), "--output_file", str(out),
             "--mode", "generate", "--max_new_tokens", "12", "--min_new_tokens", "6", "--seed", "1",
             "--device", "cpu"]
     assert chs.main(args) == 0
@@ -161,7 +161,7 @@ def test_generate_plans_stops_at_end_of_turn(tiny_model, tokenizer):
     assert len(plans) == 2 and all("<|im_end|>" not in p for p in plans)
 
 
-def test_clear_errors(tiny_model_dir, tmp_path, capsys):
+def test_clear_errors(tiny_sender_dir, tmp_path, capsys):
     missing = tmp_path / "nope.json"
     assert chs.main(["--input_file", str(missing), "--output_file", str(tmp_path / "o.jsonl")]) == 2
     assert "input file not found" in capsys.readouterr().err
@@ -169,7 +169,7 @@ def test_clear_errors(tiny_model_dir, tmp_path, capsys):
     records = make_records(["x", "y"])
     del records[1]["plan"]
     inp.write_text(json.dumps(records))
-    assert chs.main(["--model_name_or_path", tiny_model_dir, "--input_file", str(inp),
+    assert chs.main(["--model_name_or_path", tiny_sender_dir, "--input_file", str(inp),
                      "--output_file", str(tmp_path / "o.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "record 1" in err and "'y'" in err and str(inp) in err and "plan" in err

@@ -1,0 +1,87 @@
+"""Injection against hand-built sequences, the head's shape/dtype rules, and save/load round trips."""
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from latent_head import (HEAD_FILE, IGNORE_INDEX, HeadConfig, LatentActor, LatentCommHead, assemble_inputs)
+
+BOP, EOP, PAD = 901, 902, 0
+
+
+def test_assemble_inputs_matches_hand_built_rows():
+    text = torch.tensor([[10, 11, 99, 12, 13, 14], [20, 99, 21, 0, 0, 0]])  # 99 = marker
+    labels = torch.tensor([[-100, -100, -100, -100, 13, 14], [-100, -100, 21, -100, -100, -100]])
+    out = assemble_inputs(text, labels, text_lengths=torch.tensor([6, 3]), marker_index=torch.tensor([2, 1]),
+                          latent_rows=torch.tensor([2, 0]), block_ids=torch.tensor([[50, 51, 52], [60, 0, 0]]),
+                          block_lengths=torch.tensor([1, 1]), bop_id=BOP, eop_id=EOP, pad_id=PAD)
+    L = PAD  # latent slots hold the pad id
+    expected_ids = [[10, 11, BOP, L, L, 50, EOP, 12, 13, 14],
+                    [20, BOP, 60, EOP, 21, PAD, PAD, PAD, PAD, PAD]]
+    expected_labels = [[-100] * 8 + [13, 14], [-100, -100, -100, -100, 21] + [-100] * 5]
+    assert out["input_ids"].tolist() == expected_ids
+    assert out["labels"].tolist() == expected_labels
+    assert out["attention_mask"].tolist() == [[1] * 10, [1] * 5 + [0] * 5]
+    assert out["latent_slots"].nonzero().tolist() == [[0, 3], [0, 4]]
+
+
+@pytest.fixture(scope="module")
+def actor(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    return LatentActor.from_base(base, tok, latent_dim=24, num_heads=4, prepended_length=5)
+
+
+def test_injected_embeddings_equal_hand_built_sequence(actor):
+    actor.eval()
+    m = actor.marker_id
+    text = torch.tensor([[5, 6, m, 7, 8], [9, m, 10, 11, PAD]])
+    labels = torch.full_like(text, IGNORE_INDEX)
+    latents = torch.randn(2, 7, 24)  # 7 rows, prepended_length 5: rows 5 and 6 must never be used
+    lengths = torch.tensor([7, 3])
+    rows = torch.tensor([4, 2])
+    batch = assemble_inputs(text, labels, torch.tensor([5, 4]), torch.tensor([2, 1]), rows, None, None,
+                            actor.bop_id, actor.eop_id, actor.pad_id)
+    got = actor.embed(batch["input_ids"], batch["latent_slots"], rows, latents, lengths)
+
+    emb = actor.base_model.get_input_embeddings()
+    processed = actor.head(latents, lengths)
+    assert processed.shape == (2, 5, 32) and processed.dtype == torch.float32
+    tok = lambda ids: emb(torch.tensor(ids))
+    row0 = torch.cat([tok([5, 6, actor.bop_id]), processed[0, :4], tok([actor.eop_id, 7, 8])])
+    row1 = torch.cat([tok([9, actor.bop_id]), processed[1, :2], tok([actor.eop_id, 10, 11])])
+    assert torch.allclose(got[0], row0, atol=1e-6)
+    assert torch.allclose(got[1, : len(row1)], row1, atol=1e-6)
+    # a sample's processed rows do not depend on its padding (key padding mask works)
+    alone = actor.head(latents[1:, :3], lengths[1:])
+    assert torch.allclose(alone[0, :2], processed[1, :2], atol=1e-5)
+
+
+def test_head_runs_in_float32_and_casts_to_model_dtype(actor):
+    rows = actor.head(torch.randn(1, 3, 24, dtype=torch.bfloat16), torch.tensor([3]))
+    assert rows.dtype == torch.float32
+    with pytest.raises(ValueError, match="num_heads"):
+        LatentCommHead(HeadConfig(latent_dim=8, hidden_size=30, num_heads=4))
+
+
+def test_save_load_round_trip_gives_equal_logits(actor, tmp_path):
+    torch.manual_seed(1)
+    with torch.no_grad():  # make the head non-trivial so the test would catch a missing piece
+        for p in actor.head.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    actor.eval()
+    m = actor.marker_id
+    inputs = dict(input_ids=torch.tensor([[5, 6, m, 7, 8]]), labels=torch.tensor([[-100, -100, -100, 7, 8]]),
+                  attention_mask=torch.ones(1, 5, dtype=torch.long), marker_index=torch.tensor([2]),
+                  latents=torch.randn(1, 4, 24), latent_lengths=torch.tensor([4]), latent_rows=torch.tensor([4]))
+    before = actor.logits(actor(**inputs).hidden)
+    actor.save_pretrained(str(tmp_path))
+    assert os.path.exists(tmp_path / HEAD_FILE)
+    state = torch.load(tmp_path / HEAD_FILE, weights_only=True)  # plain tensors + config
+    assert state["config"]["latent_dim"] == 24 and "projection.mlp.0.weight" in state["state_dict"]
+    restored = LatentActor.from_pretrained(str(tmp_path))
+    assert not restored.training and not restored.head.training
+    after = restored.logits(restored(**inputs).hidden)
+    assert torch.equal(before, after)

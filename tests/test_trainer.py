@@ -1,0 +1,153 @@
+"""The Trainer path: curriculum draws, negatives, gradient accumulation, command lines, outputs."""
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_actor
+from conftest import ROOT, make_records, write_jsonl
+from trainer import draw_mix_ratios, pick_negatives
+
+SPEC_BASIC = """--model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --train_file ./data/train.json
+  --eval_file ./data/eval.json --output_dir ./checkpoints/actor_model --per_device_train_batch_size 2
+  --per_device_eval_batch_size 2 --num_train_epochs 3 --learning_rate 2e-5 --save_steps 500 --eval_steps 500
+  --logging_steps 50 --evaluation_strategy steps --save_strategy steps --save_total_limit 5
+  --model_max_length 3072 --dataloader_num_workers 4"""
+SPEC_ADVANCED = """--model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --train_file ./data/train.json
+  --eval_file ./data/eval.json --output_dir ./checkpoints/actor_model --per_device_train_batch_size 4
+  --per_device_eval_batch_size 4 --num_train_epochs 5 --learning_rate 1e-5 --warmup_ratio 0.1 --weight_decay 0.01
+  --prepended_length 256 --num_heads 8 --plan_similarity_weight 1.0 --random_contrast_weight 2.0
+  --enable_loss_plot true --enable_infoNCE_probe true --infoNCE_probe_interval 200"""
+
+
+def test_both_specification_command_lines_parse():
+    model, data, args = train_actor.parse_args(shlex.split(SPEC_BASIC))
+    assert args.eval_strategy == "steps" and args.eval_steps == 500 and args.save_total_limit == 5
+    assert data.model_max_length == 3072 and args.dataloader_num_workers == 4
+    assert args.load_best_model_at_end and args.metric_for_best_model == "loss"
+    model, data, args = train_actor.parse_args(shlex.split(SPEC_ADVANCED))
+    assert args.warmup_steps == 0.1 and args.weight_decay == 0.01
+    assert args.enable_loss_plot and args.enable_infoNCE_probe and args.infoNCE_probe_interval == 200
+    assert (model.prepended_length, model.num_heads) == (256, 8)
+    assert (model.plan_similarity_weight, model.random_contrast_weight) == (1.0, 2.0)
+    defaults = train_actor.parse_args(["--output_dir", "x"])
+    assert defaults[0].model_name_or_path == "Qwen/Qwen2.5-0.5B-Instruct" and defaults[2].learning_rate == 2e-5
+    assert not defaults[2].bf16 and not defaults[2].fp16  # no GPU here: auto-detect picks fp32
+
+
+def test_mix_ratios_are_fresh_per_sample_and_step_and_include_pure_latents():
+    ratios = [draw_mix_ratios(4, (0.2, 0.5, 0.8), 0.25, torch.Generator().manual_seed(step)) for step in range(50)]
+    stacked = torch.stack(ratios)
+    assert (stacked == 1.0).any(), "pure latents (ratio 1) must occur in training"
+    assert len({tuple(r.tolist()) for r in ratios}) > 40  # re-drawn at every step, not fixed per slot
+    assert set(stacked.unique().tolist()) <= set(torch.tensor([0.2, 0.5, 0.8, 1.0]).tolist())
+    assert 0.15 < (stacked == 1.0).float().mean() < 0.35
+
+
+def test_negatives_are_never_the_sample_itself():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        b = int(torch.randint(2, 6, (1,), generator=g))
+        valid = torch.rand(b, generator=g) > 0.2
+        own = torch.arange(b)
+        donor, found = pick_negatives(own, valid, torch.zeros(0, dtype=torch.bool), g)
+        assert not (found & (donor == own)).any()
+        assert valid[donor[found]].all()
+        # found exactly when another sample with latents exists
+        others = torch.stack([(valid & (torch.arange(b) != i)).any() for i in range(b)])
+        assert torch.equal(found, others)
+    # batch size 1: the only candidate is a latent kept from an earlier batch
+    donor, found = pick_negatives(torch.tensor([0]), torch.tensor([True]), torch.tensor([True]), g)
+    assert found.item() and donor.item() == 1
+    donor, found = pick_negatives(torch.tensor([0]), torch.tensor([True]), torch.zeros(0, dtype=torch.bool), g)
+    assert not found.item()
+
+
+def _train_argv(model_dir, train, out, *extra):
+    return ["--model_name_or_path", model_dir, "--train_file", train, "--output_dir", out, "--report_to", "none",
+            "--num_heads", "4", "--prepended_length", "6", "--save_strategy", "no", "--disable_tqdm", "true",
+            *extra]
+
+
+def _one_step_update(model_dir, train, out, batch, accumulation):
+    """Parameters after one SGD step with lr 1 and no clipping: their change is minus the gradient."""
+    argv = _train_argv(model_dir, train, out, "--per_device_train_batch_size", str(batch),
+                       "--gradient_accumulation_steps", str(accumulation), "--max_steps", "1",
+                       "--optim", "sgd", "--learning_rate", "1.0", "--lr_scheduler_type", "constant",
+                       "--max_grad_norm", "0", "--weight_decay", "0", "--head_dropout", "0",
+                       "--pure_latent_prob", "1.0", "--random_contrast_weight", "0",
+                       "--train_sampling_strategy", "sequential", "--logging_steps", "1")
+    captured = {}
+    original = train_actor.LatentActorTrainer.train
+
+    def train_and_capture(self, *a, **k):
+        before = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        result = original(self, *a, **k)
+        captured.update({n: before[n] - p.detach() for n, p in self.model.named_parameters()})
+        return result
+
+    train_actor.LatentActorTrainer.train = train_and_capture
+    try:
+        assert train_actor.main(argv) == 0
+    finally:
+        train_actor.LatentActorTrainer.train = original
+    return captured
+
+
+def test_two_accumulation_steps_of_two_equal_one_step_of_four(tiny_model_dir, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", make_records(4, str(tmp_path / "lat")))  # different lengths
+    g4 = _one_step_update(tiny_model_dir, train, str(tmp_path / "a"), batch=4, accumulation=1)
+    g22 = _one_step_update(tiny_model_dir, train, str(tmp_path / "b"), batch=2, accumulation=2)
+    assert g4.keys() == g22.keys()
+    worst = max((g4[k] - g22[k]).abs().max().item() / (g4[k].abs().max().item() + 1e-12) for k in g4)
+    assert worst < 1e-4, worst
+    assert any(g4[k].abs().max() > 0 for k in g4 if k.startswith("head."))  # the head is trained
+
+
+EXPECTED_OUTPUTS = {"config.json", "model.safetensors", "tokenizer", "tokenizer.json", "latent_comm_head.pt",
+                    "loss_log.csv", "loss_curve.png", "trainer_state.json"}
+
+
+def test_end_to_end_writes_every_output(tiny_model_dir, tiny_data, tmp_path):
+    train, evaluation = tiny_data
+    out = str(tmp_path / "out")
+    argv = _train_argv(tiny_model_dir, train, out, "--eval_file", evaluation, "--per_device_train_batch_size", "2",
+                       "--max_steps", "6", "--logging_steps", "2", "--evaluation_strategy", "steps",
+                       "--eval_steps", "3", "--save_strategy", "steps", "--save_steps", "3",
+                       "--save_total_limit", "1", "--enable_infoNCE_probe", "true", "--infoNCE_probe_interval", "3")
+    assert train_actor.main(argv) == 0
+    files = set(os.listdir(out))
+    assert EXPECTED_OUTPUTS <= files, EXPECTED_OUTPUTS - files
+    checkpoints = sorted(f for f in files if f.startswith("checkpoint-"))
+    assert 1 <= len(checkpoints) <= 2  # save_total_limit 1, plus the best one if it differs
+    for ckpt in checkpoints:
+        assert os.path.exists(os.path.join(out, ckpt, "latent_comm_head.pt"))  # checkpoints carry the head
+    state = json.load(open(os.path.join(out, "trainer_state.json")))
+    train_logs = [r for r in state["log_history"] if "loss" in r]
+    eval_logs = [r for r in state["log_history"] if "eval_loss" in r]
+    for key in ("ce_loss", "plan_similarity", "random_contrast", "delta_nll_bits", "js_bits"):
+        assert key in train_logs[0] and "eval_" + key in eval_logs[0]
+    assert any("probe/cInfoNCE_LB" in r for r in state["log_history"])
+    header = open(os.path.join(out, "loss_log.csv")).readline()
+    assert "ce_loss" in header and "eval_random_contrast" in header
+    # the total is CE + 1.0 * plan similarity + 2.0 * contrast
+    r = train_logs[0]
+    assert r["loss"] == pytest.approx(r["ce_loss"] + r["plan_similarity"] + 2 * r["random_contrast"], rel=1e-3)
+
+
+def test_two_processes_under_torchrun(tiny_model_dir, tiny_data, tmp_path):
+    train, _ = tiny_data
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           os.path.join(ROOT, "train_actor.py"),
+           *_train_argv(tiny_model_dir, train, out, "--per_device_train_batch_size", "2", "--max_steps", "3",
+                        "--logging_steps", "1", "--ddp_backend", "gloo", "--use_cpu", "true")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.load(open(os.path.join(out, "trainer_state.json")))
+    assert state["global_step"] == 3
+    assert os.path.exists(os.path.join(out, "latent_comm_head.pt"))
