@@ -20,6 +20,7 @@ PANELS = (
     ("random contrast", "random_contrast", "eval_random_contrast"),
     ("delta NLL, wrong vs true latent (bits/token)", "delta_nll_bits", "eval_delta_nll_bits"),
     ("InfoNCE lower bound (nats)", "probe/cInfoNCE_LB", None),
+    ("eval CE, shuffled - true latents (bits/token)", None, "cond/delta_bits_shuffled_minus_true"),
 )
 
 
@@ -41,7 +42,7 @@ def plot_loss_curve(log_history: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [p for p in PANELS if any(p[1] in r or (p[2] and p[2] in r) for r in log_history)]
+    panels = [p for p in PANELS if any((p[1] and p[1] in r) or (p[2] and p[2] in r) for r in log_history)]
     if not panels:
         return
     cols = min(3, len(panels))
@@ -75,7 +76,7 @@ class LossLogCallback(TrainerCallback):
         if state.is_world_process_zero:
             os.makedirs(self.output_dir, exist_ok=True)
             write_loss_log(state.log_history, os.path.join(self.output_dir, "loss_log.csv"))
-            if self.plot and logs and any(k.startswith("eval_") for k in logs):
+            if self.plot and logs and any(k.startswith(("eval_", "cond/")) for k in logs):
                 plot_loss_curve(state.log_history, os.path.join(self.output_dir, "loss_curve.png"))
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -133,3 +134,23 @@ class InfoNCEProbeCallback(TrainerCallback):
         metrics = {"probe/cInfoNCE_loss": round(loss.item(), 6), "probe/cInfoNCE_LB": round(bound.item(), 6)}
         self.trainer.log(metrics)  # every rank runs the probe (same weights, same samples), so logs agree
         return metrics
+
+
+class LatentConditionsCallback(TrainerCallback):
+    """After each evaluation, logs the eval set's CE (bits/token) under the four messages of
+    `evaluate_actor.py` (true, shuffled, none, plan_text latents), so the curves show whether
+    the actor reads its latents while it trains."""
+
+    def __init__(self, trainer, max_samples: int = 64):
+        self.trainer, self.max_samples = trainer, max_samples
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        from evaluate_actor import evaluate_conditions
+
+        trainer = self.trainer
+        actor = trainer.accelerator.unwrap_model(trainer.model)
+        with torch.autocast(actor.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            metrics = evaluate_conditions(actor, trainer.eval_dataset, trainer.data_collator,
+                                          args.per_device_eval_batch_size, actor.device,
+                                          max_samples=self.max_samples)
+        trainer.log({f"cond/{k}": round(v, 6) for k, v in metrics.items()})

@@ -114,11 +114,12 @@ def load_latents(source: Any, where: str = "") -> np.ndarray:
                     raise DataError(f"{where}: hidden_state_path {source!r}: expected a plain tensor, "
                                     f"found {type(obj).__name__}")
                 array = obj.float().numpy()
+            array = np.asarray(array, dtype=np.float32)
         except DataError:
             raise
-        except Exception as e:  # unreadable, truncated, or a pickle that weights_only refused
-            raise DataError(f"{where}: hidden_state_path {source!r}: cannot be read safely: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        except Exception as e:  # unreadable, truncated, not numeric, or a pickle that weights_only refused
+            raise DataError(f"{where}: hidden_state_path {source!r}: cannot be read safely as a numeric array "
+                            f"({type(e).__name__}); pickled objects are refused, never unpickled") from None
     else:
         try:
             array = np.asarray(source, dtype=np.float32)

@@ -16,11 +16,12 @@ import torch
 import transformers
 from transformers import HfArgumentParser, TrainingArguments
 
-from callbacks import InfoNCEProbeCallback, LossLogCallback
-from data import ActorDataset, DataError, LatentCollator, build_hf_dataset, latent_shape, split_train_eval
+from callbacks import InfoNCEProbeCallback, LatentConditionsCallback, LossLogCallback
+from data import ActorDataset, DataError, LatentCollator, build_hf_dataset, split_train_eval
 from latent_head import LatentActor
 from models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
 from trainer import LatentActorTrainer, LossConfig
+from validation import validate_files
 
 logger = logging.getLogger("train_actor")
 
@@ -71,6 +72,9 @@ class ActorTrainingArguments(TrainingArguments):
     enable_infoNCE_probe: bool = field(default=False, metadata={"help": "Log the InfoNCE probe."})
     infoNCE_probe_interval: int = field(default=200, metadata={"help": "Steps between InfoNCE probes."})
     infoNCE_probe_samples: int = field(default=8, metadata={"help": "K samples scored against each other."})
+    eval_latent_conditions: int = field(default=64, metadata={
+        "help": "After each evaluation, CE under true/shuffled/none/plan-text latents on this many eval "
+                "samples (0: off)."})
     validate_only: bool = field(default=False, metadata={"help": "Check the data files and exit."})
 
     def __post_init__(self):
@@ -114,13 +118,14 @@ def build_datasets(data_args: DataArguments, seed: int):
     return train, evaluation
 
 
-def latent_width(hf_dataset) -> int | None:
-    """The sender's hidden size, read from the first sample that has latents."""
-    for row in hf_dataset:
-        source = row["hidden_state_path"] or (row["hidden_state"] and __import__("json").loads(row["hidden_state"]))
-        if source:
-            return latent_shape(source)[1]
-    return None
+def _tokenizer_for_checks(model_args: ModelArguments):
+    """The tokenizer alone (no weights): lets --validate_only check chat templates and lengths."""
+    from transformers import AutoTokenizer
+
+    from models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(model_args.model_name_or_path),
+                                         trust_remote_code=model_args.trust_remote_code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,13 +137,22 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --train_file is required", file=sys.stderr)
         return 2
     try:
-        train_rows, eval_rows = build_datasets(data_args, args.data_seed or args.seed)
-    except DataError as e:
+        check_tokenizer = _tokenizer_for_checks(model_args) if args.validate_only else None
+    except ModelNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    report = validate_files([f for f in (data_args.train_file, data_args.eval_file) if f], tokenizer=check_tokenizer,
+                            model_max_length=data_args.model_max_length,
+                            prepended_length=model_args.prepended_length)
+    if args.should_log or args.validate_only:  # every rank validates (and stops together); one prints
+        print(report.format(max_per_kind=None if args.validate_only else 20),
+              file=sys.stdout if report.ok else sys.stderr)
+    if not report.ok:
+        print("error: the data files have errors (listed above); nothing was trained", file=sys.stderr)
         return 1
     if args.validate_only:
-        print(f"{len(train_rows)} training and {len(eval_rows) if eval_rows else 0} evaluation records read")
         return 0
+    train_rows, eval_rows = build_datasets(data_args, args.data_seed or args.seed)
 
     transformers.set_seed(args.seed)  # the head's and the new token embeddings' initialisation
     try:
@@ -148,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModelNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    actor = LatentActor.from_base(base, tokenizer, latent_dim=latent_width(train_rows),
+    actor = LatentActor.from_base(base, tokenizer, latent_dim=report.latent_dim,
                                   num_heads=model_args.num_heads, prepended_length=model_args.prepended_length,
                                   dropout=model_args.head_dropout)
     if args.gradient_checkpointing:
@@ -172,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         k = min(args.infoNCE_probe_samples, len(probe_set))
         trainer.add_callback(InfoNCEProbeCallback(trainer, [probe_set[i] for i in range(k)],
                                                   args.infoNCE_probe_interval))
+
+    if args.eval_latent_conditions and "eval" in datasets:
+        trainer.add_callback(LatentConditionsCallback(trainer, args.eval_latent_conditions))
 
     try:
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)

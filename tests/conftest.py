@@ -37,7 +37,8 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     return str(out)
 
 
-def make_records(n: int, latent_dir: str, seed: int = 0, latent_dim: int = LATENT_DIM, multi_turn: bool = True):
+def make_records(n: int, latent_dir: str, seed: int = 0, latent_dim: int = LATENT_DIM, multi_turn: bool = True,
+                 prefix: str = "s"):
     rng = np.random.default_rng(seed)
     os.makedirs(latent_dir, exist_ok=True)
     records = []
@@ -49,7 +50,7 @@ def make_records(n: int, latent_dir: str, seed: int = 0, latent_dim: int = LATEN
         k = int(rng.integers(3, 9))
         path = os.path.join(latent_dir, f"{i:03d}.npy")
         np.save(path, rng.standard_normal((k, latent_dim)).astype(np.float32))
-        records.append({"id": f"s{i:03d}", "conversations": conv, "plan": f"Object {i % 5} is in room {i % 3}.",
+        records.append({"id": f"{prefix}{i:03d}", "conversations": conv, "plan": f"Object {i % 5} is in room {i % 3}.",
                         "hidden_state_path": os.path.relpath(path, os.path.dirname(latent_dir))})
     return records
 
@@ -65,5 +66,5 @@ def write_jsonl(path, records):
 def tiny_data(tmp_path):
     """(train.jsonl, eval.jsonl) with relative latent paths."""
     train = write_jsonl(tmp_path / "train.jsonl", make_records(12, str(tmp_path / "latents")))
-    evaluation = write_jsonl(tmp_path / "eval.jsonl", make_records(4, str(tmp_path / "latents_eval"), seed=1))
+    evaluation = write_jsonl(tmp_path / "eval.jsonl", make_records(4, str(tmp_path / "latents_eval"), seed=1, prefix="e"))
     return train, evaluation

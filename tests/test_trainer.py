@@ -132,6 +132,7 @@ def test_end_to_end_writes_every_output(tiny_model_dir, tiny_data, tmp_path):
     for key in ("ce_loss", "plan_similarity", "random_contrast", "delta_nll_bits", "js_bits"):
         assert key in train_logs[0] and "eval_" + key in eval_logs[0]
     assert any("probe/cInfoNCE_LB" in r for r in state["log_history"])
+    assert any("cond/shuffled_ce_bits" in r and "cond/true_ce_bits" in r for r in state["log_history"])
     header = open(os.path.join(out, "loss_log.csv")).readline()
     assert "ce_loss" in header and "eval_random_contrast" in header
     # the total is CE + 1.0 * plan similarity + 2.0 * contrast
