@@ -23,8 +23,34 @@ $(STAMP): requirements.txt requirements-dev.txt
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The demo: a task whose answer is only in the sender's plan. The embedded SmolLM2 is
+# both the sender (its hidden states of the plan are the latents) and the actor.
+DEMO_DIR ?= checkpoints/demo
+DEMO_DATA ?= checkpoints/demo_data
+DEMO_TRAIN ?= 160
+DEMO_EVAL ?= 32
+DEMO_STEPS ?= 80
+DEMO_BATCH ?= 8
+DEMO_LR ?= 1e-4
+DEMO_MODEL ?= HuggingFaceTB/SmolLM2-135M-Instruct
+DEMO_FLAGS ?=
+
 demo: $(STAMP)
-	$(PY) demo.py
+	$(PY) demo/make_demo_task.py --out_dir $(DEMO_DATA) --n_train $(DEMO_TRAIN) --n_eval $(DEMO_EVAL)
+	$(PY) collect_hidden_states.py --model_name_or_path $(DEMO_MODEL) --mode teacher_forced \
+	  --input_file $(DEMO_DATA)/train_raw.jsonl --output_file $(DEMO_DATA)/train.jsonl
+	$(PY) collect_hidden_states.py --model_name_or_path $(DEMO_MODEL) --mode teacher_forced \
+	  --input_file $(DEMO_DATA)/eval_raw.jsonl --output_file $(DEMO_DATA)/eval.jsonl
+	rm -rf $(DEMO_DIR)
+	$(PY) train_actor.py --model_name_or_path $(DEMO_MODEL) \
+	  --train_file $(DEMO_DATA)/train.jsonl --eval_file $(DEMO_DATA)/eval.jsonl --output_dir $(DEMO_DIR) \
+	  --max_steps $(DEMO_STEPS) --per_device_train_batch_size $(DEMO_BATCH) --per_device_eval_batch_size 16 \
+	  --learning_rate $(DEMO_LR) --warmup_ratio 0.05 --logging_steps 5 \
+	  --evaluation_strategy steps --eval_steps $$(( $(DEMO_STEPS) / 4 )) --save_strategy steps \
+	  --save_steps $$(( $(DEMO_STEPS) / 4 )) --save_total_limit 2 --prepended_length 64 --model_max_length 512 \
+	  --enable_infoNCE_probe true --infoNCE_probe_interval $$(( $(DEMO_STEPS) / 4 )) --report_to none $(DEMO_FLAGS)
+	$(PY) evaluate_actor.py --model_dir $(DEMO_DIR) --eval_file $(DEMO_DATA)/eval.jsonl \
+	  --output $(DEMO_DIR)/eval_report.json
 
 clean:
-	rm -rf checkpoints/demo
+	rm -rf $(DEMO_DIR) $(DEMO_DATA)

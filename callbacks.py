@@ -154,3 +154,35 @@ class LatentConditionsCallback(TrainerCallback):
                                           args.per_device_eval_batch_size, actor.device,
                                           max_samples=self.max_samples)
         trainer.log({f"cond/{k}": round(v, 6) for k, v in metrics.items()})
+
+
+class NonFiniteGuardCallback(TrainerCallback):
+    """Before each optimizer step, checks that the gradients are finite.
+
+    A NaN/inf gradient (from a NaN loss, a bad latent, an overflow) is reported with the step
+    and the ids of the samples in that step, and its update is dropped, so it never reaches the
+    weights. `policy="skip"` goes on with the next step; `policy="stop"` ends training cleanly.
+    """
+
+    def __init__(self, trainer, policy: str = "skip"):
+        if policy not in ("skip", "stop"):
+            raise ValueError(f"--nonfinite_policy must be 'skip' or 'stop', got {policy!r}")
+        self.trainer, self.policy = trainer, policy
+        self.skipped_steps: list[int] = []
+        self.stopped = False
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        trainer = self.trainer
+        indices, trainer.step_sample_indices = trainer.step_sample_indices, []
+        grads = [p.grad for p in (model or trainer.model).parameters() if p.grad is not None]
+        if not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
+            return
+        for p in (model or trainer.model).parameters():
+            p.grad = None  # the optimizer skips parameters without a gradient: no update at all
+        ids = trainer.sample_ids(indices)
+        logger.error("Non-finite gradient at step %d (samples: %s); this step's update is dropped%s",
+                     state.global_step + 1, ", ".join(ids), "; stopping" if self.policy == "stop" else "")
+        self.skipped_steps.append(state.global_step + 1)
+        if self.policy == "stop":
+            self.stopped = True
+            control.should_training_stop = True

@@ -16,11 +16,11 @@ import torch
 import transformers
 from transformers import HfArgumentParser, TrainingArguments
 
-from callbacks import InfoNCEProbeCallback, LatentConditionsCallback, LossLogCallback
+from callbacks import InfoNCEProbeCallback, LatentConditionsCallback, LossLogCallback, NonFiniteGuardCallback
 from data import ActorDataset, DataError, LatentCollator, build_hf_dataset, split_train_eval
 from latent_head import LatentActor
 from models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
-from trainer import LatentActorTrainer, LossConfig
+from trainer import LatentActorTrainer, LossConfig, resolve_resume
 from validation import validate_files
 
 logger = logging.getLogger("train_actor")
@@ -75,6 +75,8 @@ class ActorTrainingArguments(TrainingArguments):
     eval_latent_conditions: int = field(default=64, metadata={
         "help": "After each evaluation, CE under true/shuffled/none/plan-text latents on this many eval "
                 "samples (0: off)."})
+    nonfinite_policy: str = field(default="skip", metadata={
+        "help": "On a NaN/inf gradient: 'skip' drops that step's update, 'stop' ends training; both report it."})
     validate_only: bool = field(default=False, metadata={"help": "Check the data files and exit."})
 
     def __post_init__(self):
@@ -187,17 +189,28 @@ def main(argv: list[str] | None = None) -> int:
         trainer.add_callback(InfoNCEProbeCallback(trainer, [probe_set[i] for i in range(k)],
                                                   args.infoNCE_probe_interval))
 
+    guard = NonFiniteGuardCallback(trainer, args.nonfinite_policy)
+    trainer.add_callback(guard)
     if args.eval_latent_conditions and "eval" in datasets:
         trainer.add_callback(LatentConditionsCallback(trainer, args.eval_latent_conditions))
 
     try:
-        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        trainer.train(resume_from_checkpoint=resume)
     except DataError as e:  # a latent file that broke mid-run: keep what was trained
         print(f"error: {e}", file=sys.stderr)
         trainer.save_model(os.path.join(args.output_dir, "interrupted"))
         return 1
     trainer.save_model(args.output_dir)
     trainer.save_state()
+    if guard.stopped:
+        print(f"error: training stopped at step {trainer.state.global_step} on a non-finite gradient "
+              f"(see the log); the weights saved in {args.output_dir} never received it", file=sys.stderr)
+        return 1
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(os.path.join(args.output_dir, "tokenizer"))
     if "eval" in datasets:

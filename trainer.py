@@ -8,8 +8,10 @@ Loss terms come from `losses.py`; every component is logged the Trainer way (see
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +72,40 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, 0, 0, rows - t.shape[1])) if t.shape[1] < rows else t
 
 
+def checkpoint_is_complete(path: str) -> bool:
+    """The Trainer writes `trainer_state.json` last: a checkpoint whose state parses was fully written."""
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            json.load(f)
+        return os.path.exists(os.path.join(path, "latent_comm_head.pt"))
+    except (OSError, ValueError):
+        return False
+
+
+def resolve_resume(value: str | None, output_dir: str) -> str | None:
+    """`--resume_from_checkpoint` as a folder: `true`/`latest` pick the newest *complete* checkpoint.
+
+    A checkpoint left half-written by a killed process is never picked, and naming one is an error.
+    """
+    if not value or value.lower() in ("false", "none"):
+        return None
+    if value.lower() in ("true", "latest"):
+        steps = sorted((int(m.group(1)), name) for name in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
+                       if (m := re.fullmatch(r"checkpoint-(\d+)", name)))
+        complete = [os.path.join(output_dir, name) for _, name in steps
+                    if checkpoint_is_complete(os.path.join(output_dir, name))]
+        for _, name in steps:
+            if os.path.join(output_dir, name) not in complete:
+                logger.warning("Ignoring %s: it was not completely written", os.path.join(output_dir, name))
+        if not complete:
+            raise FileNotFoundError(f"--resume_from_checkpoint {value}: no complete checkpoint in {output_dir}")
+        return complete[-1]
+    if not checkpoint_is_complete(value):
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: not a complete checkpoint (missing or "
+                                "half-written trainer_state.json / latent_comm_head.pt)")
+    return value
+
+
 class LatentActorTrainer(Trainer):
     """HF Trainer for a `LatentActor`, adding plan-similarity and random-contrast terms."""
 
@@ -84,6 +120,7 @@ class LatentActorTrainer(Trainer):
         self._bank: tuple[torch.Tensor, torch.Tensor] | None = None  # latents kept for batch-size-1 negatives
         self._draw_key = (-1, 0)  # (global_step, micro-batch within it) -> random stream
         self._eval_draws = 0  # batches seen in the current evaluation
+        self.step_sample_indices: list[torch.Tensor] = []  # dataset rows of the current optimizer step
 
     # -- randomness that survives resumption: a stream per (seed, rank, step, micro-batch) ------------
     def _generator(self) -> torch.Generator:
@@ -165,8 +202,18 @@ class LatentActorTrainer(Trainer):
             # DDP averages gradients over ranks, while num_items_in_batch counts every rank's tokens.
             scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
             loss = total / num_items_in_batch * scale
+        if model.training:
+            self.step_sample_indices.append(inputs["index"])
         self._accumulate_metrics("train" if model.training else "eval", sums, tokens, neg_mask)
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def sample_ids(self, indices: list[torch.Tensor]) -> list[str]:
+        """The ids of training-set rows, for messages about a batch."""
+        rows = [int(i) for t in indices for i in t.tolist()]
+        try:
+            return [str(self.train_dataset.rows[i]["id"]) for i in rows]
+        except (AttributeError, KeyError, IndexError):
+            return [f"#{i}" for i in rows]
 
     # -- metrics: detached sums per log period; averaged (and synced) only when logging ------------------
     def _accumulate_metrics(self, mode, sums, tokens, neg_mask):
