@@ -93,12 +93,11 @@ def conditional_ce_matrix(actor, batch: dict[str, torch.Tensor]) -> torch.Tensor
     k = batch["input_ids"].shape[0]
     text = {name: batch[name] for name in ("input_ids", "labels", "attention_mask", "marker_index")}
     scores = torch.empty(k, k)
-    weight = actor.lm_head_weight()
     for o in range(k):
         latents = batch["latents"][o:o + 1].expand(k, -1, -1)
         lengths = batch["latent_lengths"][o:o + 1].expand(k)
         out = actor(**text, latents=latents, latent_lengths=lengths, latent_rows=lengths)
-        ce = token_ce(out.hidden @ weight.T, out.labels)
+        ce = token_ce(actor.logits(out.hidden), out.labels)
         per_sample = torch.zeros(k, device=ce.device).index_add_(0, out.sample_index, ce)
         count = torch.bincount(out.sample_index, minlength=k).clamp_min(1)
         scores[:, o] = -(per_sample / count).cpu()

@@ -189,8 +189,25 @@ class LatentActor(nn.Module):
     def gradient_checkpointing_disable(self):
         self.base_model.gradient_checkpointing_disable()
 
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.base_model.get_output_embeddings().weight
+    def add_lora(self, r: int, alpha: float, dropout: float = 0.0, target_modules: str | list[str] = "all-linear"):
+        """Wrap the base model with LoRA adapters (peft); the new special tokens' embedding rows and the
+        head stay fully trainable, everything else of the base model is frozen."""
+        from peft import LoraConfig, get_peft_model
+
+        new_token_ids = self.tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                            task_type="CAUSAL_LM", trainable_token_indices=new_token_ids)
+        self.base_model = get_peft_model(self.base_model, config)
+        return self
+
+    @property
+    def is_lora(self) -> bool:
+        return hasattr(self.base_model, "peft_config")
+
+    def merge_lora(self) -> None:
+        """Fold the adapters into the base weights: the output folder is then a plain HF model."""
+        if self.is_lora:
+            self.base_model = self.base_model.merge_and_unload()
 
     # -- the forward pass -----------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, latent_slots: torch.Tensor, latent_rows: torch.Tensor,
@@ -241,6 +258,16 @@ class LatentActor(nn.Module):
     def load_weights(self, checkpoint_dir: str) -> None:
         """Load base-model and head weights saved by `save_pretrained` into this actor (resume, best model)."""
         from safetensors.torch import load_file
+
+        if self.is_lora:  # a LoRA checkpoint holds the adapters (and new token rows) only
+            from peft import set_peft_model_state_dict
+
+            adapters = load_file(os.path.join(checkpoint_dir, "adapter_model.safetensors"))
+            result = set_peft_model_state_dict(self.base_model, adapters)
+            if result.unexpected_keys:
+                raise RuntimeError(f"{checkpoint_dir}: adapter weights do not match: {result.unexpected_keys}")
+            self.head.load_state_dict(load_head_file(os.path.join(checkpoint_dir, HEAD_FILE))["state_dict"])
+            return
 
         index = os.path.join(checkpoint_dir, "model.safetensors.index.json")
         files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) \

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -74,16 +75,16 @@ class LossSums:
     contrast_tokens: torch.Tensor
 
 
-def _chunk_terms(pos_h, plan_h, neg_h, labels, plan_w, neg_w, weight):
+def _chunk_terms(pos_h, plan_h, neg_h, labels, plan_w, neg_w, project):
     """Loss sums of one chunk of supervised rows; logits exist only inside this call."""
-    pos_logits = pos_h @ weight.T
+    pos_logits = project(pos_h)
     ce = token_ce(pos_logits, labels)
     zero = ce.new_zeros(())
     plan_sum = neg_ce_sum = js_sum = contrast_sum = ce_on_contrast = zero
     if plan_h is not None:
-        plan_sum = (plan_similarity(pos_logits, plan_h @ weight.T) * plan_w).sum()
+        plan_sum = (plan_similarity(pos_logits, project(plan_h)) * plan_w).sum()
     if neg_h is not None:
-        neg_logits = neg_h @ weight.T
+        neg_logits = project(neg_h)
         js = js_divergence(pos_logits, neg_logits)
         contrast_sum = (random_contrast(js) * neg_w).sum()
         js_sum = (js.detach() * neg_w).sum()
@@ -95,7 +96,7 @@ def _chunk_terms(pos_h, plan_h, neg_h, labels, plan_w, neg_w, weight):
 def latent_comm_loss_sums(
     pos_hidden: torch.Tensor,
     labels: torch.Tensor,
-    lm_head_weight: torch.Tensor,
+    project: Callable[[torch.Tensor], torch.Tensor],
     plan_hidden: torch.Tensor | None = None,
     plan_mask: torch.Tensor | None = None,
     neg_hidden: torch.Tensor | None = None,
@@ -105,7 +106,8 @@ def latent_comm_loss_sums(
     """Sum every loss term over the supervised rows, projecting to the vocabulary in chunks.
 
     `*_hidden` are final hidden states [N, H] at the positions predicting `labels` [N]; the
-    plan and negative branches are expected without gradient. `plan_mask`/`neg_mask` [N]
+    plan and negative branches are expected without gradient; `project` maps hidden states to
+    logits (the LM head). `plan_mask`/`neg_mask` [N]
     say which rows have a plan / a negative. With `chunk_size`, each chunk's logits are
     recomputed in backward (activation checkpointing), so peak memory holds one chunk of
     [chunk, vocab] logits instead of all of them; `chunk_size=None` is the plain path.
@@ -120,7 +122,7 @@ def latent_comm_loss_sums(
         sl = slice(start, start + step)
         args = (pos_hidden[sl], None if plan_hidden is None else plan_hidden[sl],
                 None if neg_hidden is None else neg_hidden[sl], labels[sl], plan_w[sl], neg_w[sl],
-                lm_head_weight)
+                project)
         if chunk_size and torch.is_grad_enabled():
             sums = sums + checkpoint(_chunk_terms, *args, use_reentrant=False)
         else:

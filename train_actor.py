@@ -18,7 +18,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from callbacks import InfoNCEProbeCallback, LatentConditionsCallback, LossLogCallback, NonFiniteGuardCallback
 from data import ActorDataset, DataError, LatentCollator, build_hf_dataset, split_train_eval
-from latent_head import LatentActor
+from latent_head import HEAD_FILE, LatentActor, load_head_file
 from models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
 from trainer import LatentActorTrainer, LossConfig, resolve_resume
 from validation import validate_files
@@ -41,6 +41,11 @@ class ModelArguments:
     head_dropout: float = field(default=0.1, metadata={"help": "Attention dropout of the latent head."})
     loss_chunk_size: int = field(default=2048, metadata={
         "help": "Supervised tokens per chunk when projecting to the vocabulary (bounds logits memory)."})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0: full fine-tuning). Head and new tokens stay trainable."})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scaling numerator."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "Comma-separated module names to adapt, or all-linear."})
     attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa, eager, flex_attention."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the model's folder."})
 
@@ -139,13 +144,20 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --train_file is required", file=sys.stderr)
         return 2
     try:
+        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # A resumed head was built for one latent width: data of another width is an error up front.
+    resumed_width = load_head_file(os.path.join(resume, HEAD_FILE))["config"]["latent_dim"] if resume else None
+    try:
         check_tokenizer = _tokenizer_for_checks(model_args) if args.validate_only else None
     except ModelNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     report = validate_files([f for f in (data_args.train_file, data_args.eval_file) if f], tokenizer=check_tokenizer,
                             model_max_length=data_args.model_max_length,
-                            prepended_length=model_args.prepended_length)
+                            prepended_length=model_args.prepended_length, expected_latent_dim=resumed_width)
     if args.should_log or args.validate_only:  # every rank validates (and stops together); one prints
         print(report.format(max_per_kind=None if args.validate_only else 20),
               file=sys.stdout if report.ok else sys.stderr)
@@ -167,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     actor = LatentActor.from_base(base, tokenizer, latent_dim=report.latent_dim,
                                   num_heads=model_args.num_heads, prepended_length=model_args.prepended_length,
                                   dropout=model_args.head_dropout)
-    if args.gradient_checkpointing:
-        base.config.use_cache = False
+    if model_args.lora_r:
+        targets = model_args.lora_target_modules
+        actor.add_lora(model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
+                       targets if targets == "all-linear" else [t.strip() for t in targets.split(",")])
 
     datasets = {name: ActorDataset(rows, tokenizer, data_args.model_max_length, model_args.prepended_length,
                                    lazy=data_args.lazy_preprocess)
@@ -195,16 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         trainer.add_callback(LatentConditionsCallback(trainer, args.eval_latent_conditions))
 
     try:
-        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
         trainer.train(resume_from_checkpoint=resume)
     except DataError as e:  # a latent file that broke mid-run: keep what was trained
         print(f"error: {e}", file=sys.stderr)
         trainer.save_model(os.path.join(args.output_dir, "interrupted"))
         return 1
+    actor.merge_lora()  # the final folder is a plain HF model + head, whatever the training mode
     trainer.save_model(args.output_dir)
     trainer.save_state()
     if guard.stopped:

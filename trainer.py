@@ -191,7 +191,7 @@ class LatentActorTrainer(Trainer):
                 neg = actor(**text, latents=neg_latents, latent_lengths=neg_lengths, latent_rows=neg_lengths)
                 neg_hidden, neg_mask = neg.hidden, (found & has_latent)[pos.sample_index]
 
-        sums = latent_comm_loss_sums(pos.hidden, pos.labels, actor.lm_head_weight(), plan_hidden, plan_mask,
+        sums = latent_comm_loss_sums(pos.hidden, pos.labels, actor.logits, plan_hidden, plan_mask,
                                      neg_hidden, neg_mask, chunk_size=cfg.loss_chunk_size)
         tokens = pos.labels.new_tensor(pos.labels.numel(), dtype=torch.float32)
         total = sums.ce + cfg.plan_similarity_weight * sums.plan_similarity + \

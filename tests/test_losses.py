@@ -62,10 +62,11 @@ def test_loss_sums_chunked_equals_plain_and_masks_apply():
     plan_mask = torch.rand(n, generator=g) > 0.3
     neg_mask = torch.rand(n, generator=g) > 0.3
 
-    plain = losses.latent_comm_loss_sums(pos, labels, weight, plan, plan_mask, neg, neg_mask, chunk_size=None)
+    project = lambda h: h @ weight.T
+    plain = losses.latent_comm_loss_sums(pos, labels, project, plan, plan_mask, neg, neg_mask, chunk_size=None)
     total_plain = plain.ce + plain.plan_similarity + 2 * plain.random_contrast
     grads_plain = torch.autograd.grad(total_plain, (pos, weight))
-    chunked = losses.latent_comm_loss_sums(pos, labels, weight, plan, plan_mask, neg, neg_mask, chunk_size=4)
+    chunked = losses.latent_comm_loss_sums(pos, labels, project, plan, plan_mask, neg, neg_mask, chunk_size=4)
     total_chunked = chunked.ce + chunked.plan_similarity + 2 * chunked.random_contrast
     grads_chunked = torch.autograd.grad(total_chunked, (pos, weight))
     assert torch.allclose(total_plain, total_chunked, atol=1e-5)

@@ -152,3 +152,52 @@ def test_two_processes_under_torchrun(tiny_model_dir, tiny_data, tmp_path):
     state = json.load(open(os.path.join(out, "trainer_state.json")))
     assert state["global_step"] == 3
     assert os.path.exists(os.path.join(out, "latent_comm_head.pt"))
+
+
+def _fixed_batch(tokenizer, path):
+    from data import ActorDataset, LatentCollator, build_hf_dataset
+
+    ds = ActorDataset(build_hf_dataset(path), tokenizer, 3072, 6)
+    batch = LatentCollator(tokenizer.pad_token_id, 24)([ds[0], ds[1]])
+    keys = ("input_ids", "labels", "attention_mask", "marker_index", "latents", "latent_lengths")
+    return dict({k: batch[k] for k in keys}, latent_rows=batch["latent_lengths"])
+
+
+def test_lora_run_saves_a_folder_that_reloads_with_equal_logits(tiny_model_dir, tiny_data, tmp_path):
+    from latent_head import LatentActor
+
+    train, evaluation = tiny_data
+    out = str(tmp_path / "lora")
+    seen = {}
+    original = train_actor.LatentActorTrainer.train
+
+    def train_and_inspect(self, *a, **k):
+        actor = self.model
+        seen["trainable"] = {n for n, p in actor.named_parameters() if p.requires_grad}
+        before = {n: p.detach().clone() for n, p in actor.named_parameters()}
+        result = original(self, *a, **k)
+        seen["changed"] = {n for n, p in actor.named_parameters() if not torch.equal(before[n], p.detach())}
+        actor.eval()
+        with torch.no_grad():  # the trained (still LoRA-wrapped) actor's logits
+            seen["logits"] = actor.logits(actor(**_fixed_batch(actor.tokenizer, evaluation)).hidden)
+        return result
+
+    train_actor.LatentActorTrainer.train = train_and_inspect
+    try:
+        argv = _train_argv(tiny_model_dir, train, out, "--per_device_train_batch_size", "2", "--max_steps", "3",
+                           "--lora_r", "4", "--learning_rate", "1e-2", "--gradient_checkpointing", "true")
+        assert train_actor.main(argv) == 0
+    finally:
+        train_actor.LatentActorTrainer.train = original
+    trainable = seen["trainable"]
+    assert any("lora_" in n for n in trainable) and any(n.startswith("head.") for n in trainable)
+    assert any("trainable_tokens" in n for n in trainable)  # the new special tokens' rows
+    assert not any(n.endswith("mlp.up_proj.base_layer.weight") for n in trainable)  # base frozen
+    assert any("lora_" in n for n in seen["changed"]) and any(n.startswith("head.") for n in seen["changed"])
+
+    # the output folder is a plain HF model (adapters merged) + head + tokenizer
+    restored = LatentActor.from_pretrained(out)
+    assert not restored.is_lora
+    with torch.no_grad():
+        reloaded = restored.logits(restored(**_fixed_batch(restored.tokenizer, evaluation)).hidden)
+    assert torch.allclose(reloaded, seen["logits"], atol=1e-4), (reloaded - seen["logits"]).abs().max()
