@@ -151,6 +151,7 @@ class LatentActorTrainer(Trainer):
         everything = torch.cat([_pad_rows(pool, rows), _pad_rows(bank_latents, rows)])
         all_lengths = torch.cat([pool_lengths, bank_lengths])
         donor, found = pick_negatives(own, (pool_lengths > 0).cpu(), (bank_lengths > 0).cpu(), gen)
+        self.last_negatives = {"own": own, "donor": donor, "found": found, "pool_size": pool.shape[0]}
         donor, found = donor.to(latents.device), found.to(latents.device)
         if self.model.training:
             self._bank = (latents.detach(), lengths.detach())

@@ -140,18 +140,57 @@ def test_end_to_end_writes_every_output(tiny_model_dir, tiny_data, tmp_path):
     assert r["loss"] == pytest.approx(r["ce_loss"] + r["plan_similarity"] + 2 * r["random_contrast"], rel=1e-3)
 
 
-def test_two_processes_under_torchrun(tiny_model_dir, tiny_data, tmp_path):
+# Runs train_actor under torchrun and records, per rank, every negative drawn and every mix ratio.
+RECORDER = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+import torch, train_actor, trainer as trainer_module
+log = {{"negatives": [], "ratios": []}}
+draw = trainer_module.draw_mix_ratios
+def recording_draw(*a, **k):
+    ratios = draw(*a, **k)
+    log["ratios"].append(ratios.tolist())
+    return ratios
+trainer_module.draw_mix_ratios = recording_draw
+compute_loss = trainer_module.LatentActorTrainer.compute_loss
+def recording_compute_loss(self, *a, **k):
+    loss = compute_loss(self, *a, **k)
+    n = self.last_negatives
+    log["negatives"].append({{"own": n["own"].tolist(), "donor": n["donor"].tolist(), "found": n["found"].tolist(),
+                             "pool_size": n["pool_size"]}})
+    return loss
+trainer_module.LatentActorTrainer.compute_loss = recording_compute_loss
+rc = train_actor.main(sys.argv[1:])
+json.dump(log, open(os.path.join({out!r}, "negatives_rank%s.json" % os.environ["RANK"]), "w"))
+sys.exit(rc)
+"""
+
+
+def test_two_processes_under_torchrun_draw_negatives_across_ranks(tiny_model_dir, tiny_data, tmp_path):
     train, _ = tiny_data
     out = str(tmp_path / "ddp")
+    os.makedirs(out)
+    script = tmp_path / "record.py"
+    script.write_text(RECORDER.format(root=ROOT, out=out))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           os.path.join(ROOT, "train_actor.py"),
-           *_train_argv(tiny_model_dir, train, out, "--per_device_train_batch_size", "2", "--max_steps", "3",
+           str(script),
+           *_train_argv(tiny_model_dir, train, out, "--per_device_train_batch_size", "2", "--max_steps", "6",
                         "--logging_steps", "1", "--ddp_backend", "gloo", "--use_cpu", "true")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     state = json.load(open(os.path.join(out, "trainer_state.json")))
-    assert state["global_step"] == 3
-    assert os.path.exists(os.path.join(out, "latent_comm_head.pt"))
+    assert state["global_step"] == 6 and os.path.exists(os.path.join(out, "latent_comm_head.pt"))
+    logs = [json.load(open(os.path.join(out, f"negatives_rank{r}.json"))) for r in (0, 1)]
+    from_other_rank = 0
+    for rank, log in enumerate(logs):
+        assert len(log["negatives"]) == 6
+        for step in log["negatives"]:
+            assert step["pool_size"] == 4  # both ranks' samples
+            for own, donor, found in zip(step["own"], step["donor"], step["found"]):
+                assert found and donor != own  # never the sample itself
+                from_other_rank += donor // 2 != rank
+    assert from_other_rank > 0
+    assert logs[0]["ratios"] != logs[1]["ratios"]  # each rank has its own random stream
 
 
 def _fixed_batch(tokenizer, path):
