@@ -39,8 +39,11 @@ class ModelArguments:
     pure_latent_prob: float = field(default=0.25, metadata={
         "help": "Share of training samples that get pure latents (ratio 1), the condition used at inference."})
     head_dropout: float = field(default=0.1, metadata={"help": "Attention dropout of the latent head."})
-    loss_chunk_size: int = field(default=2048, metadata={
+    loss_chunk_size: int = field(default=1024, metadata={
         "help": "Supervised tokens per chunk when projecting to the vocabulary (bounds logits memory)."})
+    base_dtype: str = field(default="float32", metadata={
+        "help": "dtype of the base model's weights: float32 (mixed precision keeps float32 master weights), "
+                "or bfloat16 for a frozen LoRA base."})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank (0: full fine-tuning). Head and new tokens stay trainable."})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scaling numerator."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
@@ -170,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.set_seed(args.seed)  # the head's and the new token embeddings' initialisation
     try:
-        base, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, dtype=torch.float32,
+        base, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path,
+                                                   dtype=getattr(torch, model_args.base_dtype),
                                                    trust_remote_code=model_args.trust_remote_code,
                                                    attn_implementation=model_args.attn_implementation)
     except ModelNotFoundError as e:

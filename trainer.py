@@ -29,15 +29,16 @@ class LossConfig:
     random_contrast_weight: float = 2.0
     mix_ratios: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     pure_latent_prob: float = 0.25  # share of training samples that see pure latents (ratio 1)
-    loss_chunk_size: int | None = 2048
+    loss_chunk_size: int | None = 1024
 
 
 def draw_mix_ratios(batch_size: int, mix_ratios: tuple[float, ...], pure_latent_prob: float,
                     generator: torch.Generator) -> torch.Tensor:
     """A fresh ratio per sample: 1.0 with probability `pure_latent_prob`, else uniform over `mix_ratios`."""
-    choices = torch.tensor(mix_ratios, dtype=torch.float32)
-    ratios = choices[torch.randint(len(choices), (batch_size,), generator=generator)]
-    pure = torch.rand(batch_size, generator=generator) < pure_latent_prob
+    device = generator.device
+    choices = torch.tensor(mix_ratios, dtype=torch.float32, device=device)
+    ratios = choices[torch.randint(len(choices), (batch_size,), generator=generator, device=device)]
+    pure = torch.rand(batch_size, generator=generator, device=device) < pure_latent_prob
     return torch.where(pure, torch.ones_like(ratios), ratios)
 
 
@@ -59,7 +60,7 @@ def pick_negatives(own_index: torch.Tensor, candidate_valid: torch.Tensor, bank_
     earlier batch (indices M...M+M_bank-1). Returns (index into pool+bank [B], found [B]).
     """
     m = candidate_valid.shape[0]
-    others = candidate_valid[None, :] & (torch.arange(m)[None, :] != own_index[:, None])
+    others = candidate_valid[None, :] & (torch.arange(m, device=own_index.device)[None, :] != own_index[:, None])
     has_other = others.any(1)
     bank = bank_valid[None, :] & ~has_other[:, None]
     weights = torch.cat([others, bank], dim=1).float()
@@ -123,7 +124,7 @@ class LatentActorTrainer(Trainer):
         self.step_sample_indices: list[torch.Tensor] = []  # dataset rows of the current optimizer step
 
     # -- randomness that survives resumption: a stream per (seed, rank, step, micro-batch) ------------
-    def _generator(self) -> torch.Generator:
+    def _generator(self, device: torch.device) -> torch.Generator:
         if self.model.training:
             step, micro = self._draw_key
             micro = micro + 1 if step == self.state.global_step else 0
@@ -132,12 +133,14 @@ class LatentActorTrainer(Trainer):
         else:  # every evaluation draws the same negatives: eval metrics compare across steps
             self._eval_draws += 1
             key = f"{self.args.seed}/{self.args.process_index}/eval/{self._eval_draws}"
-        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
+        seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") & (2**63 - 1)
+        # On the batch's device: draws need no host round trip (no sync in the step).
+        return torch.Generator(device=device).manual_seed(seed)
 
     # -- negatives from every rank ----------------------------------------------------------------------
     def _negatives(self, latents: torch.Tensor, lengths: torch.Tensor, gen: torch.Generator):
         """Donor latents [B, K, d], their lengths [B], and whether a donor was found [B]."""
-        own = torch.arange(lengths.shape[0])
+        own = torch.arange(lengths.shape[0], device=lengths.device)
         pool, pool_lengths = latents, lengths
         if self.accelerator.num_processes > 1:
             # Same shapes on every rank, then tensor all-gather (never pickled objects).
@@ -150,18 +153,24 @@ class LatentActorTrainer(Trainer):
         rows = max(pool.shape[1], bank_latents.shape[1])
         everything = torch.cat([_pad_rows(pool, rows), _pad_rows(bank_latents, rows)])
         all_lengths = torch.cat([pool_lengths, bank_lengths])
-        donor, found = pick_negatives(own, (pool_lengths > 0).cpu(), (bank_lengths > 0).cpu(), gen)
+        donor, found = pick_negatives(own, pool_lengths > 0, bank_lengths > 0, gen)
         self.last_negatives = {"own": own, "donor": donor, "found": found, "pool_size": pool.shape[0]}
-        donor, found = donor.to(latents.device), found.to(latents.device)
         if self.model.training:
             self._bank = (latents.detach(), lengths.detach())
         return everything[donor], all_lengths[donor] * found, found
 
     # -- the loss ---------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # One autocast region for the whole step: the vocabulary projections of the loss run outside the
+        # model's (autocast-wrapped) forward and would otherwise be float32 matrix products.
+        with self.accelerator.autocast():
+            loss = self._three_branch_loss(model, inputs, num_items_in_batch)
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _three_branch_loss(self, model, inputs, num_items_in_batch):
         actor: LatentActor = self.accelerator.unwrap_model(model)
         cfg = self.loss_config
-        gen = self._generator()
+        gen = self._generator(inputs["latent_lengths"].device)
         text = {k: inputs[k] for k in ("input_ids", "labels", "attention_mask", "marker_index")}
         latents, latent_lengths = inputs["latents"], inputs["latent_lengths"]
         plan_ids, plan_lengths = inputs["plan_ids"], inputs["plan_lengths"]
@@ -171,7 +180,6 @@ class LatentActorTrainer(Trainer):
         # Evaluation (and samples without a plan) use pure latents; samples without latents the plan.
         if model.training:
             ratio = draw_mix_ratios(len(latent_lengths), cfg.mix_ratios, cfg.pure_latent_prob, gen)
-            ratio = ratio.to(latent_lengths.device)
         else:
             ratio = torch.ones(len(latent_lengths), device=latent_lengths.device)
         ratio = torch.where(has_plan, ratio, 1.0)
@@ -184,13 +192,23 @@ class LatentActorTrainer(Trainer):
 
         plan_hidden = neg_hidden = plan_mask = neg_mask = None
         with torch.no_grad():
+            # The plan and negative branches share one forward (batch stacked twice): half the
+            # per-layer launch and CPU cost of two passes, and larger matrix products.
+            branches = []
             if cfg.plan_similarity_weight:
-                plan = actor(**text, block_ids=plan_ids, block_lengths=plan_lengths)
-                plan_hidden, plan_mask = plan.hidden, has_plan[pos.sample_index]
+                branches.append(("plan", dict(latent_lengths=torch.zeros_like(latent_lengths),
+                                              block_ids=plan_ids, block_lengths=plan_lengths)))
             if cfg.random_contrast_weight:
                 neg_latents, neg_lengths, found = self._negatives(latents, latent_lengths, gen)
-                neg = actor(**text, latents=neg_latents, latent_lengths=neg_lengths, latent_rows=neg_lengths)
-                neg_hidden, neg_mask = neg.hidden, (found & has_latent)[pos.sample_index]
+                branches.append(("negative", dict(latents=neg_latents, latent_lengths=neg_lengths,
+                                                  block_ids=plan_ids[:, :0], block_lengths=torch.zeros_like(plan_lengths))))
+            if branches:
+                hidden = self._stacked_no_grad_forward(actor, text, latents, [b for _, b in branches])
+                for (name, _), h in zip(branches, hidden):
+                    if name == "plan":
+                        plan_hidden, plan_mask = h, has_plan[pos.sample_index]
+                    else:
+                        neg_hidden, neg_mask = h, (found & has_latent)[pos.sample_index]
 
         sums = latent_comm_loss_sums(pos.hidden, pos.labels, actor.logits, plan_hidden, plan_mask,
                                      neg_hidden, neg_mask, chunk_size=cfg.loss_chunk_size)
@@ -206,7 +224,7 @@ class LatentActorTrainer(Trainer):
         if model.training:
             self.step_sample_indices.append(inputs["index"])
         self._accumulate_metrics("train" if model.training else "eval", sums, tokens, neg_mask)
-        return (loss, {"loss": loss}) if return_outputs else loss
+        return loss
 
     def sample_ids(self, indices: list[torch.Tensor]) -> list[str]:
         """The ids of training-set rows, for messages about a batch."""
@@ -215,6 +233,27 @@ class LatentActorTrainer(Trainer):
             return [str(self.train_dataset.rows[i]["id"]) for i in rows]
         except (AttributeError, KeyError, IndexError):
             return [f"#{i}" for i in rows]
+
+    @staticmethod
+    def _stacked_no_grad_forward(actor: LatentActor, text: dict, latents: torch.Tensor,
+                                 branches: list[dict]) -> list[torch.Tensor]:
+        """Run several branches of the same batch as one forward; returns each branch's supervised hidden."""
+        if len(branches) == 1:
+            b = branches[0]
+            out = actor(**text, latents=b.get("latents", latents), latent_lengths=b["latent_lengths"],
+                        latent_rows=b["latent_lengths"], block_ids=b["block_ids"], block_lengths=b["block_lengths"])
+            return [out.hidden]
+        width = max(b["block_ids"].shape[1] for b in branches)
+        rows = max(b.get("latents", latents).shape[1] for b in branches)
+        pad_ids = lambda ids: torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=actor.pad_id)
+        out = actor(**{k: torch.cat([v] * len(branches)) for k, v in text.items()},
+                    latents=torch.cat([_pad_rows(b.get("latents", latents), rows) for b in branches]),
+                    latent_lengths=torch.cat([b["latent_lengths"] for b in branches]),
+                    latent_rows=torch.cat([b["latent_lengths"] for b in branches]),
+                    block_ids=torch.cat([pad_ids(b["block_ids"]) for b in branches]),
+                    block_lengths=torch.cat([b["block_lengths"] for b in branches]))
+        # Every branch supervises the same positions of the same conversations, in batch order.
+        return list(out.hidden.chunk(len(branches)))
 
     # -- metrics: detached sums per log period; averaged (and synced) only when logging ------------------
     def _accumulate_metrics(self, mode, sums, tokens, neg_mask):

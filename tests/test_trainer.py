@@ -240,3 +240,28 @@ def test_lora_run_saves_a_folder_that_reloads_with_equal_logits(tiny_model_dir, 
     with torch.no_grad():
         reloaded = restored.logits(restored(**_fixed_batch(restored.tokenizer, evaluation)).hidden)
     assert torch.allclose(reloaded, seen["logits"], atol=1e-4), (reloaded - seen["logits"]).abs().max()
+
+
+def test_stacked_no_grad_branches_equal_separate_forwards(tiny_model_dir, tiny_data):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from latent_head import LatentActor
+    from trainer import LatentActorTrainer
+
+    train, _ = tiny_data
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    actor = LatentActor.from_base(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tok, 24, 4, 6).eval()
+    batch = _fixed_batch(tok, train)
+    text = {k: batch[k] for k in ("input_ids", "labels", "attention_mask", "marker_index")}
+    plan_ids = torch.tensor([[7, 8, 9], [10, 0, 0]])
+    plan_lengths = torch.tensor([3, 1])
+    neg_latents = batch["latents"].flip(0)
+    neg_lengths = batch["latent_lengths"].flip(0)
+    branches = [dict(latent_lengths=torch.zeros(2, dtype=torch.long), block_ids=plan_ids, block_lengths=plan_lengths),
+                dict(latents=neg_latents, latent_lengths=neg_lengths, block_ids=plan_ids[:, :0],
+                     block_lengths=torch.zeros(2, dtype=torch.long))]
+    with torch.no_grad():
+        plan_h, neg_h = LatentActorTrainer._stacked_no_grad_forward(actor, text, batch["latents"], branches)
+        plan_alone = actor(**text, block_ids=plan_ids, block_lengths=plan_lengths).hidden
+        neg_alone = actor(**text, latents=neg_latents, latent_lengths=neg_lengths, latent_rows=neg_lengths).hidden
+    assert torch.allclose(plan_h, plan_alone, atol=1e-5) and torch.allclose(neg_h, neg_alone, atol=1e-5)

@@ -1,0 +1,69 @@
+#!/bin/bash
+# The benchmark's device call: install carried wheels, build the workload, run the configs.
+#   run tool, carry [.whl] (and .whl_pa, a pyarrow>=24 wheel, only where the image has an older one):  bash benchmarks/gpu_run.sh [baseline|fixes] 2>&1 | tee $OUT/log
+# baseline: the real code at batch 2/4/8/16 (16 with gradient checkpointing if it runs out of memory);
+# fixes, fixes2: the same machine's baseline next to bench-only patches of proposed changes (--experiment).
+# Writes $OUT/all_results.json, $OUT/<name>_profile.txt, $OUT/<name>_trace.json.gz.
+set -o pipefail
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/bench_out}; RES=/tmp/bench_results; mkdir -p "$OUT" "$RES"
+T0=$(date +%s)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+PA=$(python3 -c "import pyarrow; print(pyarrow.__version__.split('.')[0])" 2>/dev/null || echo 0)
+if [ "$PA" -lt 24 ] && ls .whl_pa/*.whl >/dev/null 2>&1; then
+  echo "pyarrow major $PA < 24: installing the carried one"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl_pa/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site
+nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm,power.limit,temperature.gpu --format=csv
+python3 -c "import sys, torch, transformers, datasets, pyarrow, accelerate; print(sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__, 'datasets', datasets.__version__, 'pyarrow', pyarrow.__version__, 'accelerate', accelerate.__version__)" || exit 1
+python3 benchmarks/workload.py --out /tmp/interlat_bench/qwen05_n128 --shape qwen05 --n 128 2>&1 | grep -v "it/s" || exit 1
+echo "workload built at +$(( $(date +%s) - T0 )) s"
+BUDGET=${BUDGET:-545}  # seconds for the whole script: a run that might not end in time is skipped
+bench() {
+  local el=$(( $(date +%s) - T0 ))
+  if [ $(( el + ${LIMIT:-120} )) -gt "$BUDGET" ]; then echo "[gpu_run] skipped (+$el s): $*"; return; fi
+  timeout "${LIMIT:-120}" python3 bench.py --results_dir "$RES" --profile_dir "$OUT" "$@" 2>&1 | grep -v "it/s\]\|examples/s\]"
+  echo "[gpu_run] $* done rc=$? at +$(( $(date +%s) - T0 )) s"
+}
+PLAN=${1:-baseline}
+if [ "$PLAN" = baseline ]; then
+bench --batch_size 2 --model_max_length 3072 --steps 25 --profile_steps 3 --measure_matmul --out_name b2_L3072
+bench --batch_size 2 --model_max_length 8192 --steps 25 --out_name b2_L8192
+bench --batch_size 4 --model_max_length 3072 --steps 25 --out_name b4_L3072
+bench --batch_size 8 --model_max_length 3072 --steps 25 --out_name b8_L3072
+LIMIT=150 bench --batch_size 16 --model_max_length 3072 --steps 25 --out_name b16_L3072
+if grep -q '"error"' "$RES/b16_L3072.json" 2>/dev/null; then
+  LIMIT=150 bench --batch_size 16 --model_max_length 3072 --steps 25 --out_name b16_L3072_gc --gradient_checkpointing True
+fi
+elif [ "$PLAN" = current ]; then
+  # the committed code after the measured fixes: cuDNN attention off, TF32 float32 loss logits,
+  # plan+negative in one no-grad forward, device-side random draws, loss chunks of 1024
+  bench --batch_size 2 --model_max_length 3072 --steps 25 --measure_matmul --out_name cur_b2_L3072
+  bench --batch_size 2 --model_max_length 8192 --steps 25 --out_name cur_b2_L8192
+  bench --batch_size 8 --model_max_length 3072 --steps 25 --out_name cur_b8_L3072
+  LIMIT=150 bench --batch_size 16 --model_max_length 3072 --steps 25 --out_name cur_b16_L3072
+  # a 7B-shaped actor (Qwen2.5-7B config, random weights), LoRA r16 + gradient checkpointing, bf16 frozen base
+  LIMIT=240 bench --shape qwen7b --batch_size 2 --model_max_length 3072 --steps 12 --warmup 4 --out_name q7b_lora_b2_gc \
+    --lora_r 16 --lora_alpha 32 --gradient_checkpointing True --base_dtype bfloat16
+elif [ "$PLAN" = fixes ]; then
+  python3 benchmarks/check_bf16_loss.py
+  bench --batch_size 2 --steps 25 --measure_matmul --out_name fx_b2_base
+  bench --batch_size 2 --steps 25 --experiment no_cudnn_sdpa --out_name fx_b2_nocudnn
+  bench --batch_size 2 --steps 25 --profile_steps 3 --experiment no_cudnn_sdpa,tf32 --out_name fx_b2_nocudnn_tf32
+  bench --batch_size 8 --steps 25 --out_name fx_b8_base
+  bench --batch_size 8 --steps 25 --experiment no_cudnn_sdpa,tf32 --out_name fx_b8_nocudnn_tf32
+  bench --batch_size 2 --steps 25 --experiment pad128 --out_name fx_b2_pad128
+  bench --batch_size 2 --steps 25 --experiment no_cudnn_sdpa,bf16_lm_head --out_name fx_b2_nocudnn_bf16
+  LIMIT=60 bench --batch_size 2 --steps 25 --out_name fx_b2_base_again
+elif [ "$PLAN" = fixes2 ]; then
+  python3 benchmarks/check_bf16_loss.py
+  bench --batch_size 2 --steps 25 --out_name f2_b2_base
+  bench --batch_size 2 --steps 25 --experiment no_cudnn_sdpa,tf32 --out_name f2_b2_nocudnn_tf32
+  bench --batch_size 2 --steps 25 --experiment no_cudnn_sdpa,bf16_lm_head --out_name f2_b2_nocudnn_bf16
+  bench --batch_size 2 --steps 25 --profile_steps 3 --experiment no_cudnn_sdpa,one_autocast --out_name f2_b2_nocudnn_oneac
+  bench --batch_size 8 --steps 25 --experiment no_cudnn_sdpa,one_autocast --out_name f2_b8_nocudnn_oneac
+  bench --batch_size 8 --steps 25 --experiment no_cudnn_sdpa,tf32 --out_name f2_b8_nocudnn_tf32
+fi
+python3 benchmarks/summarize.py "$RES" --combined "$OUT/all_results.json"
+ls -la "$OUT"
