@@ -40,12 +40,13 @@ elif [ "$PLAN" = current ]; then
   # the committed code after the measured fixes: cuDNN attention off, TF32 float32 loss logits,
   # plan+negative in one no-grad forward, device-side random draws, loss chunks of 1024
   bench --batch_size 2 --model_max_length 3072 --steps 25 --measure_matmul --out_name cur_b2_L3072
-  bench --batch_size 2 --model_max_length 8192 --steps 25 --out_name cur_b2_L8192
   bench --batch_size 8 --model_max_length 3072 --steps 25 --out_name cur_b8_L3072
-  LIMIT=150 bench --batch_size 16 --model_max_length 3072 --steps 25 --out_name cur_b16_L3072
   # a 7B-shaped actor (Qwen2.5-7B config, random weights), LoRA r16 + gradient checkpointing, bf16 frozen base
-  LIMIT=240 bench --shape qwen7b --batch_size 2 --model_max_length 3072 --steps 12 --warmup 4 --out_name q7b_lora_b2_gc \
+  LIMIT=200 bench --shape qwen7b --batch_size 2 --model_max_length 3072 --steps 12 --warmup 4 --out_name q7b_lora_b2_gc \
     --lora_r 16 --lora_alpha 32 --gradient_checkpointing True --base_dtype bfloat16
+  rm -rf /tmp/interlat_bench/qwen7b_n128
+  bench --batch_size 2 --model_max_length 8192 --steps 25 --out_name cur_b2_L8192
+  LIMIT=100 bench --batch_size 16 --model_max_length 3072 --steps 20 --out_name cur_b16_L3072
 elif [ "$PLAN" = fixes ]; then
   python3 benchmarks/check_bf16_loss.py
   bench --batch_size 2 --steps 25 --measure_matmul --out_name fx_b2_base
