@@ -34,6 +34,8 @@ DEMO_BATCH ?= 8
 DEMO_LR ?= 1e-4
 DEMO_MODEL ?= HuggingFaceTB/SmolLM2-135M-Instruct
 DEMO_FLAGS ?=
+DEMO_HEAD_LR ?= 2e-3
+DEMO_PURE ?= 0.5
 
 demo: $(STAMP)
 	$(PY) demo/make_demo_task.py --out_dir $(DEMO_DATA) --n_train $(DEMO_TRAIN) --n_eval $(DEMO_EVAL)
@@ -45,7 +47,7 @@ demo: $(STAMP)
 	$(PY) train_actor.py --model_name_or_path $(DEMO_MODEL) \
 	  --train_file $(DEMO_DATA)/train.jsonl --eval_file $(DEMO_DATA)/eval.jsonl --output_dir $(DEMO_DIR) \
 	  --max_steps $(DEMO_STEPS) --per_device_train_batch_size $(DEMO_BATCH) --per_device_eval_batch_size 16 \
-	  --learning_rate $(DEMO_LR) --warmup_ratio 0.05 --logging_steps 5 \
+	  --learning_rate $(DEMO_LR) --head_learning_rate $(DEMO_HEAD_LR) --pure_latent_prob $(DEMO_PURE) --warmup_ratio 0.05 --logging_steps 5 \
 	  --evaluation_strategy steps --eval_steps $$(( $(DEMO_STEPS) / 4 )) --save_strategy steps \
 	  --save_steps $$(( $(DEMO_STEPS) / 4 )) --save_total_limit 2 --prepended_length 64 --model_max_length 512 \
 	  --enable_infoNCE_probe true --infoNCE_probe_interval $$(( $(DEMO_STEPS) / 4 )) --report_to none $(DEMO_FLAGS)

@@ -65,6 +65,10 @@ class DataArguments:
 @dataclass
 class ActorTrainingArguments(TrainingArguments):
     learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate."})
+    head_learning_rate: float | None = field(default=None, metadata={
+        "help": "Learning rate of the freshly initialised latent head (default: --learning_rate). Its output "
+                "starts small (scale 0.2 x 0.1, as published); a higher rate lets it reach the size of the "
+                "actor's token embeddings sooner."})
     evaluation_strategy: str | None = field(default=None, metadata={"help": "Alias of --eval_strategy."})
     warmup_ratio: float | None = field(default=None, metadata={
         "help": "Share of steps spent warming up (transformers 5 reads a float --warmup_steps < 1 the same way)."})

@@ -286,6 +286,22 @@ class LatentActorTrainer(Trainer):
         logs.update({prefix + k: round(v, 6) for k, v in self._pop_metrics(mode).items()})
         return super().log(logs, *args, **kwargs)
 
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with the latent head in groups of its own at `--head_learning_rate`."""
+        optimizer = super().create_optimizer(model)
+        head_lr = getattr(self.args, "head_learning_rate", None)
+        if head_lr and not getattr(optimizer, "_head_split", False):
+            head = {id(p) for p in self.accelerator.unwrap_model(model or self.model).head.parameters()}
+            groups = []
+            for group in optimizer.param_groups:
+                for params, lr in (([p for p in group["params"] if id(p) not in head], group["lr"]),
+                                   ([p for p in group["params"] if id(p) in head], head_lr)):
+                    if params:
+                        groups.append({**group, "params": params, "lr": lr})
+            optimizer.param_groups = groups
+            optimizer._head_split = True
+        return optimizer
+
     def evaluate(self, *args, **kwargs):
         self._eval_draws = 0
         return super().evaluate(*args, **kwargs)

@@ -265,3 +265,27 @@ def test_stacked_no_grad_branches_equal_separate_forwards(tiny_model_dir, tiny_d
         plan_alone = actor(**text, block_ids=plan_ids, block_lengths=plan_lengths).hidden
         neg_alone = actor(**text, latents=neg_latents, latent_lengths=neg_lengths, latent_rows=neg_lengths).hidden
     assert torch.allclose(plan_h, plan_alone, atol=1e-5) and torch.allclose(neg_h, neg_alone, atol=1e-5)
+
+
+def test_head_learning_rate_puts_the_head_in_its_own_groups(tiny_model_dir, tiny_data, tmp_path):
+    train, _ = tiny_data
+    seen = {}
+    original = train_actor.LatentActorTrainer.train
+
+    def capture(self, *a, **k):
+        result = original(self, *a, **k)
+        head = {id(p) for p in self.model.head.parameters()}
+        seen["groups"] = [(g["lr"], all(id(p) in head for p in g["params"]), any(id(p) in head for p in g["params"]))
+                          for g in self.optimizer.param_groups]
+        return result
+
+    train_actor.LatentActorTrainer.train = capture
+    try:
+        argv = _train_argv(tiny_model_dir, train, str(tmp_path / "o"), "--max_steps", "1", "--learning_rate", "1e-4",
+                           "--head_learning_rate", "1e-2", "--lr_scheduler_type", "constant")
+        assert train_actor.main(argv) == 0
+    finally:
+        train_actor.LatentActorTrainer.train = original
+    head_groups = [g for g in seen["groups"] if g[2]]
+    assert head_groups and all(all_head and lr == 1e-2 for lr, all_head, _ in head_groups)
+    assert all(lr == 1e-4 for lr, _, any_head in seen["groups"] if not any_head)
