@@ -29,7 +29,7 @@ DEMO_DIR ?= checkpoints/demo
 DEMO_DATA ?= checkpoints/demo_data
 DEMO_TRAIN ?= 160
 DEMO_EVAL ?= 32
-DEMO_STEPS ?= 80
+DEMO_STEPS ?= 60
 DEMO_BATCH ?= 8
 DEMO_LR ?= 1e-4
 DEMO_MODEL ?= HuggingFaceTB/SmolLM2-135M-Instruct
@@ -48,9 +48,9 @@ demo: $(STAMP)
 	  --train_file $(DEMO_DATA)/train.jsonl --eval_file $(DEMO_DATA)/eval.jsonl --output_dir $(DEMO_DIR) \
 	  --max_steps $(DEMO_STEPS) --per_device_train_batch_size $(DEMO_BATCH) --per_device_eval_batch_size 16 \
 	  --learning_rate $(DEMO_LR) --head_learning_rate $(DEMO_HEAD_LR) --pure_latent_prob $(DEMO_PURE) --warmup_ratio 0.05 --logging_steps 5 \
-	  --evaluation_strategy steps --eval_steps $$(( $(DEMO_STEPS) / 4 )) --save_strategy steps \
-	  --save_steps $$(( $(DEMO_STEPS) / 4 )) --save_total_limit 2 --prepended_length 64 --model_max_length 512 \
-	  --enable_infoNCE_probe true --infoNCE_probe_interval $$(( $(DEMO_STEPS) / 4 )) --report_to none $(DEMO_FLAGS)
+	  --evaluation_strategy steps --eval_steps $$(( $(DEMO_STEPS) / 2 )) --save_strategy steps \
+	  --save_steps $$(( $(DEMO_STEPS) / 2 )) --save_total_limit 2 --prepended_length 64 --model_max_length 512 \
+	  --enable_infoNCE_probe true --infoNCE_probe_interval $$(( $(DEMO_STEPS) / 2 )) --report_to none $(DEMO_FLAGS)
 	$(PY) evaluate_actor.py --model_dir $(DEMO_DIR) --eval_file $(DEMO_DATA)/eval.jsonl \
 	  --output $(DEMO_DIR)/eval_report.json
 

@@ -49,7 +49,8 @@ def plot_loss_curve(log_history: list[dict], path: str) -> None:
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
     for ax, (title, train_key, eval_key) in zip(axes.flat, panels):
-        for key, label, style in ((train_key, "train", "-"), (eval_key, "eval", "o-")):
+        for key, label, style in ((train_key, "probe" if train_key and train_key.startswith("probe/") else "train",
+                                   "-"), (eval_key, "eval", "o-")):
             points = [(r["step"], r[key]) for r in log_history if key and key in r]
             if points:
                 ax.plot(*zip(*points), style, label=label, markersize=4)

@@ -292,8 +292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise DataError(f"{args.eval_file}: file not found")
         if args.batch_size < 1 or (args.max_samples is not None and args.max_samples < 1):
             raise DataError("--batch_size and --max_samples must be positive")
+        # keyed like the dataset's rows, which name the file by its absolute path
         answers_by_where = {where: rec.get("answer") if isinstance(rec, dict) else None
-                            for where, rec in read_records(args.eval_file)}
+                            for where, rec in read_records(os.path.abspath(args.eval_file))}
         rows = build_hf_dataset(args.eval_file)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -106,6 +106,12 @@ class ActorTrainingArguments(TrainingArguments):
         explicit_best = self.load_best_model_at_end is not None
         self.load_best_model_at_end = bool(self.load_best_model_at_end)
         super().__post_init__()
+        if self.n_gpu > 1:  # only in the single-process (DataParallel) mode
+            # One process seeing several GPUs would mean nn.DataParallel, whose replicas cannot run the
+            # three-branch step; use one GPU here and torchrun / accelerate launch for several.
+            logger.warning("%d GPUs visible to one process: training on one. Use `torchrun --nproc_per_node "
+                           "%d train_actor.py ...` to use all of them.", self._n_gpu, self._n_gpu)
+            self._n_gpu = 1
         if not explicit_best and _schedules_match(self):
             self.load_best_model_at_end = True
             self.metric_for_best_model = self.metric_for_best_model or "loss"
@@ -142,26 +148,25 @@ def _tokenizer_for_checks(model_args: ModelArguments):
                                          trust_remote_code=model_args.trust_remote_code)
 
 
-def main(argv: list[str] | None = None) -> int:
-    model_args, data_args, args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=logging.INFO if args.should_log else logging.WARNING)
-    transformers.utils.logging.set_verbosity_warning()
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exits with `status`, never a traceback."""
+
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(message)
+        self.status = status
+
+
+def check_data(model_args: ModelArguments, data_args: DataArguments, args: ActorTrainingArguments):
+    """Validate every record before any model is loaded; returns (report, checkpoint to resume or None)."""
     if not data_args.train_file:
-        print("error: --train_file is required", file=sys.stderr)
-        return 2
+        raise UserError("--train_file is required")
     try:
         resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        check_tokenizer = _tokenizer_for_checks(model_args) if args.validate_only else None
+    except (FileNotFoundError, ModelNotFoundError) as e:
+        raise UserError(str(e)) from None
     # A resumed head was built for one latent width: data of another width is an error up front.
     resumed_width = load_head_file(os.path.join(resume, HEAD_FILE))["config"]["latent_dim"] if resume else None
-    try:
-        check_tokenizer = _tokenizer_for_checks(model_args) if args.validate_only else None
-    except ModelNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     report = validate_files([f for f in (data_args.train_file, data_args.eval_file) if f], tokenizer=check_tokenizer,
                             model_max_length=data_args.model_max_length,
                             prepended_length=model_args.prepended_length, expected_latent_dim=resumed_width)
@@ -169,30 +174,34 @@ def main(argv: list[str] | None = None) -> int:
         print(report.format(max_per_kind=None if args.validate_only else 20),
               file=sys.stdout if report.ok else sys.stderr)
     if not report.ok:
-        print("error: the data files have errors (listed above); nothing was trained", file=sys.stderr)
-        return 1
-    if args.validate_only:
-        return 0
-    train_rows, eval_rows = build_datasets(data_args, args.data_seed or args.seed)
+        raise UserError("the data files have errors (listed above); nothing was trained", status=1)
+    return report, resume
 
-    transformers.set_seed(args.seed)  # the head's and the new token embeddings' initialisation
+
+def build_actor(model_args: ModelArguments, latent_dim: int | None, seed: int) -> LatentActor:
+    """Base model + special tokens + a fresh latent head (+ LoRA adapters when asked)."""
+    transformers.set_seed(seed)  # the head's and the new token embeddings' initialisation
     try:
         base, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path,
                                                    dtype=getattr(torch, model_args.base_dtype),
                                                    trust_remote_code=model_args.trust_remote_code,
                                                    attn_implementation=model_args.attn_implementation)
     except ModelNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    actor = LatentActor.from_base(base, tokenizer, latent_dim=report.latent_dim,
-                                  num_heads=model_args.num_heads, prepended_length=model_args.prepended_length,
-                                  dropout=model_args.head_dropout)
+        raise UserError(str(e)) from None
+    actor = LatentActor.from_base(base, tokenizer, latent_dim=latent_dim, num_heads=model_args.num_heads,
+                                  prepended_length=model_args.prepended_length, dropout=model_args.head_dropout)
     if model_args.lora_r:
         targets = model_args.lora_target_modules
         actor.add_lora(model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
                        targets if targets == "all-linear" else [t.strip() for t in targets.split(",")])
+    return actor
 
-    datasets = {name: ActorDataset(rows, tokenizer, data_args.model_max_length, model_args.prepended_length,
+
+def build_trainer(actor: LatentActor, model_args: ModelArguments, data_args: DataArguments,
+                  args: ActorTrainingArguments) -> LatentActorTrainer:
+    """Datasets, collator, loss configuration and callbacks around a `LatentActorTrainer`."""
+    train_rows, eval_rows = build_datasets(data_args, args.data_seed or args.seed)
+    datasets = {name: ActorDataset(rows, actor.tokenizer, data_args.model_max_length, model_args.prepended_length,
                                    lazy=data_args.lazy_preprocess)
                 for name, rows in (("train", train_rows), ("eval", eval_rows)) if rows is not None}
     loss_config = LossConfig(
@@ -202,38 +211,55 @@ def main(argv: list[str] | None = None) -> int:
         pure_latent_prob=model_args.pure_latent_prob, loss_chunk_size=model_args.loss_chunk_size or None)
     trainer = LatentActorTrainer(
         model=actor, args=args, train_dataset=datasets["train"], eval_dataset=datasets.get("eval"),
-        data_collator=LatentCollator(tokenizer.pad_token_id, actor.head.config.latent_dim),
-        processing_class=tokenizer, loss_config=loss_config,
+        data_collator=LatentCollator(actor.pad_id, actor.head.config.latent_dim),
+        processing_class=actor.tokenizer, loss_config=loss_config,
         callbacks=[LossLogCallback(args.output_dir, plot=args.enable_loss_plot)])
     if args.enable_infoNCE_probe:
         probe_set = datasets.get("eval") or datasets["train"]
         k = min(args.infoNCE_probe_samples, len(probe_set))
         trainer.add_callback(InfoNCEProbeCallback(trainer, [probe_set[i] for i in range(k)],
                                                   args.infoNCE_probe_interval))
-
-    guard = NonFiniteGuardCallback(trainer, args.nonfinite_policy)
-    trainer.add_callback(guard)
+    trainer.nonfinite_guard = NonFiniteGuardCallback(trainer, args.nonfinite_policy)
+    trainer.add_callback(trainer.nonfinite_guard)
     if args.eval_latent_conditions and "eval" in datasets:
         trainer.add_callback(LatentConditionsCallback(trainer, args.eval_latent_conditions))
+    return trainer
 
+
+def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrainingArguments) -> int:
+    report, resume = check_data(model_args, data_args, args)
+    if args.validate_only:
+        return 0
+    actor = build_actor(model_args, report.latent_dim, args.seed)
+    trainer = build_trainer(actor, model_args, data_args, args)
     try:
         trainer.train(resume_from_checkpoint=resume)
     except DataError as e:  # a latent file that broke mid-run: keep what was trained
-        print(f"error: {e}", file=sys.stderr)
         trainer.save_model(os.path.join(args.output_dir, "interrupted"))
-        return 1
+        raise UserError(f"{e} (the model so far is in {args.output_dir}/interrupted)", status=1) from None
     actor.merge_lora()  # the final folder is a plain HF model + head, whatever the training mode
     trainer.save_model(args.output_dir)
     trainer.save_state()
-    if guard.stopped:
-        print(f"error: training stopped at step {trainer.state.global_step} on a non-finite gradient "
-              f"(see the log); the weights saved in {args.output_dir} never received it", file=sys.stderr)
-        return 1
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(os.path.join(args.output_dir, "tokenizer"))
-    if "eval" in datasets:
+        actor.tokenizer.save_pretrained(os.path.join(args.output_dir, "tokenizer"))
+    if trainer.nonfinite_guard.stopped:
+        raise UserError(f"training stopped at step {trainer.state.global_step} on a non-finite gradient (see the "
+                        f"log); the weights saved in {args.output_dir} never received it", status=1)
+    if trainer.eval_dataset is not None:
         trainer.evaluate()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    model_args, data_args, args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if args.should_log else logging.WARNING)
+    transformers.utils.logging.set_verbosity_warning()
+    try:
+        return train(model_args, data_args, args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.status
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import models  # noqa: E402
+from latent_head import LatentActor  # noqa: E402
 
 LATENT_DIM = 24  # deliberately not the tiny model's hidden size: exercises the input projection
+PREPENDED = 6
 
 
 @pytest.fixture(scope="session")
@@ -68,3 +70,35 @@ def tiny_data(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", make_records(12, str(tmp_path / "latents")))
     evaluation = write_jsonl(tmp_path / "eval.jsonl", make_records(4, str(tmp_path / "latents_eval"), seed=1, prefix="e"))
     return train, evaluation
+
+
+def save_tiny_actor(tiny_model_dir: str, out: str) -> str:
+    """An untrained actor on the tiny model, saved like train_actor.py's output.
+
+    Weights are re-drawn larger than the default init so that greedy generation is not one
+    repeated token, and the head's output scale is 1 so that latents visibly change the input.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    actor = LatentActor.from_base(base, tok, latent_dim=LATENT_DIM, num_heads=4, prepended_length=PREPENDED)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in actor.base_model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.3, generator=g)
+        actor.head.projection.output_scale.fill_(1.0)
+    actor.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def actor_dir(tiny_model_dir, tmp_path_factory):
+    return save_tiny_actor(tiny_model_dir, str(tmp_path_factory.mktemp("actor")))
+
+
+@pytest.fixture(scope="module")
+def actor(actor_dir):
+    return LatentActor.from_pretrained(actor_dir)

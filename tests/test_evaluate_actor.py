@@ -9,20 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import evaluate_actor as ev
-from conftest import make_records, write_jsonl
+from conftest import PREPENDED, make_records, write_jsonl
 from data import ActorDataset, LatentCollator, build_hf_dataset, encode_conversation
 from latent_head import IGNORE_INDEX, LatentActor, assemble_inputs
-from test_inference import PREPENDED, save_tiny_actor
 
 
-@pytest.fixture(scope="module")
-def actor_dir(tiny_model_dir, tmp_path_factory):
-    return save_tiny_actor(tiny_model_dir, str(tmp_path_factory.mktemp("actor")))
-
-
-@pytest.fixture(scope="module")
-def actor(actor_dir):
-    return LatentActor.from_pretrained(actor_dir)
 
 
 def records_with_answers(tmp_path, n=5):

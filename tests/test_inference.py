@@ -5,42 +5,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import inference
-from conftest import LATENT_DIM, make_records, write_jsonl
+from conftest import LATENT_DIM, PREPENDED, make_records, write_jsonl
 from data import encode_conversation
 from latent_head import LatentActor
 
-PREPENDED = 6
 QUESTION = [{"role": "user", "content": "Where is the key? Answer with the room name only."}]
 
 
-def save_tiny_actor(tiny_model_dir: str, out: str) -> str:
-    """An untrained actor on the tiny model, saved like train_actor.py's output.
-
-    Weights are re-drawn larger than the default init so that greedy generation is not one
-    repeated token, and the head's output scale is 1 so that latents visibly change the input.
-    """
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    torch.manual_seed(0)
-    actor = LatentActor.from_base(base, tok, latent_dim=LATENT_DIM, num_heads=4, prepended_length=PREPENDED)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in actor.base_model.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, 0.3, generator=g)
-        actor.head.projection.output_scale.fill_(1.0)
-    actor.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def actor_dir(tiny_model_dir, tmp_path_factory):
-    return save_tiny_actor(tiny_model_dir, str(tmp_path_factory.mktemp("actor")))
-
-
-@pytest.fixture(scope="module")
-def actor(actor_dir):
-    return LatentActor.from_pretrained(actor_dir)
 
 
 def test_prompt_ids_are_the_training_ids_up_to_the_reply(actor):
