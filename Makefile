@@ -34,11 +34,12 @@ DEMO_BATCH ?= 8
 DEMO_LR ?= 1e-4
 DEMO_MODEL ?= HuggingFaceTB/SmolLM2-135M-Instruct
 DEMO_FLAGS ?=
+DEMO_TASK_FLAGS ?=
 DEMO_HEAD_LR ?= 2e-3
 DEMO_PURE ?= 0.5
 
 demo: $(STAMP)
-	$(PY) demo/make_demo_task.py --out_dir $(DEMO_DATA) --n_train $(DEMO_TRAIN) --n_eval $(DEMO_EVAL)
+	$(PY) demo/make_demo_task.py --out_dir $(DEMO_DATA) --n_train $(DEMO_TRAIN) --n_eval $(DEMO_EVAL) $(DEMO_TASK_FLAGS)
 	$(PY) collect_hidden_states.py --model_name_or_path $(DEMO_MODEL) --mode teacher_forced \
 	  --input_file $(DEMO_DATA)/train_raw.jsonl --output_file $(DEMO_DATA)/train.jsonl
 	$(PY) collect_hidden_states.py --model_name_or_path $(DEMO_MODEL) --mode teacher_forced \

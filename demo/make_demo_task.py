@@ -29,17 +29,17 @@ FACTS = ("The {obj} is in the {room}.", "I found the {obj} in the {room}.", "The
 EMPTY_ROOM = ("The {room} was empty.", "Nothing interesting in the {room}.")
 
 
-def make_record(rng: random.Random, record_id: str) -> dict:
-    """One question: the target fact plus 0-2 facts about other objects and 0-1 empty rooms, shuffled."""
+def make_record(rng: random.Random, record_id: str, max_distractors: int = 2) -> dict:
+    """One question: the target fact plus 0-`max_distractors` facts about other objects and 0-1 empty rooms."""
     obj, *others = rng.sample(OBJECTS, 3)
     room = rng.choice(ROOMS)
     sentences = [rng.choice(FACTS).format(obj=obj, room=room)]
     used = {room}
-    for other in others[: rng.randint(0, 2)]:
+    for other in others[: rng.randint(0, max_distractors)]:
         where = rng.choice(ROOMS)
         used.add(where)
         sentences.append(rng.choice(FACTS).format(obj=other, room=where))
-    if rng.random() < 0.5:  # an "empty" room holds none of the objects named, so the plan never contradicts itself
+    if max_distractors and rng.random() < 0.5:  # an "empty" room holds none of the objects named, so the plan never contradicts itself
         sentences.append(rng.choice(EMPTY_ROOM).format(room=rng.choice([r for r in ROOMS if r not in used])))
     rng.shuffle(sentences)
     plan = " ".join([rng.choice(OPENERS)] + sentences)
@@ -51,8 +51,8 @@ def make_record(rng: random.Random, record_id: str) -> dict:
     }
 
 
-def make_split(name: str, n: int, rng: random.Random) -> list[dict]:
-    return [make_record(rng, f"{name}_{i:04d}") for i in range(n)]
+def make_split(name: str, n: int, rng: random.Random, max_distractors: int = 2) -> list[dict]:
+    return [make_record(rng, f"{name}_{i:04d}", max_distractors) for i in range(n)]
 
 
 def write_jsonl(path: str, records: list[dict]) -> None:
@@ -66,11 +66,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--n_train", type=int, default=192)
     p.add_argument("--n_eval", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max_distractors", type=int, default=2, choices=(0, 1, 2),
+                   help="sentences about other objects (and an empty room) around the one that matters")
     args = p.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     # Separate streams per split: changing --n_train does not change the eval set.
     for name, n, offset in (("train", args.n_train, 0), ("eval", args.n_eval, 1)):
-        records = make_split(name, n, random.Random(f"{args.seed}-{offset}"))
+        records = make_split(name, n, random.Random(f"{args.seed}-{offset}"), args.max_distractors)
         write_jsonl(os.path.join(args.out_dir, f"{name}_raw.jsonl"), records)
         print(f"wrote {len(records)} records to {os.path.join(args.out_dir, name + '_raw.jsonl')}")
 
