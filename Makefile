@@ -34,7 +34,7 @@ DEMO_BATCH ?= 8
 DEMO_LR ?= 1e-4
 DEMO_MODEL ?= HuggingFaceTB/SmolLM2-135M-Instruct
 DEMO_FLAGS ?=
-DEMO_TASK_FLAGS ?=
+DEMO_TASK_FLAGS ?= --max_distractors 0
 DEMO_HEAD_LR ?= 2e-3
 DEMO_PURE ?= 0.5
 
