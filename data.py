@@ -130,14 +130,6 @@ def load_latents(source: Any, where: str = "") -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def latent_shape(source: Any) -> tuple[int, int]:
-    """[K, d] of a latent source without reading a `.npy` file's data (memory-mapped header)."""
-    if isinstance(source, str) and source.lower().endswith(".npy"):
-        shape = np.load(source, mmap_mode="r", allow_pickle=False).shape
-        return tuple(shape) if len(shape) == 2 else (-1, -1)
-    return load_latents(source).shape
-
-
 # ---------------------------------------------------------------------------------------------
 # Records -> normalised samples
 # ---------------------------------------------------------------------------------------------
