@@ -194,21 +194,20 @@ class LatentActorTrainer(Trainer):
         with torch.no_grad():
             # The plan and negative branches share one forward (batch stacked twice): half the
             # per-layer launch and CPU cost of two passes, and larger matrix products.
-            branches = []
+            branches = {}
+            no_rows = torch.zeros_like(latent_lengths)
             if cfg.plan_similarity_weight:
-                branches.append(("plan", dict(latent_lengths=torch.zeros_like(latent_lengths),
-                                              block_ids=plan_ids, block_lengths=plan_lengths)))
+                branches["plan"] = dict(latents=latents, latent_lengths=no_rows, block_ids=plan_ids,
+                                        block_lengths=plan_lengths)
             if cfg.random_contrast_weight:
                 neg_latents, neg_lengths, found = self._negatives(latents, latent_lengths, gen)
-                branches.append(("negative", dict(latents=neg_latents, latent_lengths=neg_lengths,
-                                                  block_ids=plan_ids[:, :0], block_lengths=torch.zeros_like(plan_lengths))))
-            if branches:
-                hidden = self._stacked_no_grad_forward(actor, text, latents, [b for _, b in branches])
-                for (name, _), h in zip(branches, hidden):
-                    if name == "plan":
-                        plan_hidden, plan_mask = h, has_plan[pos.sample_index]
-                    else:
-                        neg_hidden, neg_mask = h, (found & has_latent)[pos.sample_index]
+                branches["negative"] = dict(latents=neg_latents, latent_lengths=neg_lengths,
+                                            block_ids=plan_ids[:, :0], block_lengths=no_rows)
+            hidden = dict(zip(branches, self._stacked_no_grad_forward(actor, text, list(branches.values()))))
+            if "plan" in hidden:
+                plan_hidden, plan_mask = hidden["plan"], has_plan[pos.sample_index]
+            if "negative" in hidden:
+                neg_hidden, neg_mask = hidden["negative"], (found & has_latent)[pos.sample_index]
 
         sums = latent_comm_loss_sums(pos.hidden, pos.labels, actor.logits, plan_hidden, plan_mask,
                                      neg_hidden, neg_mask, chunk_size=cfg.loss_chunk_size)
@@ -223,7 +222,7 @@ class LatentActorTrainer(Trainer):
             loss = total / num_items_in_batch * scale
         if model.training:
             self.step_sample_indices.append(inputs["index"])
-        self._accumulate_metrics("train" if model.training else "eval", sums, tokens, neg_mask)
+        self._accumulate_metrics("train" if model.training else "eval", sums, tokens)
         return loss
 
     def sample_ids(self, indices: list[torch.Tensor]) -> list[str]:
@@ -235,28 +234,25 @@ class LatentActorTrainer(Trainer):
             return [f"#{i}" for i in rows]
 
     @staticmethod
-    def _stacked_no_grad_forward(actor: LatentActor, text: dict, latents: torch.Tensor,
-                                 branches: list[dict]) -> list[torch.Tensor]:
-        """Run several branches of the same batch as one forward; returns each branch's supervised hidden."""
-        if len(branches) == 1:
-            b = branches[0]
-            out = actor(**text, latents=b.get("latents", latents), latent_lengths=b["latent_lengths"],
-                        latent_rows=b["latent_lengths"], block_ids=b["block_ids"], block_lengths=b["block_lengths"])
-            return [out.hidden]
+    def _stacked_no_grad_forward(actor: LatentActor, text: dict, branches: list[dict]) -> list[torch.Tensor]:
+        """Run several branches of one batch (each: latents, latent_lengths, block_ids, block_lengths) as
+        one forward, stacked along the batch; returns each branch's supervised hidden states."""
+        if not branches:
+            return []
         width = max(b["block_ids"].shape[1] for b in branches)
-        rows = max(b.get("latents", latents).shape[1] for b in branches)
+        rows = max(b["latents"].shape[1] for b in branches)
         pad_ids = lambda ids: torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=actor.pad_id)
+        stack = lambda key: torch.cat([b[key] for b in branches])
         out = actor(**{k: torch.cat([v] * len(branches)) for k, v in text.items()},
-                    latents=torch.cat([_pad_rows(b.get("latents", latents), rows) for b in branches]),
-                    latent_lengths=torch.cat([b["latent_lengths"] for b in branches]),
-                    latent_rows=torch.cat([b["latent_lengths"] for b in branches]),
+                    latents=torch.cat([_pad_rows(b["latents"], rows) for b in branches]),
+                    latent_lengths=stack("latent_lengths"), latent_rows=stack("latent_lengths"),
                     block_ids=torch.cat([pad_ids(b["block_ids"]) for b in branches]),
-                    block_lengths=torch.cat([b["block_lengths"] for b in branches]))
+                    block_lengths=stack("block_lengths"))
         # Every branch supervises the same positions of the same conversations, in batch order.
         return list(out.hidden.chunk(len(branches)))
 
     # -- metrics: detached sums per log period; averaged (and synced) only when logging ------------------
-    def _accumulate_metrics(self, mode, sums, tokens, neg_mask):
+    def _accumulate_metrics(self, mode, sums, tokens):
         vec = torch.stack([sums.ce, sums.plan_similarity, sums.random_contrast, sums.neg_ce, sums.js, tokens,
                            sums.plan_tokens, sums.contrast_tokens, sums.ce_on_contrast]).detach().float()
         self._metric_sums[mode] = vec if self._metric_sums[mode] is None else self._metric_sums[mode] + vec

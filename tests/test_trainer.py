@@ -257,11 +257,12 @@ def test_stacked_no_grad_branches_equal_separate_forwards(tiny_model_dir, tiny_d
     plan_lengths = torch.tensor([3, 1])
     neg_latents = batch["latents"].flip(0)
     neg_lengths = batch["latent_lengths"].flip(0)
-    branches = [dict(latent_lengths=torch.zeros(2, dtype=torch.long), block_ids=plan_ids, block_lengths=plan_lengths),
+    branches = [dict(latents=batch["latents"], latent_lengths=torch.zeros(2, dtype=torch.long), block_ids=plan_ids,
+                     block_lengths=plan_lengths),
                 dict(latents=neg_latents, latent_lengths=neg_lengths, block_ids=plan_ids[:, :0],
                      block_lengths=torch.zeros(2, dtype=torch.long))]
     with torch.no_grad():
-        plan_h, neg_h = LatentActorTrainer._stacked_no_grad_forward(actor, text, batch["latents"], branches)
+        plan_h, neg_h = LatentActorTrainer._stacked_no_grad_forward(actor, text, branches)
         plan_alone = actor(**text, block_ids=plan_ids, block_lengths=plan_lengths).hidden
         neg_alone = actor(**text, latents=neg_latents, latent_lengths=neg_lengths, latent_rows=neg_lengths).hidden
     assert torch.allclose(plan_h, plan_alone, atol=1e-5) and torch.allclose(neg_h, neg_alone, atol=1e-5)
