@@ -1,0 +1,84 @@
+"""The batched training step against a straightforward reference: one sample at a time, sequences
+built by concatenating embeddings, full-vocabulary logits, every term written out by hand (float64)."""
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+import trainer as trainer_module
+from conftest import make_records, write_jsonl
+from data import ActorDataset, LatentCollator, build_hf_dataset
+from latent_head import IGNORE_INDEX, LatentActor
+from trainer import LatentActorTrainer, LossConfig
+
+RATIOS = torch.tensor([1.0, 0.5, 0.2])  # pure latents, half/half, mostly plan text
+DONORS = torch.tensor([2, 0, 1])  # sample i's negative is DONORS[i]'s latents
+
+
+def reference_sums(actor, batch):
+    """Sums over supervised tokens of CE, plan similarity, random contrast, neg CE, JS (float64)."""
+    emb = actor.base_model.get_input_embeddings()
+    tok = lambda ids: emb(torch.as_tensor(ids, dtype=torch.long))
+    bop, eop = tok([actor.bop_id]), tok([actor.eop_id])
+    sums = torch.zeros(5, dtype=torch.float64)
+    for b in range(len(RATIOS)):
+        n_text = int(batch["attention_mask"][b].sum())
+        ids, labels, m = batch["input_ids"][b, :n_text], batch["labels"][b, :n_text], int(batch["marker_index"][b])
+        plan = batch["plan_ids"][b, : int(batch["plan_lengths"][b])]
+
+        def rows_of(sample, count):
+            k = int(batch["latent_lengths"][sample])
+            return actor.head(batch["latents"][sample: sample + 1, :k], torch.tensor([k]))[0, :count]
+
+        def run(block):  # the whole sequence of one branch; distributions predicting each supervised label
+            embeds = torch.cat([tok(ids[:m]), bop, block, eop, tok(ids[m + 1:])])
+            full_labels = torch.cat([labels[:m], torch.full((len(block) + 2,), IGNORE_INDEX), labels[m + 1:]])
+            logits = actor.base_model(inputs_embeds=embeds[None], use_cache=False).logits[0].double()
+            keep = full_labels[1:] != IGNORE_INDEX
+            return torch.log_softmax(logits[:-1][keep], -1), full_labels[1:][keep]
+
+        k, p = int(batch["latent_lengths"][b]), len(plan)
+        r = float(RATIOS[b])
+        log_pos, target = run(torch.cat([rows_of(b, round(r * k)), tok(plan[round(r * p):])]))
+        log_plan, _ = run(tok(plan))
+        d = int(DONORS[b])
+        log_neg, _ = run(rows_of(d, int(batch["latent_lengths"][d])))
+        p_pos, p_plan, p_neg = log_pos.exp(), log_plan.exp(), log_neg.exp()
+        ce = -log_pos.gather(1, target[:, None])[:, 0]
+        kl = (p_plan * (log_plan - log_pos)).sum(-1)
+        cos = (p_pos * p_plan).sum(-1) / (p_pos.norm(dim=-1) * p_plan.norm(dim=-1))
+        mix = (p_pos + p_neg) / 2
+        js = 0.5 * (p_pos * (log_pos - mix.log())).sum(-1) + 0.5 * (p_neg * (log_neg - mix.log())).sum(-1)
+        neg_ce = -log_neg.gather(1, target[:, None])[:, 0]
+        sums += torch.stack([ce.sum(), (0.7 * kl + 0.3 * (1 - cos)).sum(), (0.69 - js).clamp_min(0).sum(),
+                             neg_ce.sum(), js.sum()])
+    return sums
+
+
+def test_batched_step_matches_the_reference_path(tiny_model_dir, tmp_path, monkeypatch):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    actor = LatentActor.from_base(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tok, 24, 4, 6, dropout=0.0)
+    with torch.no_grad():  # a head whose rows matter, so that a wrong row or slot would show
+        actor.head.projection.output_scale.fill_(1.0)
+    path = write_jsonl(tmp_path / "t.jsonl", make_records(3, str(tmp_path / "lat")))
+    ds = ActorDataset(build_hf_dataset(path), tok, 3072, 6)
+    batch = LatentCollator(tok.pad_token_id, 24)([ds[i] for i in range(3)])
+
+    monkeypatch.setattr(trainer_module, "draw_mix_ratios", lambda *a, **k: RATIOS.clone())
+    monkeypatch.setattr(trainer_module, "pick_negatives", lambda own, *a: (DONORS.clone(), torch.ones(3, dtype=torch.bool)))
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True)
+    trainer = LatentActorTrainer(model=actor, args=args, loss_config=LossConfig(loss_chunk_size=7))
+    actor.train()
+    loss = trainer.compute_loss(actor, batch)
+    fast = trainer._metric_sums["train"].double()
+    expected = reference_sums(actor, batch)
+
+    names = ("ce", "plan_similarity", "random_contrast", "neg_ce", "js")
+    for i, name in enumerate(names):
+        assert fast[i].item() == pytest.approx(expected[i].item(), rel=1e-4, abs=1e-6), name
+    tokens = fast[5].item()
+    total = (expected[0] + 1.0 * expected[1] + 2.0 * expected[2]) / tokens
+    assert loss.item() == pytest.approx(total.item(), rel=1e-4)
+    assert fast[2].item() > 0 and not math.isclose(fast[0].item(), fast[3].item())  # the branches differ
