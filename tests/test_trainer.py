@@ -290,3 +290,22 @@ def test_head_learning_rate_puts_the_head_in_its_own_groups(tiny_model_dir, tiny
     head_groups = [g for g in seen["groups"] if g[2]]
     assert head_groups and all(all_head and lr == 1e-2 for lr, all_head, _ in head_groups)
     assert all(lr == 1e-4 for lr, _, any_head in seen["groups"] if not any_head)
+
+
+def test_components_reach_tensorboard(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+    import glob
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train, _ = tiny_data
+    monkeypatch.chdir(tmp_path)
+    out = str(tmp_path / "tb")
+    argv = _train_argv(tiny_model_dir, train, out, "--max_steps", "2", "--logging_steps", "1")
+    argv[argv.index("--report_to") + 1] = "tensorboard"
+    assert train_actor.main(argv) == 0
+    (events,) = glob.glob(os.path.join(out, "runs", "*", "events.out.tfevents.*"))
+    accumulator = EventAccumulator(events)
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {f"train/{k}" for k in ("loss", "ce_loss", "plan_similarity", "random_contrast", "delta_nll_bits",
+                                     "js_bits")} <= tags
