@@ -160,6 +160,11 @@ def check_data(model_args: ModelArguments, data_args: DataArguments, args: Actor
     """Validate every record before any model is loaded; returns (report, checkpoint to resume or None)."""
     if not data_args.train_file:
         raise UserError("--train_file is required")
+    if args.fsdp:
+        # The no-grad branches and the chunked vocabulary projection call parts of the model outside the
+        # wrapped forward, which FSDP's sharded parameters do not allow: refuse rather than fail mid-run.
+        raise UserError("--fsdp is not supported yet. For several GPUs use torchrun (DDP); for a large "
+                        "actor on one GPU use --lora_r 16 --gradient_checkpointing true --base_dtype bfloat16")
     try:
         resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
         check_tokenizer = _tokenizer_for_checks(model_args) if args.validate_only else None

@@ -29,3 +29,11 @@ def test_embedded_model_is_a_cached_plain_model_folder(tokenizer_dir):
     assert os.path.exists(os.path.join(tokenizer_dir, "config.json"))
     assert os.path.exists(os.path.join(tokenizer_dir, "model.safetensors"))
     assert models.resolve_model(models.EMBEDDED_MODEL) == tokenizer_dir  # converted once, then reused
+
+
+def test_fsdp_is_refused_with_a_clear_message(tmp_path, capsys):
+    train = write_jsonl(tmp_path / "t.jsonl", make_records(2, str(tmp_path / "lat")))
+    rc = train_actor.main(["--train_file", train, "--output_dir", str(tmp_path / "o"), "--report_to", "none",
+                           "--fsdp", "full_shard auto_wrap"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--fsdp is not supported" in err and "torchrun" in err and "Traceback" not in err
