@@ -140,6 +140,14 @@ def test_end_to_end_writes_every_output(tiny_model_dir, tiny_data, tmp_path):
     assert r["loss"] == pytest.approx(r["ce_loss"] + r["plan_similarity"] + 2 * r["random_contrast"], rel=1e-3)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # Runs train_actor under torchrun and records, per rank, every negative drawn and every mix ratio.
 RECORDER = """
 import json, os, sys
@@ -172,7 +180,7 @@ def test_two_processes_under_torchrun_draw_negatives_across_ranks(tiny_model_dir
     os.makedirs(out)
     script = tmp_path / "record.py"
     script.write_text(RECORDER.format(root=ROOT, out=out))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            str(script),
            *_train_argv(tiny_model_dir, train, out, "--per_device_train_batch_size", "2", "--max_steps", "6",
                         "--logging_steps", "1", "--ddp_backend", "gloo", "--use_cpu", "true")]
