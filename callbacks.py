@@ -8,7 +8,7 @@ import os
 import torch
 from transformers import TrainerCallback
 
-from losses import infonce_from_scores, token_ce
+from losses import infonce_from_scores
 
 logger = logging.getLogger(__name__)
 
@@ -91,17 +91,16 @@ def conditional_ce_matrix(actor, batch: dict[str, torch.Tensor]) -> torch.Tensor
 
     One batched forward per latent o over all K conversations (pure latents, head in eval mode).
     """
+    from evaluate_actor import ce_sums
+
     k = batch["input_ids"].shape[0]
     text = {name: batch[name] for name in ("input_ids", "labels", "attention_mask", "marker_index")}
     scores = torch.empty(k, k)
     for o in range(k):
-        latents = batch["latents"][o:o + 1].expand(k, -1, -1)
         lengths = batch["latent_lengths"][o:o + 1].expand(k)
-        out = actor(**text, latents=latents, latent_lengths=lengths, latent_rows=lengths)
-        ce = token_ce(actor.logits(out.hidden), out.labels)
-        per_sample = torch.zeros(k, device=ce.device).index_add_(0, out.sample_index, ce)
-        count = torch.bincount(out.sample_index, minlength=k).clamp_min(1)
-        scores[:, o] = -(per_sample / count).cpu()
+        sums, counts = ce_sums(actor, dict(text, latents=batch["latents"][o:o + 1].expand(k, -1, -1),
+                                           latent_lengths=lengths, latent_rows=lengths))
+        scores[:, o] = -(sums / counts.clamp_min(1)).float()
     return scores
 
 

@@ -157,9 +157,7 @@ def encode_conversation(tokenizer, messages: list[dict]) -> dict:
     Assistant spans are located in the rendered text by rendering each conversation prefix
     with the same chat template; tokens starting inside a span are supervised.
     """
-    messages = [dict(m) for m in messages]
-    first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
-    messages[first_user]["content"] += MARKER_TOKEN
+    messages = with_marker(messages)
 
     def render(msgs, gen_prompt=False):
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
@@ -182,12 +180,26 @@ def encode_conversation(tokenizer, messages: list[dict]) -> dict:
     for s, e in spans:
         supervised |= (starts >= s) & (starts < e)
     labels = np.where(supervised, ids, IGNORE_INDEX)
-    marker_id = tokenizer.convert_tokens_to_ids(MARKER_TOKEN)
-    marker_positions = np.flatnonzero(ids == marker_id)
-    if len(marker_positions) != 1:
-        raise DataError(f"the marker {MARKER_TOKEN} must appear exactly once (found {len(marker_positions)}); "
+    return {"input_ids": ids, "labels": labels, "marker_index": find_marker(ids, tokenizer)}
+
+
+def with_marker(messages: list[dict]) -> list[dict]:
+    """A copy of chat messages with the marker appended to the first user message (where latents go)."""
+    messages = [dict(m) for m in messages]
+    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+    if first_user is None:
+        raise DataError("the conversation has no user message to carry the latent message")
+    messages[first_user]["content"] += MARKER_TOKEN
+    return messages
+
+
+def find_marker(ids: np.ndarray, tokenizer) -> int:
+    """The marker's position in token ids; it must be there exactly once."""
+    positions = np.flatnonzero(ids == tokenizer.convert_tokens_to_ids(MARKER_TOKEN))
+    if len(positions) != 1:
+        raise DataError(f"the marker {MARKER_TOKEN} must appear exactly once (found {len(positions)}); "
                         "does a message contain it as text?")
-    return {"input_ids": ids, "labels": labels, "marker_index": int(marker_positions[0])}
+    return int(positions[0])
 
 
 def tokenize_sample(sample: dict, tokenizer, model_max_length: int, prepended_length: int) -> dict:

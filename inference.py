@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from data import ROLES, DataError, load_latents, normalise_record, read_records
-from latent_head import HEAD_FILE, IGNORE_INDEX, MARKER_TOKEN, LatentActor, assemble_inputs
+from data import ROLES, DataError, find_marker, load_latents, normalise_record, read_records, with_marker
+from latent_head import HEAD_FILE, IGNORE_INDEX, LatentActor, assemble_inputs
 
 LatentLike = np.ndarray | torch.Tensor | None
 
@@ -58,17 +58,9 @@ def encode_prompt(tokenizer, messages: Sequence[dict]) -> tuple[np.ndarray, int]
     messages = to_chat_messages(messages)
     if not messages or messages[-1]["role"] == "assistant":
         raise ValueError("the conversation must end with a user (or system) turn: the reply to generate is next")
-    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
-    if first_user is None:
-        raise ValueError("the conversation has no user message to carry the latent message")
-    messages[first_user] = dict(messages[first_user], content=messages[first_user]["content"] + MARKER_TOKEN)
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(with_marker(messages), tokenize=False, add_generation_prompt=True)
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
-    marker = np.flatnonzero(ids == tokenizer.convert_tokens_to_ids(MARKER_TOKEN))
-    if len(marker) != 1:
-        raise ValueError(f"the marker {MARKER_TOKEN} must appear exactly once (found {len(marker)}); "
-                         "does a message contain it as text?")
-    return ids, int(marker[0])
+    return ids, find_marker(ids, tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------

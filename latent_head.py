@@ -183,14 +183,13 @@ class LatentActor(nn.Module):
     def device(self) -> torch.device:
         return self.head.pre_ln.weight.device
 
-    def gradient_checkpointing_enable(self, **kwargs):
-        self.base_model.gradient_checkpointing_enable(**kwargs)
-        self.base_model.config.use_cache = False
-
-    def activation_checkpointing_enable(self, **kwargs):  # transformers >= 5.24 name
-        fn = getattr(self.base_model, "activation_checkpointing_enable", None)
+    def activation_checkpointing_enable(self, **kwargs):
+        """Checkpoint the base model's layers (the Trainer calls this by either name, per version)."""
+        fn = getattr(self.base_model, "activation_checkpointing_enable", None)  # transformers >= 5.24
         (fn or self.base_model.gradient_checkpointing_enable)(**kwargs)
         self.base_model.config.use_cache = False
+
+    gradient_checkpointing_enable = activation_checkpointing_enable
 
     def gradient_checkpointing_disable(self):
         self.base_model.gradient_checkpointing_disable()
@@ -200,9 +199,8 @@ class LatentActor(nn.Module):
         head stay fully trainable, everything else of the base model is frozen."""
         from peft import LoraConfig, get_peft_model
 
-        new_token_ids = self.tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
         config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                            task_type="CAUSAL_LM", trainable_token_indices=new_token_ids)
+                            task_type="CAUSAL_LM", trainable_token_indices=[self.marker_id, self.bop_id, self.eop_id])
         self.base_model = get_peft_model(self.base_model, config)
         return self
 
