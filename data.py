@@ -269,7 +269,8 @@ class ActorDataset(torch.utils.data.Dataset):
                 logger.warning("%d samples have no supervised token left after truncation to model_max_length "
                                "%d and are skipped (first: %s)", len(dropped), model_max_length,
                                self.rows[dropped[0]]["where"])
-                self.rows = self.rows.select([i for i in range(len(self.rows)) if i not in set(dropped)])
+                skip = set(dropped)
+                self.rows = self.rows.select([i for i in range(len(self.rows)) if i not in skip])
 
     def _tokenize_row(self, row: dict) -> dict:
         sample = dict(row, messages=json.loads(row["messages"]))
