@@ -247,6 +247,12 @@ class LatentActor(nn.Module):
         decoder = self.base_model.get_decoder()
         return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
+    def output_weight(self) -> torch.Tensor | None:
+        """The LM head's weight [V, H] when the head is a plain bias-free linear map (the fused loss
+        needs exactly that), else None (e.g. a head wrapped by adapters)."""
+        head = self.base_model.get_output_embeddings()
+        return head.weight if type(head) is nn.Linear and head.bias is None else None
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits of hidden states. With float32 weights they are computed in float32 (TF32 on
         GPUs) even inside bf16 autocast: bf16 logits put ~1% error into the KL/JS terms."""

@@ -63,8 +63,13 @@ def random_contrast(js: torch.Tensor, margin: float = CONTRAST_MARGIN) -> torch.
 
 @dataclass
 class LossSums:
-    """Sums over supervised tokens of every term; divide by a token count to get means."""
+    """Sums over supervised tokens of every term; divide by a token count to get means.
 
+    `total` = ce + plan_weight * plan_similarity + contrast_weight * random_contrast carries the
+    gradient; in the fused path the components are detached (their gradient lives in `total`).
+    """
+
+    total: torch.Tensor
     ce: torch.Tensor
     plan_similarity: torch.Tensor
     random_contrast: torch.Tensor
@@ -76,21 +81,39 @@ class LossSums:
 
 
 def _chunk_terms(pos_h, plan_h, neg_h, labels, plan_w, neg_w, project):
-    """Loss sums of one chunk of supervised rows; logits exist only inside this call."""
+    """Loss sums of one chunk of supervised rows; logits exist only inside this call.
+
+    The plan and negative distributions are targets: detached, as their branches run without
+    gradient in the method (the shared LM head learns from the positive branch only).
+    """
     pos_logits = project(pos_h)
     ce = token_ce(pos_logits, labels)
     zero = ce.new_zeros(())
     plan_sum = neg_ce_sum = js_sum = contrast_sum = ce_on_contrast = zero
     if plan_h is not None:
-        plan_sum = (plan_similarity(pos_logits, project(plan_h)) * plan_w).sum()
+        plan_sum = (plan_similarity(pos_logits, project(plan_h).detach()) * plan_w).sum()
     if neg_h is not None:
-        neg_logits = project(neg_h)
+        neg_logits = project(neg_h).detach()
         js = js_divergence(pos_logits, neg_logits)
         contrast_sum = (random_contrast(js) * neg_w).sum()
         js_sum = (js.detach() * neg_w).sum()
         neg_ce_sum = (token_ce(neg_logits, labels).detach() * neg_w).sum()
         ce_on_contrast = (ce.detach() * neg_w).sum()
     return torch.stack([ce.sum(), plan_sum, contrast_sum, neg_ce_sum, js_sum, ce_on_contrast])
+
+
+def _row_weights(n: int, like: torch.Tensor, plan_hidden, plan_mask, neg_hidden, neg_mask):
+    ones = like.new_ones(n, dtype=torch.float32)
+    plan_w = ones if plan_mask is None else plan_mask.float()
+    neg_w = ones if neg_mask is None else neg_mask.float()
+    plan_tokens = plan_w.sum() if plan_hidden is not None else plan_w.new_zeros(())
+    contrast_tokens = neg_w.sum() if neg_hidden is not None else neg_w.new_zeros(())
+    return plan_w, neg_w, plan_tokens, contrast_tokens
+
+
+def _loss_sums(sums: torch.Tensor, total: torch.Tensor, plan_tokens, contrast_tokens) -> LossSums:
+    return LossSums(total=total, ce=sums[0], plan_similarity=sums[1], random_contrast=sums[2], neg_ce=sums[3],
+                    js=sums[4], ce_on_contrast=sums[5], plan_tokens=plan_tokens, contrast_tokens=contrast_tokens)
 
 
 def latent_comm_loss_sums(
@@ -102,9 +125,12 @@ def latent_comm_loss_sums(
     neg_hidden: torch.Tensor | None = None,
     neg_mask: torch.Tensor | None = None,
     chunk_size: int | None = 2048,
+    plan_weight: float = 1.0,
+    contrast_weight: float = 2.0,
 ) -> LossSums:
     """Sum every loss term over the supervised rows, projecting to the vocabulary in chunks.
 
+    The reference path, and the one for any `project` (e.g. an adapter-wrapped LM head).
     `*_hidden` are final hidden states [N, H] at the positions predicting `labels` [N]; the
     plan and negative branches are expected without gradient; `project` maps hidden states to
     logits (the LM head). `plan_mask`/`neg_mask` [N]
@@ -113,9 +139,8 @@ def latent_comm_loss_sums(
     [chunk, vocab] logits instead of all of them; `chunk_size=None` is the plain path.
     """
     n = labels.shape[0]
-    ones = pos_hidden.new_ones(n, dtype=torch.float32)
-    plan_w = ones if plan_mask is None else plan_mask.float()
-    neg_w = ones if neg_mask is None else neg_mask.float()
+    plan_w, neg_w, plan_tokens, contrast_tokens = _row_weights(n, pos_hidden, plan_hidden, plan_mask,
+                                                               neg_hidden, neg_mask)
     sums = pos_hidden.new_zeros(6, dtype=torch.float32)
     step = n if not chunk_size else chunk_size
     for start in range(0, n, max(step, 1)):
@@ -127,9 +152,132 @@ def latent_comm_loss_sums(
             sums = sums + checkpoint(_chunk_terms, *args, use_reentrant=False)
         else:
             sums = sums + _chunk_terms(*args)
-    return LossSums(ce=sums[0], plan_similarity=sums[1], random_contrast=sums[2], neg_ce=sums[3], js=sums[4], ce_on_contrast=sums[5],
-                    plan_tokens=plan_w.sum() if plan_hidden is not None else plan_w.new_zeros(()),
-                    contrast_tokens=neg_w.sum() if neg_hidden is not None else neg_w.new_zeros(()))
+    total = sums[0] + plan_weight * sums[1] + contrast_weight * sums[2]
+    return _loss_sums(sums, total, plan_tokens, contrast_tokens)
+
+
+# -- the fused path: values and the gradient w.r.t. the positive logits in one pass ------------------
+def chunk_values_and_grad(pos_logits: torch.Tensor, labels: torch.Tensor,
+                          plan_logits: torch.Tensor | None, plan_w: torch.Tensor,
+                          neg_logits: torch.Tensor | None, neg_w: torch.Tensor,
+                          plan_weight: float, contrast_weight: float, need_grad: bool = True):
+    """The six sums of `_chunk_terms` and d(total)/d(pos_logits) [C, V], from float32 logits [C, V].
+
+    Closed forms per row, with p = softmax(pos), q = softmax(plan), r = softmax(neg), m = (p+r)/2:
+      CE:                      d/dz = p - onehot(label)
+      KL(q||p):                d/dz = p - q
+      cos(p,q) = <p,q>/(|p||q|):  d/dz = p * (q - <p,q>/|p|^2 p) / (|p||q|)
+      JS(p,r):                 d/dz = p * (g - <p,g>),  g = (log p - log m) / 2
+    so no logits need to be kept or recomputed for the backward pass.
+    """
+    log_p = F.log_softmax(pos_logits, dim=-1)
+    p = log_p.exp()
+    ce = -log_p.gather(1, labels[:, None]).squeeze(-1)
+    zero = ce.new_zeros(())
+    plan_sum = contrast_sum = neg_ce_sum = js_sum = ce_on_contrast = zero
+    grad = None
+    if need_grad:
+        grad = p.clone()
+        grad.scatter_add_(1, labels[:, None], grad.new_full((labels.shape[0], 1), -1.0))
+    if plan_logits is not None:
+        log_q = F.log_softmax(plan_logits, dim=-1)
+        q = log_q.exp()
+        kl = (q * (log_q - log_p)).sum(-1)
+        s_pq, s_pp, s_qq = (p * q).sum(-1), (p * p).sum(-1), (q * q).sum(-1)
+        norms = (s_pp * s_qq).sqrt().clamp_min(1e-8)
+        cos = s_pq / norms
+        plan_sum = ((PLAN_KL_WEIGHT * kl + PLAN_COS_WEIGHT * (1.0 - cos)) * plan_w).sum()
+        if need_grad:
+            d_cos = p * (q - (s_pq / s_pp)[:, None] * p) / norms[:, None]
+            grad += (plan_weight * plan_w)[:, None] * (PLAN_KL_WEIGHT * (p - q) - PLAN_COS_WEIGHT * d_cos)
+    if neg_logits is not None:
+        log_r = F.log_softmax(neg_logits, dim=-1)
+        log_m = torch.logaddexp(log_p, log_r) - LN2
+        g = 0.5 * (log_p - log_m)  # dJS/dp
+        kl_pm = (p * g).sum(-1)  # = KL(p||m) / 2
+        js = kl_pm + 0.5 * (log_r.exp() * (log_r - log_m)).sum(-1)
+        hinge = CONTRAST_MARGIN - js
+        contrast_sum = (hinge.clamp_min(0.0) * neg_w).sum()
+        js_sum = (js * neg_w).sum()
+        neg_ce = -log_r.gather(1, labels[:, None]).squeeze(-1)
+        neg_ce_sum = (neg_ce * neg_w).sum()
+        ce_on_contrast = (ce * neg_w).sum()
+        if need_grad:
+            active = (hinge >= 0).float() * neg_w  # the hinge's slope is -1 where it is not clamped
+            grad -= (contrast_weight * active)[:, None] * p * (g - kl_pm[:, None])
+    sums = torch.stack([ce.sum(), plan_sum, contrast_sum, neg_ce_sum, js_sum, ce_on_contrast])
+    return sums, grad
+
+
+class _FusedLoss(torch.autograd.Function):
+    """Chunked vocabulary projection + every loss term, with gradients computed in the forward pass.
+
+    Per chunk the positive, plan and negative logits exist once; the gradient w.r.t. the positive
+    hidden states and the output weight is accumulated right away (as liger-kernel's fused linear
+    losses do), so the backward pass only scales it: no checkpoint recompute, no saved logits.
+    """
+
+    @staticmethod
+    def forward(ctx, pos_hidden, weight, labels, plan_hidden, plan_w, neg_hidden, neg_w,
+                plan_weight, contrast_weight, chunk_size, chunk_fn):
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        w = weight.float()
+        n = labels.shape[0]
+        sums = pos_hidden.new_zeros(6, dtype=torch.float32)
+        grad_hidden = torch.zeros_like(pos_hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        with torch.autocast(device_type=pos_hidden.device.type, enabled=False):
+            for start in range(0, n, chunk_size):
+                sl = slice(start, start + chunk_size)
+                h = pos_hidden[sl].float()
+                logits = lambda x: None if x is None else x[sl].float() @ w.T
+                part, grad = chunk_fn(h @ w.T, labels[sl], logits(plan_hidden), plan_w[sl], logits(neg_hidden),
+                                      neg_w[sl], plan_weight, contrast_weight, need_grad)
+                sums += part
+                if grad_hidden is not None:
+                    grad_hidden[sl] = grad @ w
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad.T, h)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.dtypes = (pos_hidden.dtype, weight.dtype)
+        total = sums[0] + plan_weight * sums[1] + contrast_weight * sums[2]
+        ctx.mark_non_differentiable(sums)
+        return total, sums
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_sums):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = lambda g, dtype: None if g is None else (g * grad_total).to(dtype)
+        return (scale(grad_hidden, ctx.dtypes[0]), scale(grad_weight, ctx.dtypes[1]),
+                None, None, None, None, None, None, None, None, None)
+
+
+def fused_latent_comm_loss_sums(
+    pos_hidden: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    plan_hidden: torch.Tensor | None = None,
+    plan_mask: torch.Tensor | None = None,
+    neg_hidden: torch.Tensor | None = None,
+    neg_mask: torch.Tensor | None = None,
+    chunk_size: int | None = 1024,
+    plan_weight: float = 1.0,
+    contrast_weight: float = 2.0,
+    chunk_fn: Callable = chunk_values_and_grad,
+) -> LossSums:
+    """`latent_comm_loss_sums` for a bias-free linear LM head `weight` [V, H], in float32 (TF32 on GPUs).
+
+    Same values; the gradient flows through `total` only. `chunk_fn` may be a compiled
+    `chunk_values_and_grad` (one fused kernel per reduction instead of ~30 passes over the logits).
+    """
+    n = labels.shape[0]
+    plan_w, neg_w, plan_tokens, contrast_tokens = _row_weights(n, pos_hidden, plan_hidden, plan_mask,
+                                                               neg_hidden, neg_mask)
+    detach = lambda x: None if x is None else x.detach()
+    total, sums = _FusedLoss.apply(pos_hidden, weight, labels, detach(plan_hidden), plan_w, detach(neg_hidden),
+                                   neg_w, float(plan_weight), float(contrast_weight), max(chunk_size or n, 1),
+                                   chunk_fn)
+    return _loss_sums(sums, total, plan_tokens, contrast_tokens)
 
 
 def infonce_from_scores(scores: torch.Tensor, tau: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,6 +41,11 @@ class ModelArguments:
     head_dropout: float = field(default=0.1, metadata={"help": "Attention dropout of the latent head."})
     loss_chunk_size: int = field(default=1024, metadata={
         "help": "Supervised tokens per chunk when projecting to the vocabulary (bounds logits memory)."})
+    fused_loss: bool = field(default=True, metadata={
+        "help": "Compute the loss terms and their gradients in one pass per chunk (bias-free linear LM "
+                "heads); False: plain autograd (the reference path)."})
+    compile_loss: bool | None = field(default=None, metadata={
+        "help": "torch.compile the fused loss's per-chunk function (default: on CUDA only)."})
     base_dtype: str = field(default="float32", metadata={
         "help": "dtype of the base model's weights: float32 (mixed precision keeps float32 master weights), "
                 "or bfloat16 for a frozen LoRA base."})
@@ -213,7 +218,8 @@ def build_trainer(actor: LatentActor, model_args: ModelArguments, data_args: Dat
         plan_similarity_weight=model_args.plan_similarity_weight,
         random_contrast_weight=model_args.random_contrast_weight,
         mix_ratios=tuple(float(x) for x in model_args.mix_ratios.split(",") if x.strip()),
-        pure_latent_prob=model_args.pure_latent_prob, loss_chunk_size=model_args.loss_chunk_size or None)
+        pure_latent_prob=model_args.pure_latent_prob, loss_chunk_size=model_args.loss_chunk_size or None,
+        fused_loss=model_args.fused_loss, compile_loss=model_args.compile_loss)
     trainer = LatentActorTrainer(
         model=actor, args=args, train_dataset=datasets["train"], eval_dataset=datasets.get("eval"),
         data_collator=LatentCollator(actor.pad_id, actor.head.config.latent_dim),

@@ -18,7 +18,7 @@ import torch
 from transformers import Trainer
 
 from latent_head import LatentActor
-from losses import LN2, latent_comm_loss_sums
+from losses import LN2, chunk_values_and_grad, fused_latent_comm_loss_sums, latent_comm_loss_sums
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,8 @@ class LossConfig:
     mix_ratios: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     pure_latent_prob: float = 0.25  # share of training samples that see pure latents (ratio 1)
     loss_chunk_size: int | None = 1024
+    fused_loss: bool = True  # closed-form gradients per chunk (bias-free linear LM heads); else autograd
+    compile_loss: bool | None = None  # torch.compile the fused chunk; None: on CUDA only
 
 
 def draw_mix_ratios(batch_size: int, mix_ratios: tuple[float, ...], pure_latent_prob: float,
@@ -209,11 +211,18 @@ class LatentActorTrainer(Trainer):
             if "negative" in hidden:
                 neg_hidden, neg_mask = hidden["negative"], (found & has_latent)[pos.sample_index]
 
-        sums = latent_comm_loss_sums(pos.hidden, pos.labels, actor.logits, plan_hidden, plan_mask,
-                                     neg_hidden, neg_mask, chunk_size=cfg.loss_chunk_size)
+        weights = dict(chunk_size=cfg.loss_chunk_size, plan_weight=cfg.plan_similarity_weight,
+                       contrast_weight=cfg.random_contrast_weight)
+        output_weight = actor.output_weight()
+        if cfg.fused_loss and output_weight is not None:
+            sums = fused_latent_comm_loss_sums(pos.hidden, pos.labels, output_weight, plan_hidden, plan_mask,
+                                               neg_hidden, neg_mask, chunk_fn=self._chunk_fn(pos.hidden.device),
+                                               **weights)
+        else:  # the reference path: autograd through any LM head (e.g. one wrapped by adapters)
+            sums = latent_comm_loss_sums(pos.hidden, pos.labels, actor.logits, plan_hidden, plan_mask,
+                                         neg_hidden, neg_mask, **weights)
         tokens = pos.labels.new_tensor(pos.labels.numel(), dtype=torch.float32)
-        total = sums.ce + cfg.plan_similarity_weight * sums.plan_similarity + \
-            cfg.random_contrast_weight * sums.random_contrast
+        total = sums.total
         if num_items_in_batch is None:
             loss = total / tokens.clamp_min(1)
         else:
@@ -224,6 +233,18 @@ class LatentActorTrainer(Trainer):
             self.step_sample_indices.append(inputs["index"])
         self._accumulate_metrics("train" if model.training else "eval", sums, tokens)
         return loss
+
+    def _chunk_fn(self, device: torch.device):
+        """The fused loss's per-chunk function, compiled once on CUDA: the ~30 elementwise passes over
+        [chunk, vocab] float32 logits become a few fused reductions."""
+        compile_loss = self.loss_config.compile_loss
+        if compile_loss is None:
+            compile_loss = device.type == "cuda"
+        if not compile_loss:
+            return chunk_values_and_grad
+        if getattr(self, "_compiled_chunk_fn", None) is None:
+            self._compiled_chunk_fn = torch.compile(chunk_values_and_grad, dynamic=True)
+        return self._compiled_chunk_fn
 
     def sample_ids(self, indices: list[torch.Tensor]) -> list[str]:
         """The ids of training-set rows, for messages about a batch."""

@@ -64,10 +64,10 @@ def test_loss_sums_chunked_equals_plain_and_masks_apply():
 
     project = lambda h: h @ weight.T
     plain = losses.latent_comm_loss_sums(pos, labels, project, plan, plan_mask, neg, neg_mask, chunk_size=None)
-    total_plain = plain.ce + plain.plan_similarity + 2 * plain.random_contrast
+    total_plain = plain.total
     grads_plain = torch.autograd.grad(total_plain, (pos, weight))
     chunked = losses.latent_comm_loss_sums(pos, labels, project, plan, plan_mask, neg, neg_mask, chunk_size=4)
-    total_chunked = chunked.ce + chunked.plan_similarity + 2 * chunked.random_contrast
+    total_chunked = chunked.total
     grads_chunked = torch.autograd.grad(total_chunked, (pos, weight))
     assert torch.allclose(total_plain, total_chunked, atol=1e-5)
     for a, b in zip(grads_plain, grads_chunked):
@@ -92,3 +92,55 @@ def test_infonce_from_scores_by_hand():
     loss, bound = losses.infonce_from_scores(s, tau)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert bound.item() == pytest.approx(math.log(3) - expected.item(), rel=1e-6)
+
+
+def _loss_case(seed=3, n=13, h=6, v=17):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(v, h, generator=g) * 2
+    pos = torch.randn(n, h, generator=g)
+    plan, neg = torch.randn(n, h, generator=g), torch.randn(n, h, generator=g)
+    labels = torch.randint(v, (n,), generator=g)
+    plan_mask, neg_mask = torch.rand(n, generator=g) > 0.3, torch.rand(n, generator=g) > 0.3
+    neg[:2] = pos[:2] + 0.01 * neg[:2]  # near-identical rows: JS below the margin, the hinge is active
+    neg[2:4], pos[2:4] = -pos[2:4] * 8, pos[2:4] * 8  # opposite peaks: JS passes the margin, the hinge is clamped
+    neg_mask[:4] = True
+    return weight, pos, plan, neg, labels, plan_mask, neg_mask
+
+
+@pytest.mark.parametrize("with_plan,with_neg", [(True, True), (True, False), (False, True), (False, False)])
+def test_fused_loss_matches_plain_path_values_and_gradients(with_plan, with_neg):
+    """The closed-form gradients of the fused path equal autograd through the plain path."""
+    weight, pos, plan, neg, labels, plan_mask, neg_mask = _loss_case()
+    kwargs = dict(plan_hidden=plan if with_plan else None, plan_mask=plan_mask,
+                  neg_hidden=neg if with_neg else None, neg_mask=neg_mask, plan_weight=0.7, contrast_weight=2.5)
+    results = []
+    for fused in (False, True):
+        w, h = weight.clone().requires_grad_(), pos.clone().requires_grad_()
+        if fused:
+            sums = losses.fused_latent_comm_loss_sums(h, labels, w, chunk_size=5, **kwargs)
+        else:
+            sums = losses.latent_comm_loss_sums(h, labels, lambda x: x @ w.T, chunk_size=None, **kwargs)
+        (3.0 * sums.total).backward()  # an upstream scale, as the division by the token count
+        results.append((sums, h.grad, w.grad))
+    (plain, g_h, g_w), (fused, f_h, f_w) = results
+    for name in ("total", "ce", "plan_similarity", "random_contrast", "neg_ce", "js", "ce_on_contrast",
+                 "plan_tokens", "contrast_tokens"):
+        assert getattr(fused, name).item() == pytest.approx(getattr(plain, name).item(), rel=1e-5, abs=1e-6), name
+    for got, want in ((f_h, g_h), (f_w, g_w)):  # float32 arithmetic on logits of magnitude ~50
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (got - want).abs().max() / want.abs().max()
+    if with_neg:  # the case exercises both sides of the hinge
+        js = losses.js_divergence(pos @ weight.T, neg @ weight.T)
+        assert (js[neg_mask] < losses.CONTRAST_MARGIN).any() and (js[neg_mask] > losses.CONTRAST_MARGIN).any()
+
+
+def test_fused_loss_without_gradient_and_frozen_head():
+    weight, pos, plan, neg, labels, plan_mask, neg_mask = _loss_case(seed=4)
+    plain = losses.latent_comm_loss_sums(pos, labels, lambda x: x @ weight.T, plan, plan_mask, neg, neg_mask, None)
+    with torch.no_grad():
+        fused = losses.fused_latent_comm_loss_sums(pos, labels, weight, plan, plan_mask, neg, neg_mask, 4)
+    assert fused.total.item() == pytest.approx(plain.total.item(), rel=1e-5)
+    h = pos.clone().requires_grad_()  # LoRA-style: the head is frozen, only the hidden states get a gradient
+    losses.fused_latent_comm_loss_sums(h, labels, weight, plan, plan_mask, neg, neg_mask, 4).total.backward()
+    p = pos.clone().requires_grad_()
+    losses.latent_comm_loss_sums(p, labels, lambda x: x @ weight.T, plan, plan_mask, neg, neg_mask, None).total.backward()
+    assert torch.allclose(h.grad, p.grad, rtol=1e-4, atol=1e-6)

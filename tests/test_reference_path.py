@@ -56,7 +56,9 @@ def reference_sums(actor, batch):
     return sums
 
 
-def test_batched_step_matches_the_reference_path(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("path", ["fused", "fused+compiled", "autograd"])
+def test_batched_step_matches_the_reference_path(path, tiny_model_dir, tmp_path, monkeypatch):
+    """Every path of the loss (the GPU default is fused+compiled) against the float64 reference."""
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
     actor = LatentActor.from_base(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tok, 24, 4, 6, dropout=0.0)
@@ -69,7 +71,8 @@ def test_batched_step_matches_the_reference_path(tiny_model_dir, tmp_path, monke
     monkeypatch.setattr(trainer_module, "draw_mix_ratios", lambda *a, **k: RATIOS.clone())
     monkeypatch.setattr(trainer_module, "pick_negatives", lambda own, *a: (DONORS.clone(), torch.ones(3, dtype=torch.bool)))
     args = TrainingArguments(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True)
-    trainer = LatentActorTrainer(model=actor, args=args, loss_config=LossConfig(loss_chunk_size=7))
+    trainer = LatentActorTrainer(model=actor, args=args, loss_config=LossConfig(
+        loss_chunk_size=7, fused_loss=path != "autograd", compile_loss=path == "fused+compiled"))
     actor.train()
     loss = trainer.compute_loss(actor, batch)
     fast = trainer._metric_sums["train"].double()
