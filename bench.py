@@ -293,6 +293,8 @@ def install_hooks(bench, counter: TokenCounter, holder: dict):
         latent_head.LatentActor.forward = labelled(
             fwd, lambda: "bench::branch_" + ("grad" if torch.is_grad_enabled() else "nograd"))
         trainer_mod.latent_comm_loss_sums = labelled(trainer_mod.latent_comm_loss_sums, "bench::loss_sums")
+        trainer_mod.fused_latent_comm_loss_sums = labelled(trainer_mod.fused_latent_comm_loss_sums,
+                                                           "bench::loss_sums_fused")
         base_cls._negatives = labelled(base_cls._negatives, "bench::negatives")
         head_fwd = latent_head.LatentCommHead.forward
         latent_head.LatentCommHead.forward = labelled(head_fwd, "bench::latent_head")
@@ -393,6 +395,9 @@ def main(argv=None) -> int:
         "--max_steps", str(total_steps),
         "--save_strategy", "no", "--report_to", "none", "--enable_loss_plot", "False",
         "--disable_tqdm", "True", "--seed", "0",
+        # a loss per step (one host sync, where the timer synchronises anyway): configurations that
+        # should compute the same thing can be compared on their first steps
+        "--logging_steps", "1",
     ] + extra
 
     import train_actor
@@ -428,6 +433,15 @@ def main(argv=None) -> int:
     timer = holder.get("timer")
     records = timer.records if timer else []
     result["per_step"] = records
+    trainer = holder.get("trainer")
+    if trainer is not None:
+        losses = {r["step"]: r for r in trainer.state.log_history if "loss" in r}
+        for r in records:
+            log = losses.get(r["step"], {})
+            r.update({k: log[k] for k in ("loss", "ce_loss", "plan_similarity", "random_contrast") if k in log})
+        actor = trainer.accelerator.unwrap_model(trainer.model)
+        result["packed_sequences"] = getattr(actor, "packed", False)
+        result["loss_config"] = {k: v for k, v in vars(trainer.loss_config).items() if k != "mix_ratios"}
     timed = [r for r in records if r["step"] > bench.warmup]
     if timed and "error" not in result:
         med = statistics.median(r["interval_s"] for r in timed)

@@ -22,6 +22,7 @@ MARKER_TOKEN, BOP_TOKEN, EOP_TOKEN = "<FIRST_HUMAN_END>", "<bop>", "<eop>"
 SPECIAL_TOKENS = (MARKER_TOKEN, BOP_TOKEN, EOP_TOKEN)
 HEAD_FILE = "latent_comm_head.pt"
 IGNORE_INDEX = -100
+PACKED_ATTENTION = "interlat_packed"  # registered with transformers by `register_packed_attention`
 
 
 class AdaptiveProjection(nn.Module):
@@ -136,6 +137,69 @@ def assemble_inputs(
     return {"input_ids": ids, "labels": labels, "attention_mask": is_valid.long(), "latent_slots": is_latent}
 
 
+# -- packed sequences: a batch as one row without padding, attention kept within each sample ----------
+def _varlen_flash(query, key, value, cu_seqlens, max_length, scaling):
+    """torch's variable-length flash attention on [T, H, D] rows (argument names differ by version)."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    if key.shape[1] != query.shape[1] and "enable_gqa" not in params:  # grouped KV heads, older torch
+        key, value = (t.repeat_interleave(query.shape[1] // t.shape[1], dim=1) for t in (key, value))
+    kwargs = {"enable_gqa": True} if "enable_gqa" in params and key.shape[1] != query.shape[1] else {}
+    kwargs.update(window_size=(-1, 0)) if "window_size" in params else kwargs.update(is_causal=True)
+    if "scale" in params:
+        kwargs["scale"] = scaling
+    elif scaling is not None and abs(scaling - query.shape[-1] ** -0.5) > 1e-6:
+        raise NotImplementedError("this torch's varlen_attn has no `scale`; use --packed_sequences False")
+    return varlen_attn(query, key, value, cu_seqlens, cu_seqlens, max_length, max_length, **kwargs)
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A transformers attention function: SDPA, except for packed rows (`cu_seq_lens_q` given), where each
+    sample attends causally to itself only: flash varlen on CUDA in bf16/fp16, a block mask elsewhere."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    # query [1, Hq, T, D], key/value [1, Hkv, T, D]
+    if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
+        rows = lambda t: t[0].transpose(0, 1).contiguous()  # -> [T, H, D]
+        out = _varlen_flash(rows(query), rows(key), rows(value), cu, kwargs["max_length_q"], scaling)
+        return out[None], None  # [1, T, Hq, D]
+    positions = torch.arange(query.shape[2], device=query.device)
+    sample = torch.bucketize(positions, cu[1:], right=True)
+    mask = (sample[:, None] == sample[None, :]) & (positions[:, None] >= positions[None, :])
+    return sdpa_attention_forward(module, query, key, value, mask[None, None], dropout=dropout, scaling=scaling)
+
+
+def _packed_mask(*args, **kwargs):
+    """Masks for `packed_attention`: none for packed rows (the kernel keeps samples apart), SDPA's otherwise."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if kwargs.get("attention_mask") is None else sdpa_mask(*args, **kwargs)
+
+
+def register_packed_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, _packed_mask)
+
+
+def packed_sequences_available() -> bool:
+    """Flash varlen attention exists in this torch and a CUDA device is there to run it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
 @dataclass
 class BranchOutput:
     """Final hidden states at the positions that predict supervised labels, in batch order."""
@@ -156,6 +220,7 @@ class LatentActor(nn.Module):
         ids = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
         self.marker_id, self.bop_id, self.eop_id = ids
         self.pad_id = tokenizer.pad_token_id
+        self.packed = False
         if torch.cuda.is_available():
             # cuDNN's attention builds an execution plan for every new sequence length (milliseconds of CPU
             # per layer call); with dynamic padding almost every call is new. The flash and memory-efficient
@@ -193,6 +258,15 @@ class LatentActor(nn.Module):
 
     def gradient_checkpointing_disable(self):
         self.base_model.gradient_checkpointing_disable()
+
+    def use_packed_sequences(self, enabled: bool = True) -> "LatentActor":
+        """Run each branch as one row of concatenated samples (no padding, no [T x T] mask); see
+        `packed_attention`. Generation and other callers of the base model keep plain SDPA."""
+        if enabled:
+            register_packed_attention()
+            self.base_model.set_attn_implementation(PACKED_ATTENTION)
+        self.packed = enabled
+        return self
 
     def add_lora(self, r: int, alpha: float, dropout: float = 0.0, target_modules: str | list[str] = "all-linear"):
         """Wrap the base model with LoRA adapters (peft); the new special tokens' embedding rows and the
@@ -245,7 +319,18 @@ class LatentActor(nn.Module):
     def backbone(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Final (normed) hidden states of the base model; no cache, no logits."""
         decoder = self.base_model.get_decoder()
-        return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        if not self.packed:
+            return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                           use_cache=False).last_hidden_state
+        # Packed: the valid tokens of all rows as one row; positions restart at every sample.
+        valid = attention_mask.bool()
+        cu = torch.nn.functional.pad(attention_mask.sum(1).cumsum(0), (1, 0)).int()
+        positions = (attention_mask.cumsum(1) - 1)[valid][None]
+        longest = inputs_embeds.shape[1]  # an upper bound is enough for the kernel: no host sync
+        packed = decoder(inputs_embeds=inputs_embeds[valid][None], position_ids=positions, use_cache=False,
+                         cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
+                         max_length_k=longest).last_hidden_state[0]
+        return packed.new_zeros(*attention_mask.shape, packed.shape[-1]).masked_scatter(valid[..., None], packed)
 
     def output_weight(self) -> torch.Tensor | None:
         """The LM head's weight [V, H] when the head is a plain bias-free linear map (the fused loss

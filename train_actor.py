@@ -18,7 +18,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from callbacks import InfoNCEProbeCallback, LatentConditionsCallback, LossLogCallback, NonFiniteGuardCallback
 from data import ActorDataset, DataError, LatentCollator, build_hf_dataset, split_train_eval
-from latent_head import HEAD_FILE, LatentActor, load_head_file
+from latent_head import HEAD_FILE, LatentActor, load_head_file, packed_sequences_available
 from models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
 from trainer import LatentActorTrainer, LossConfig, resolve_resume
 from validation import validate_files
@@ -46,6 +46,9 @@ class ModelArguments:
                 "heads); False: plain autograd (the reference path)."})
     compile_loss: bool | None = field(default=None, metadata={
         "help": "torch.compile the fused loss's per-chunk function (default: on CUDA only)."})
+    packed_sequences: bool | None = field(default=None, metadata={
+        "help": "Run each branch as one row of concatenated samples with variable-length flash attention "
+                "(no padding, no attention mask). Default: on with CUDA + bf16/fp16 where torch has varlen_attn."})
     base_dtype: str = field(default="float32", metadata={
         "help": "dtype of the base model's weights: float32 (mixed precision keeps float32 master weights), "
                 "or bfloat16 for a frozen LoRA base."})
@@ -188,7 +191,7 @@ def check_data(model_args: ModelArguments, data_args: DataArguments, args: Actor
     return report, resume
 
 
-def build_actor(model_args: ModelArguments, latent_dim: int | None, seed: int) -> LatentActor:
+def build_actor(model_args: ModelArguments, latent_dim: int | None, seed: int, packed: bool = False) -> LatentActor:
     """Base model + special tokens + a fresh latent head (+ LoRA adapters when asked)."""
     transformers.set_seed(seed)  # the head's and the new token embeddings' initialisation
     try:
@@ -200,6 +203,7 @@ def build_actor(model_args: ModelArguments, latent_dim: int | None, seed: int) -
         raise UserError(str(e)) from None
     actor = LatentActor.from_base(base, tokenizer, latent_dim=latent_dim, num_heads=model_args.num_heads,
                                   prepended_length=model_args.prepended_length, dropout=model_args.head_dropout)
+    actor.use_packed_sequences(packed)
     if model_args.lora_r:
         targets = model_args.lora_target_modules
         actor.add_lora(model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
@@ -241,7 +245,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
     report, resume = check_data(model_args, data_args, args)
     if args.validate_only:
         return 0
-    actor = build_actor(model_args, report.latent_dim, args.seed)
+    packed = model_args.packed_sequences
+    if packed is None:
+        packed = packed_sequences_available() and (args.bf16 or args.fp16)
+    actor = build_actor(model_args, report.latent_dim, args.seed, packed)
     trainer = build_trainer(actor, model_args, data_args, args)
     try:
         trainer.train(resume_from_checkpoint=resume)

@@ -47,6 +47,19 @@ elif [ "$PLAN" = current ]; then
   rm -rf /tmp/interlat_bench/qwen7b_n128
   bench --batch_size 2 --model_max_length 8192 --steps 25 --out_name cur_b2_L8192
   LIMIT=100 bench --batch_size 16 --model_max_length 3072 --steps 20 --out_name cur_b16_L3072
+elif [ "$PLAN" = fast ]; then
+  # the fused loss (closed-form gradients per chunk), compiled, and packed rows with varlen flash attention,
+  # each against the path before them on the same machine; REF = the code of call 4/5 (padded, autograd loss)
+  REF="--fused_loss false --compile_loss false --packed_sequences false"
+  bench --batch_size 2 --steps 25 --measure_matmul --out_name fa_b2_ref $REF
+  bench --batch_size 2 --steps 25 --out_name fa_b2_fused --compile_loss false --packed_sequences false
+  bench --batch_size 2 --steps 25 --out_name fa_b2_fused_compiled --packed_sequences false
+  bench --batch_size 2 --steps 25 --profile_steps 3 --out_name fa_b2_default
+  bench --batch_size 8 --steps 25 --out_name fa_b8_ref $REF
+  bench --batch_size 8 --steps 25 --profile_steps 3 --out_name fa_b8_default
+  bench --batch_size 2 --model_max_length 8192 --steps 25 --out_name fa_b2_L8192_default
+  LIMIT=100 bench --batch_size 16 --steps 20 --out_name fa_b16_default
+  LIMIT=100 bench --batch_size 16 --steps 20 --out_name fa_b16_default_gc --gradient_checkpointing True
 elif [ "$PLAN" = fixes ]; then
   python3 benchmarks/check_bf16_loss.py
   bench --batch_size 2 --steps 25 --measure_matmul --out_name fx_b2_base

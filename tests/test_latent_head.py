@@ -85,3 +85,41 @@ def test_save_load_round_trip_gives_equal_logits(actor, tmp_path):
     assert not restored.training and not restored.head.training
     after = restored.logits(restored(**inputs).hidden)
     assert torch.equal(before, after)
+
+
+def test_packed_sequences_equal_padded_batch_and_are_not_saved(actor_dir, tmp_path):
+    """One row of concatenated samples (positions restarting, attention kept per sample) gives the
+    padded batch's hidden states and gradients; the custom attention never reaches the saved config."""
+    from conftest import make_records, write_jsonl
+    from data import ActorDataset, LatentCollator, build_hf_dataset
+
+    padded, packed = LatentActor.from_pretrained(actor_dir), LatentActor.from_pretrained(actor_dir)
+    packed.use_packed_sequences()
+    tok = padded.tokenizer
+    path = write_jsonl(tmp_path / "t.jsonl", make_records(3, str(tmp_path / "lat")))
+    batch = LatentCollator(tok.pad_token_id, 24)([ActorDataset(build_hf_dataset(path), tok, 512, 6)[i] for i in range(3)])
+    assert len(set(batch["attention_mask"].sum(1).tolist())) > 1  # samples of different lengths: padding
+    inputs = {k: batch[k] for k in ("input_ids", "labels", "attention_mask", "marker_index", "latents",
+                                    "latent_lengths")}
+    inputs["latent_rows"] = batch["latent_lengths"] - 1
+    outs = []
+    for actor in (padded, packed):
+        actor.eval()  # no dropout: the two runs must see the same numbers
+        out = actor(**inputs, block_ids=batch["plan_ids"], block_lengths=batch["plan_lengths"])
+        out.hidden.square().sum().backward()
+        outs.append((out, actor.base_model.get_input_embeddings().weight.grad))
+    (a, grad_a), (b, grad_b) = outs
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.sample_index, b.sample_index)
+    assert torch.allclose(a.hidden, b.hidden, atol=1e-5)
+    assert torch.allclose(grad_a, grad_b, atol=1e-4)
+    # the second sample of a packed row sees nothing of the first: equal to running it alone
+    decoder = packed.base_model.get_decoder()
+    embeds, cu = torch.randn(1, 9, 32), torch.tensor([0, 4, 9], dtype=torch.int32)
+    with torch.no_grad():
+        together = decoder(inputs_embeds=embeds, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]]),
+                           use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=5,
+                           max_length_k=5).last_hidden_state
+        alone = decoder(inputs_embeds=embeds[:, 4:], use_cache=False).last_hidden_state
+    assert torch.allclose(together[0, 4:], alone[0], atol=1e-5)
+    packed.save_pretrained(tmp_path / "saved")
+    assert "interlat" not in (tmp_path / "saved" / "config.json").read_text()

@@ -73,14 +73,14 @@ def _train_argv(model_dir, train, out, *extra):
             *extra]
 
 
-def _one_step_update(model_dir, train, out, batch, accumulation):
+def _one_step_update(model_dir, train, out, batch, accumulation, *extra):
     """Parameters after one SGD step with lr 1 and no clipping: their change is minus the gradient."""
     argv = _train_argv(model_dir, train, out, "--per_device_train_batch_size", str(batch),
                        "--gradient_accumulation_steps", str(accumulation), "--max_steps", "1",
                        "--optim", "sgd", "--learning_rate", "1.0", "--lr_scheduler_type", "constant",
                        "--max_grad_norm", "0", "--weight_decay", "0", "--head_dropout", "0",
                        "--pure_latent_prob", "1.0", "--random_contrast_weight", "0",
-                       "--train_sampling_strategy", "sequential", "--logging_steps", "1")
+                       "--train_sampling_strategy", "sequential", "--logging_steps", "1", *extra)
     captured = {}
     original = train_actor.LatentActorTrainer.train
 
@@ -106,6 +106,24 @@ def test_two_accumulation_steps_of_two_equal_one_step_of_four(tiny_model_dir, tm
     worst = max((g4[k] - g22[k]).abs().max().item() / (g4[k].abs().max().item() + 1e-12) for k in g4)
     assert worst < 1e-4, worst
     assert any(g4[k].abs().max() > 0 for k in g4 if k.startswith("head."))  # the head is trained
+
+
+def _worst_relative_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() / (a[k].abs().max().item() + 1e-12) for k in a)
+
+
+def test_fast_paths_give_the_reference_update(tiny_model_dir, tmp_path):
+    """Packed rows and the fused loss change speed, not the step: one SGD step of the full three-branch
+    loss (plan and contrast terms on) moves every parameter as the padded, autograd path does."""
+    train = write_jsonl(tmp_path / "train.jsonl", make_records(4, str(tmp_path / "lat")))  # different lengths
+    full_loss = ("--random_contrast_weight", "2.0", "--pure_latent_prob", "0.5")
+    reference = _one_step_update(tiny_model_dir, train, str(tmp_path / "ref"), 4, 1, *full_loss,
+                                 "--packed_sequences", "false", "--fused_loss", "false")
+    fast = _one_step_update(tiny_model_dir, train, str(tmp_path / "fast"), 4, 1, *full_loss,
+                            "--packed_sequences", "true", "--fused_loss", "true")
+    assert _worst_relative_difference(reference, fast) < 1e-4
+    assert max(v.abs().max().item() for v in fast.values()) > 0
 
 
 EXPECTED_OUTPUTS = {"config.json", "model.safetensors", "tokenizer", "tokenizer.json", "latent_comm_head.pt",
