@@ -8,6 +8,7 @@ and loading (base model + head + tokenizer).
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -138,18 +139,37 @@ def assemble_inputs(
 
 
 # -- packed sequences: a batch as one row without padding, attention kept within each sample ----------
-def _varlen_flash(query, key, value, cu_seqlens, max_length, scaling):
-    """torch's variable-length flash attention on [T, H, D] rows (argument names differ by version)."""
-    import inspect
+_VARLEN: tuple | None = None  # (varlen_attn, causal kwargs, has enable_gqa, has scale), set on registration
 
-    from torch.nn.attention.varlen import varlen_attn
+
+def _varlen_options() -> tuple | None:
+    """torch's variable-length flash attention and how to call it (its arguments changed across versions)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
 
     params = inspect.signature(varlen_attn).parameters
-    if key.shape[1] != query.shape[1] and "enable_gqa" not in params:  # grouped KV heads, older torch
-        key, value = (t.repeat_interleave(query.shape[1] // t.shape[1], dim=1) for t in (key, value))
-    kwargs = {"enable_gqa": True} if "enable_gqa" in params and key.shape[1] != query.shape[1] else {}
-    kwargs.update(window_size=(-1, 0)) if "window_size" in params else kwargs.update(is_causal=True)
-    if "scale" in params:
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    return varlen_attn, causal, "enable_gqa" in params, "scale" in params
+
+
+def _bucket(length: int, multiple: int = 1024) -> int:
+    """A bound on the longest sample, rounded up: few distinct values, so compiled layers rarely recompile
+    (the kernel only launches a few more, immediately finished, blocks)."""
+    return -(-length // multiple) * multiple
+
+
+def _varlen_flash(query, key, value, cu_seqlens, max_length, scaling):
+    """Causal attention within each sample of packed [T, H, D] rows (flash kernel, no mask)."""
+    varlen_attn, kwargs, has_gqa, has_scale = _VARLEN  # resolved once, outside any compiled code
+    kwargs = dict(kwargs)
+    if key.shape[1] != query.shape[1]:  # grouped KV heads: query head i reads KV head i // group
+        if has_gqa:
+            kwargs["enable_gqa"] = True
+        else:
+            key, value = (t.repeat_interleave(query.shape[1] // t.shape[1], dim=1) for t in (key, value))
+    if has_scale:
         kwargs["scale"] = scaling
     elif scaling is not None and abs(scaling - query.shape[-1] ** -0.5) > 1e-6:
         raise NotImplementedError("this torch's varlen_attn has no `scale`; use --packed_sequences False")
@@ -165,9 +185,13 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     if cu is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    # query [1, Hq, T, D], key/value [1, Hkv, T, D]
-    if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
-        rows = lambda t: t[0].transpose(0, 1).contiguous()  # -> [T, H, D]
+    # query [1, Hq, T, D], key/value [1, Hkv, T, D]. Rotary embeddings follow the (float32) residual
+    # stream's dtype, so under autocast q/k arrive in float32: cast as autocast does for SDPA.
+    dtype = query.dtype
+    if query.is_cuda and dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+    if query.is_cuda and dtype in (torch.bfloat16, torch.float16) and _VARLEN is not None:
+        rows = lambda t: t[0].transpose(0, 1).to(dtype).contiguous()  # -> [T, H, D]
         out = _varlen_flash(rows(query), rows(key), rows(value), cu, kwargs["max_length_q"], scaling)
         return out[None], None  # [1, T, Hq, D]
     positions = torch.arange(query.shape[2], device=query.device)
@@ -187,17 +211,15 @@ def register_packed_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
+    global _VARLEN
+    _VARLEN = _varlen_options()
     AttentionInterface.register(PACKED_ATTENTION, packed_attention)
     AttentionMaskInterface.register(PACKED_ATTENTION, _packed_mask)
 
 
 def packed_sequences_available() -> bool:
     """Flash varlen attention exists in this torch and a CUDA device is there to run it."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+    return torch.cuda.is_available() and _varlen_options() is not None
 
 
 @dataclass
@@ -268,6 +290,13 @@ class LatentActor(nn.Module):
         self.packed = enabled
         return self
 
+    def compile_layers(self) -> "LatentActor":
+        """`torch.compile` each decoder layer (dynamic shapes): fuses the norms, rotary embedding and
+        activation casts, and cuts the per-op launch cost that dominates small batches."""
+        for layer in self.base_model.get_decoder().layers:
+            layer.compile(dynamic=True)
+        return self
+
     def add_lora(self, r: int, alpha: float, dropout: float = 0.0, target_modules: str | list[str] = "all-linear"):
         """Wrap the base model with LoRA adapters (peft); the new special tokens' embedding rows and the
         head stay fully trainable, everything else of the base model is frozen."""
@@ -326,7 +355,7 @@ class LatentActor(nn.Module):
         valid = attention_mask.bool()
         cu = torch.nn.functional.pad(attention_mask.sum(1).cumsum(0), (1, 0)).int()
         positions = (attention_mask.cumsum(1) - 1)[valid][None]
-        longest = inputs_embeds.shape[1]  # an upper bound is enough for the kernel: no host sync
+        longest = _bucket(inputs_embeds.shape[1])  # an upper bound is enough for the kernel: no host sync
         packed = decoder(inputs_embeds=inputs_embeds[valid][None], position_ids=positions, use_cache=False,
                          cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
                          max_length_k=longest).last_hidden_state[0]

@@ -49,6 +49,8 @@ class ModelArguments:
     packed_sequences: bool | None = field(default=None, metadata={
         "help": "Run each branch as one row of concatenated samples with variable-length flash attention "
                 "(no padding, no attention mask). Default: on with CUDA + bf16/fp16 where torch has varlen_attn."})
+    compile_layers: bool = field(default=False, metadata={
+        "help": "torch.compile each decoder layer (dynamic shapes); pays off where per-op overhead dominates."})
     base_dtype: str = field(default="float32", metadata={
         "help": "dtype of the base model's weights: float32 (mixed precision keeps float32 master weights), "
                 "or bfloat16 for a frozen LoRA base."})
@@ -204,6 +206,8 @@ def build_actor(model_args: ModelArguments, latent_dim: int | None, seed: int, p
     actor = LatentActor.from_base(base, tokenizer, latent_dim=latent_dim, num_heads=model_args.num_heads,
                                   prepended_length=model_args.prepended_length, dropout=model_args.head_dropout)
     actor.use_packed_sequences(packed)
+    if model_args.compile_layers:
+        actor.compile_layers()
     if model_args.lora_r:
         targets = model_args.lora_target_modules
         actor.add_lora(model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,

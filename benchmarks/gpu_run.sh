@@ -60,6 +60,17 @@ elif [ "$PLAN" = fast ]; then
   bench --batch_size 2 --model_max_length 8192 --steps 25 --out_name fa_b2_L8192_default
   LIMIT=100 bench --batch_size 16 --steps 20 --out_name fa_b16_default
   LIMIT=100 bench --batch_size 16 --steps 20 --out_name fa_b16_default_gc --gradient_checkpointing True
+elif [ "$PLAN" = fast2 ]; then
+  # packed rows fixed (flash varlen under autocast), and compiled decoder layers (--compile_layers)
+  REF="--fused_loss false --compile_loss false --packed_sequences false"
+  bench --batch_size 2 --steps 25 --out_name fb_b2_ref $REF
+  bench --batch_size 2 --steps 25 --out_name fb_b2_default
+  LIMIT=150 bench --batch_size 2 --steps 25 --profile_steps 3 --out_name fb_b2_cl --compile_layers True
+  LIMIT=150 bench --batch_size 8 --steps 25 --profile_steps 3 --out_name fb_b8_cl --compile_layers True
+  bench --batch_size 8 --steps 25 --out_name fb_b8_default
+  LIMIT=150 bench --batch_size 16 --steps 20 --out_name fb_b16_cl --compile_layers True
+  LIMIT=100 bench --batch_size 2 --model_max_length 8192 --steps 25 --out_name fb_b2_L8192_cl --compile_layers True
+  LIMIT=100 bench --batch_size 4 --steps 25 --out_name fb_b4_cl --compile_layers True
 elif [ "$PLAN" = fixes ]; then
   python3 benchmarks/check_bf16_loss.py
   bench --batch_size 2 --steps 25 --measure_matmul --out_name fx_b2_base

@@ -114,14 +114,16 @@ def _worst_relative_difference(a: dict, b: dict) -> float:
 
 
 def test_fast_paths_give_the_reference_update(tiny_model_dir, tmp_path):
-    """Packed rows and the fused loss change speed, not the step: one SGD step of the full three-branch
-    loss (plan and contrast terms on) moves every parameter as the padded, autograd path does."""
+    """Packed rows, the fused (compiled) loss and compiled layers change speed, not the step: one SGD step
+    of the full three-branch loss (plan and contrast terms on) moves every parameter as the padded,
+    autograd, eager path does."""
     train = write_jsonl(tmp_path / "train.jsonl", make_records(4, str(tmp_path / "lat")))  # different lengths
     full_loss = ("--random_contrast_weight", "2.0", "--pure_latent_prob", "0.5")
     reference = _one_step_update(tiny_model_dir, train, str(tmp_path / "ref"), 4, 1, *full_loss,
                                  "--packed_sequences", "false", "--fused_loss", "false")
     fast = _one_step_update(tiny_model_dir, train, str(tmp_path / "fast"), 4, 1, *full_loss,
-                            "--packed_sequences", "true", "--fused_loss", "true")
+                            "--packed_sequences", "true", "--fused_loss", "true", "--compile_loss", "true",
+                            "--compile_layers", "true")
     assert _worst_relative_difference(reference, fast) < 1e-4
     assert max(v.abs().max().item() for v in fast.values()) > 0
 
