@@ -99,6 +99,7 @@ def assemble_inputs(
     bop_id: int,
     eop_id: int,
     pad_id: int,
+    width: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Replace each row's marker token by `<bop>, latent_rows x slot, block tokens, <eop>`.
 
@@ -106,7 +107,8 @@ def assemble_inputs(
     [B] is the marker's position; `latent_rows` [B] the number of latent slots; `block_ids`
     [B, N] with `block_lengths` [B] the tokens after the latents (plan text). Returns
     `input_ids` (latent slots hold `pad_id`), `labels` (-100 over the block), `attention_mask`
-    and `latent_slots` (bool), all [B, T'] with T' the longest assembled row.
+    and `latent_slots` (bool), all [B, T'] with T' the longest assembled row (or `width`, when the
+    caller knows it: reading the longest length from the device waits for the device).
     """
     device = text_ids.device
     if block_ids is None:
@@ -115,7 +117,7 @@ def assemble_inputs(
     m, n = latent_rows[:, None], block_lengths[:, None]
     marker = marker_index[:, None]
     out_lengths = text_lengths + 1 + latent_rows + block_lengths  # marker -> bop + m + n + eop
-    pos = torch.arange(int(out_lengths.max()), device=device)[None, :]
+    pos = torch.arange(int(out_lengths.max()) if width is None else width, device=device)[None, :]
     # Region boundaries per row: [0, marker) text, marker bop, then m latent slots, n block tokens, eop, rest.
     latent_start, block_start = marker + 1, marker + 1 + m
     eop_pos = block_start + n
@@ -324,9 +326,11 @@ class LatentActor(nn.Module):
         if latents is None:
             return embeds
         processed = self.head(latents, latent_lengths)
-        take = torch.arange(processed.shape[1], device=processed.device)[None, :] < latent_rows[:, None]
-        rows = processed[take].to(embeds.dtype)  # cast: float32 rows into a bf16 model crash it on GPU
-        return embeds.masked_scatter(latent_slots[..., None], rows)
+        # The k-th slot of row b takes processed row k: index arithmetic, no boolean indexing (which
+        # would wait for the device to learn how many rows there are).
+        k = (latent_slots.cumsum(1) - 1).clamp(0, processed.shape[1] - 1)
+        rows = processed.gather(1, k[..., None].expand(-1, -1, processed.shape[-1]))
+        return torch.where(latent_slots[..., None], rows.to(embeds.dtype), embeds)  # cast: float32 rows crash a bf16 model
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
                 marker_index: torch.Tensor, latents: torch.Tensor | None = None,
@@ -335,31 +339,43 @@ class LatentActor(nn.Module):
         """Assemble one branch (`latent_rows` latents then `block_ids` between <bop>/<eop>) and run the LM."""
         if latent_rows is None:
             latent_rows = torch.zeros_like(marker_index)
-        batch = assemble_inputs(input_ids, labels, attention_mask.sum(1), marker_index, latent_rows,
-                                block_ids, block_lengths, self.bop_id, self.eop_id, self.pad_id)
+        text_lengths = attention_mask.sum(1)
+        lengths = text_lengths + 1 + latent_rows + (0 if block_lengths is None else block_lengths)
+        longest, total = torch.stack([lengths.max(), lengths.sum()]).tolist()  # the one wait for the device
+        batch = assemble_inputs(input_ids, labels, text_lengths, marker_index, latent_rows, block_ids,
+                                block_lengths, self.bop_id, self.eop_id, self.pad_id, width=longest)
         embeds = self.embed(batch["input_ids"], batch["latent_slots"], latent_rows, latents, latent_lengths)
-        hidden = self.backbone(embeds, batch["attention_mask"])
+        hidden = self.backbone(embeds, batch["attention_mask"], total_tokens=total)
         # Position t predicts token t+1: keep the positions whose *next* label is supervised.
         next_labels = batch["labels"][:, 1:]
-        predicts = next_labels != IGNORE_INDEX
-        sample_index = predicts.nonzero()[:, 0]
-        return BranchOutput(hidden[:, :-1][predicts], next_labels[predicts], sample_index)
+        rows, cols = (next_labels != IGNORE_INDEX).nonzero(as_tuple=True)
+        return BranchOutput(hidden[rows, cols], next_labels[rows, cols], rows)
 
-    def backbone(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Final (normed) hidden states of the base model; no cache, no logits."""
+    def backbone(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                 total_tokens: int | None = None) -> torch.Tensor:
+        """Final (normed) hidden states [B, T, H] of the base model; no cache, no logits.
+
+        Packed (`use_packed_sequences`): rows must be right-padded; `total_tokens` (their sum of
+        lengths, when the caller knows it) saves a wait for the device."""
         decoder = self.base_model.get_decoder()
         if not self.packed:
             return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                            use_cache=False).last_hidden_state
         # Packed: the valid tokens of all rows as one row; positions restart at every sample.
-        valid = attention_mask.bool()
-        cu = torch.nn.functional.pad(attention_mask.sum(1).cumsum(0), (1, 0)).int()
-        positions = (attention_mask.cumsum(1) - 1)[valid][None]
-        longest = _bucket(inputs_embeds.shape[1])  # an upper bound is enough for the kernel: no host sync
-        packed = decoder(inputs_embeds=inputs_embeds[valid][None], position_ids=positions, use_cache=False,
-                         cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
+        batch, width = attention_mask.shape
+        cu = torch.nn.functional.pad(attention_mask.sum(1).cumsum(0), (1, 0))
+        if total_tokens is None:
+            total_tokens = int(cu[-1])
+        token = torch.arange(total_tokens, device=cu.device)
+        sample = torch.bucketize(token, cu[1:], right=True)
+        position = token - cu[sample]
+        flat = sample * width + position  # where each packed token sits in the padded [B * T] layout
+        longest = _bucket(width)  # an upper bound is enough for the kernel, and few values: few recompiles
+        cu = cu.int()
+        packed = decoder(inputs_embeds=inputs_embeds.flatten(0, 1)[flat][None], position_ids=position[None],
+                         use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
                          max_length_k=longest).last_hidden_state[0]
-        return packed.new_zeros(*attention_mask.shape, packed.shape[-1]).masked_scatter(valid[..., None], packed)
+        return packed.new_zeros(batch * width, packed.shape[-1]).index_copy(0, flat, packed).view(batch, width, -1)
 
     def output_weight(self) -> torch.Tensor | None:
         """The LM head's weight [V, H] when the head is a plain bias-free linear map (the fused loss

@@ -71,6 +71,17 @@ elif [ "$PLAN" = fast2 ]; then
   LIMIT=150 bench --batch_size 16 --steps 20 --out_name fb_b16_cl --compile_layers True
   LIMIT=100 bench --batch_size 2 --model_max_length 8192 --steps 25 --out_name fb_b2_L8192_cl --compile_layers True
   LIMIT=100 bench --batch_size 4 --steps 25 --out_name fb_b4_cl --compile_layers True
+elif [ "$PLAN" = fast3 ]; then
+  # one host sync per branch forward (index arithmetic instead of boolean indexing); compiled layers by default
+  REF="--fused_loss false --compile_loss false --packed_sequences false --compile_layers false"
+  bench --batch_size 2 --steps 25 --out_name fc_b2_ref $REF
+  bench --batch_size 2 --steps 25 --out_name fc_b2_L3072
+  bench --batch_size 2 --model_max_length 8192 --steps 25 --out_name fc_b2_L8192
+  bench --batch_size 8 --steps 25 --profile_steps 3 --out_name fc_b8
+  bench --batch_size 16 --steps 20 --out_name fc_b16
+  LIMIT=110 bench --batch_size 24 --steps 20 --out_name fc_b24
+  LIMIT=200 bench --shape qwen7b --batch_size 2 --model_max_length 3072 --steps 12 --warmup 4 --out_name fc_q7b_lora_b2_gc \
+    --lora_r 16 --lora_alpha 32 --gradient_checkpointing True --base_dtype bfloat16
 elif [ "$PLAN" = fixes ]; then
   python3 benchmarks/check_bf16_loss.py
   bench --batch_size 2 --steps 25 --measure_matmul --out_name fx_b2_base

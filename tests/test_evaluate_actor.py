@@ -41,7 +41,7 @@ def test_conditions_build_the_inputs_they_claim(actor, tmp_path, monkeypatch):
     collator = LatentCollator(actor.pad_id, actor.head.config.latent_dim)
     seen = []  # embeddings the base model really receives
     backbone = actor.backbone
-    monkeypatch.setattr(actor, "backbone", lambda embeds, mask: (seen.append(embeds), backbone(embeds, mask))[1])
+    monkeypatch.setattr(actor, "backbone", lambda embeds, mask, **kw: (seen.append(embeds), backbone(embeds, mask, **kw))[1])
 
     def head_rows(latents):
         with torch.no_grad():
