@@ -13,8 +13,9 @@ a timing callback and to skip writing the final model (saving is not a training 
 `latent_head.assemble_inputs` is wrapped to count each branch's real (unpadded) tokens.
 
 Timing: `torch.cuda.synchronize()` at every step end; a step's time is the interval between
-consecutive step ends (data loading, three branches, backward, optimizer); the median over
-steps warmup+1..steps. Extra `--profile_steps` run after those and are profiled only.
+consecutive step ends (data loading, three branches, backward, optimizer). Rates are total work over
+the total time of steps warmup+1..steps (batches differ in length, so single steps vary widely);
+the median step is reported too. Extra `--profile_steps` run after those and are profiled only.
 Results: printed, and written to `<results_dir>/<out_name>.json`.
 """
 from __future__ import annotations
@@ -446,25 +447,29 @@ def main(argv=None) -> int:
     if timed and "error" not in result:
         med = statistics.median(r["interval_s"] for r in timed)
         med_compute = statistics.median(r["compute_s"] for r in timed)
+        # Rates over the whole timed window (total work / total time): batches differ in length, so step
+        # times are spread (bimodally at some batch sizes) and a median step would misstate throughput.
+        window = sum(r["interval_s"] for r in timed)
         grad_tok = sum(r["grad_tokens"] for r in timed) / len(timed)
         nograd_tok = sum(r["nograd_tokens"] for r in timed) / len(timed)
         padded = sum(r["grad_padded"] for r in timed) / len(timed)
         model = holder["trainer"].model
         n_params = sum(p.numel() for p in model.base_model.parameters())
-        tps = grad_tok / med
+        tps = grad_tok * len(timed) / window
         n = N_PARAMS_MFU if bench.shape == "qwen05" else n_params
         result.update({
-            "median_step_s": med, "median_compute_s": med_compute,
-            "mean_step_s": statistics.mean(r["interval_s"] for r in timed),
+            "median_step_s": med, "median_compute_s": med_compute, "timed_window_s": window,
+            "mean_step_s": window / len(timed),
             "min_step_s": min(r["interval_s"] for r in timed), "max_step_s": max(r["interval_s"] for r in timed),
             "world_size": world,
             # every rank runs the same number of steps: the global rate is world x rank 0's
-            "samples_per_s": world * bench.batch_size / med,
+            "samples_per_s": world * bench.batch_size * len(timed) / window,
+            "samples_per_s_from_median_step": world * bench.batch_size / med,
             "tokens_per_step": grad_tok, "nograd_tokens_per_step": nograd_tok,
             "padded_tokens_per_step": padded, "padding_fraction": 1 - grad_tok / padded if padded else 0.0,
             "tokens_per_s": world * tps,
             "mfu": 10 * n * tps / PEAK_BF16_DENSE,  # per GPU
-            "mfu_branch_exact": (6 * n * grad_tok + 2 * n * nograd_tok) / med / PEAK_BF16_DENSE,
+            "mfu_branch_exact": (6 * n * grad_tok + 2 * n * nograd_tok) * len(timed) / window / PEAK_BF16_DENSE,
             "mfu_vs_measured_matmul": (10 * n * tps / (matmul * 1e12)) if matmul else None,
             "n_params_base": n_params, "n_params_mfu": n, "peak_flops": PEAK_BF16_DENSE,
             "tokens_note": "tokens = real tokens of the gradient branch (chat text + <bop> + latents/plan + <eop>),"

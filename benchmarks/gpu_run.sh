@@ -82,6 +82,14 @@ elif [ "$PLAN" = fast3 ]; then
   LIMIT=110 bench --batch_size 24 --steps 20 --out_name fc_b24
   LIMIT=200 bench --shape qwen7b --batch_size 2 --model_max_length 3072 --steps 12 --warmup 4 --out_name fc_q7b_lora_b2_gc \
     --lora_r 16 --lora_alpha 32 --gradient_checkpointing True --base_dtype bfloat16
+elif [ "$PLAN" = fast4 ]; then
+  # the largest batches that fit (the 47 samples/s target), next to b2 and the reference on the same machine
+  bench --batch_size 32 --steps 20 --out_name fd_b32
+  bench --batch_size 2 --steps 25 --out_name fd_b2_L3072
+  bench --batch_size 2 --model_max_length 8192 --steps 25 --out_name fd_b2_L8192
+  bench --batch_size 2 --steps 25 --out_name fd_b2_ref --fused_loss false --compile_loss false --packed_sequences false --compile_layers false
+  LIMIT=110 bench --batch_size 40 --steps 20 --out_name fd_b40
+  LIMIT=90 bench --batch_size 8 --steps 25 --out_name fd_b8
 elif [ "$PLAN" = fixes ]; then
   python3 benchmarks/check_bf16_loss.py
   bench --batch_size 2 --steps 25 --measure_matmul --out_name fx_b2_base
