@@ -90,6 +90,17 @@ elif [ "$PLAN" = fast4 ]; then
   bench --batch_size 2 --steps 25 --out_name fd_b2_ref --fused_loss false --compile_loss false --packed_sequences false --compile_layers false
   LIMIT=110 bench --batch_size 40 --steps 20 --out_name fd_b40
   LIMIT=90 bench --batch_size 8 --steps 25 --out_name fd_b8
+elif [ "$PLAN" = ddp ]; then
+  # two GPUs of one host with the current defaults (packed rows, compiled layers and loss) vs one of them
+  CUDA_VISIBLE_DEVICES=0 LIMIT=120 bench --batch_size 8 --steps 20 --out_name dd1_b8
+  el=$(( $(date +%s) - T0 ))
+  NCCL_NVLS_ENABLE=0 timeout 200 torchrun --nproc_per_node 2 bench.py --results_dir "$RES" --batch_size 8 --steps 20 \
+    --out_name dd2_b8 2>&1 | grep -v "it/s\]\|examples/s\]"
+  echo "[gpu_run] torchrun 2 x b8 done rc=$? at +$(( $(date +%s) - T0 )) s"
+  CUDA_VISIBLE_DEVICES=0 LIMIT=100 bench --batch_size 2 --steps 25 --out_name dd1_b2
+  NCCL_NVLS_ENABLE=0 timeout 120 torchrun --nproc_per_node 2 bench.py --results_dir "$RES" --batch_size 2 --steps 25 \
+    --out_name dd2_b2 2>&1 | grep -v "it/s\]\|examples/s\]"
+  echo "[gpu_run] torchrun 2 x b2 done rc=$? at +$(( $(date +%s) - T0 )) s"
 elif [ "$PLAN" = fixes ]; then
   python3 benchmarks/check_bf16_loss.py
   bench --batch_size 2 --steps 25 --measure_matmul --out_name fx_b2_base
