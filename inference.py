@@ -124,8 +124,8 @@ def build_prompt_batch(actor: LatentActor, prompts: Sequence[tuple[np.ndarray, i
 def prompt_embeddings(actor: LatentActor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Input embeddings of a `build_prompt_batch` batch: token embeddings with head rows in the slots."""
     has_latents = bool(batch["latent_rows"].any())
-    return actor.embed(batch["input_ids"], batch["latent_slots"], batch["latent_rows"],
-                       batch["latents"] if has_latents else None, batch["latent_lengths"])
+    return actor.embed(batch["input_ids"], batch["latent_slots"], batch["latents"] if has_latents else None,
+                       batch["latent_lengths"])
 
 
 # ---------------------------------------------------------------------------------------------

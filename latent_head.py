@@ -88,6 +88,12 @@ class LatentCommHead(nn.Module):
             return self.projection(self.post_ln(h + attended))
 
 
+def assembled_lengths(text_lengths: torch.Tensor, latent_rows: torch.Tensor,
+                      block_lengths: torch.Tensor | None) -> torch.Tensor:
+    """Length of each assembled row: the marker becomes `<bop>`, the latent slots, the block, `<eop>`."""
+    return text_lengths + 1 + latent_rows + (0 if block_lengths is None else block_lengths)
+
+
 def assemble_inputs(
     text_ids: torch.Tensor,
     text_labels: torch.Tensor,
@@ -116,7 +122,7 @@ def assemble_inputs(
         block_lengths = torch.zeros_like(latent_rows)
     m, n = latent_rows[:, None], block_lengths[:, None]
     marker = marker_index[:, None]
-    out_lengths = text_lengths + 1 + latent_rows + block_lengths  # marker -> bop + m + n + eop
+    out_lengths = assembled_lengths(text_lengths, latent_rows, block_lengths)
     pos = torch.arange(int(out_lengths.max()) if width is None else width, device=device)[None, :]
     # Region boundaries per row: [0, marker) text, marker bop, then m latent slots, n block tokens, eop, rest.
     latent_start, block_start = marker + 1, marker + 1 + m
@@ -319,9 +325,9 @@ class LatentActor(nn.Module):
             self.base_model = self.base_model.merge_and_unload()
 
     # -- the forward pass -----------------------------------------------------------------
-    def embed(self, input_ids: torch.Tensor, latent_slots: torch.Tensor, latent_rows: torch.Tensor,
-              latents: torch.Tensor | None, latent_lengths: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with the first `latent_rows[b]` processed latent rows written into the slots."""
+    def embed(self, input_ids: torch.Tensor, latent_slots: torch.Tensor, latents: torch.Tensor | None,
+              latent_lengths: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with row b's processed latent rows written, in order, into its slots."""
         embeds = self.base_model.get_input_embeddings()(input_ids)
         if latents is None:
             return embeds
@@ -340,11 +346,11 @@ class LatentActor(nn.Module):
         if latent_rows is None:
             latent_rows = torch.zeros_like(marker_index)
         text_lengths = attention_mask.sum(1)
-        lengths = text_lengths + 1 + latent_rows + (0 if block_lengths is None else block_lengths)
+        lengths = assembled_lengths(text_lengths, latent_rows, block_lengths)
         longest, total = torch.stack([lengths.max(), lengths.sum()]).tolist()  # the one wait for the device
         batch = assemble_inputs(input_ids, labels, text_lengths, marker_index, latent_rows, block_ids,
                                 block_lengths, self.bop_id, self.eop_id, self.pad_id, width=longest)
-        embeds = self.embed(batch["input_ids"], batch["latent_slots"], latent_rows, latents, latent_lengths)
+        embeds = self.embed(batch["input_ids"], batch["latent_slots"], latents, latent_lengths)
         hidden = self.backbone(embeds, batch["attention_mask"], total_tokens=total)
         # Position t predicts token t+1: keep the positions whose *next* label is supervised.
         next_labels = batch["labels"][:, 1:]

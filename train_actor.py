@@ -194,7 +194,7 @@ def check_data(model_args: ModelArguments, data_args: DataArguments, args: Actor
     return report, resume
 
 
-def build_actor(model_args: ModelArguments, latent_dim: int | None, seed: int, packed: bool = False) -> LatentActor:
+def build_actor(model_args: ModelArguments, latent_dim: int | None, seed: int) -> LatentActor:
     """Base model + special tokens + a fresh latent head (+ LoRA adapters when asked)."""
     transformers.set_seed(seed)  # the head's and the new token embeddings' initialisation
     try:
@@ -206,8 +206,8 @@ def build_actor(model_args: ModelArguments, latent_dim: int | None, seed: int, p
         raise UserError(str(e)) from None
     actor = LatentActor.from_base(base, tokenizer, latent_dim=latent_dim, num_heads=model_args.num_heads,
                                   prepended_length=model_args.prepended_length, dropout=model_args.head_dropout)
-    actor.use_packed_sequences(packed)
-    if model_args.compile_layers or (model_args.compile_layers is None and torch.cuda.is_available()):
+    actor.use_packed_sequences(bool(model_args.packed_sequences))
+    if model_args.compile_layers:
         actor.compile_layers()
     if model_args.lora_r:
         targets = model_args.lora_target_modules
@@ -250,10 +250,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
     report, resume = check_data(model_args, data_args, args)
     if args.validate_only:
         return 0
-    packed = model_args.packed_sequences
-    if packed is None:
-        packed = packed_sequences_available() and (args.bf16 or args.fp16)
-    actor = build_actor(model_args, report.latent_dim, args.seed, packed)
+    # Speed options left unset ("auto") are on where they pay: on CUDA (packed rows need bf16/fp16).
+    if model_args.packed_sequences is None:
+        model_args.packed_sequences = packed_sequences_available() and (args.bf16 or args.fp16)
+    if model_args.compile_layers is None:
+        model_args.compile_layers = torch.cuda.is_available()
+    actor = build_actor(model_args, report.latent_dim, args.seed)
     trainer = build_trainer(actor, model_args, data_args, args)
     try:
         trainer.train(resume_from_checkpoint=resume)

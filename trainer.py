@@ -124,6 +124,7 @@ class LatentActorTrainer(Trainer):
         self._draw_key = (-1, 0)  # (global_step, micro-batch within it) -> random stream
         self._eval_draws = 0  # batches seen in the current evaluation
         self.step_sample_indices: list[torch.Tensor] = []  # dataset rows of the current optimizer step
+        self._compiled_chunk_fn = None  # built on first use (see `_chunk_fn`)
 
     # -- randomness that survives resumption: a stream per (seed, rank, step, micro-batch) ------------
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -242,7 +243,7 @@ class LatentActorTrainer(Trainer):
             compile_loss = device.type == "cuda"
         if not compile_loss:
             return chunk_values_and_grad
-        if getattr(self, "_compiled_chunk_fn", None) is None:
+        if self._compiled_chunk_fn is None:
             self._compiled_chunk_fn = torch.compile(chunk_values_and_grad, dynamic=True)
         return self._compiled_chunk_fn
 

@@ -44,7 +44,7 @@ def test_injected_embeddings_equal_hand_built_sequence(actor):
     rows = torch.tensor([4, 2])
     batch = assemble_inputs(text, labels, torch.tensor([5, 4]), torch.tensor([2, 1]), rows, None, None,
                             actor.bop_id, actor.eop_id, actor.pad_id)
-    got = actor.embed(batch["input_ids"], batch["latent_slots"], rows, latents, lengths)
+    got = actor.embed(batch["input_ids"], batch["latent_slots"], latents, lengths)
 
     emb = actor.base_model.get_input_embeddings()
     processed = actor.head(latents, lengths)
