@@ -85,12 +85,16 @@ def condition_applies(condition: str, batch: dict[str, torch.Tensor], donor: dic
 @torch.no_grad()
 def ce_sums(actor: LatentActor, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample of the batch: summed CE (nats, float64) and count of supervised tokens, both [B]."""
-    out = actor(**inputs)
+    def token_ces(actor: LatentActor) -> torch.Tensor:  # in one call of the model: FSDP gathers weights there
+        out = actor.branch(**inputs)
+        ce = torch.cat([token_ce(actor.logits(out.hidden[s:s + LOGIT_CHUNK]), out.labels[s:s + LOGIT_CHUNK])
+                        for s in range(0, out.labels.shape[0], LOGIT_CHUNK)] or [out.hidden.new_zeros(0)])
+        return ce, out.sample_index
+
+    ce, sample_index = actor(compute=token_ces)
     b = inputs["input_ids"].shape[0]
-    ce = torch.cat([token_ce(actor.logits(out.hidden[s:s + LOGIT_CHUNK]), out.labels[s:s + LOGIT_CHUNK])
-                    for s in range(0, out.labels.shape[0], LOGIT_CHUNK)] or [out.hidden.new_zeros(0)])
-    sums = torch.zeros(b, dtype=torch.float64, device=ce.device).index_add_(0, out.sample_index, ce.double())
-    counts = torch.bincount(out.sample_index, minlength=b)
+    sums = torch.zeros(b, dtype=torch.float64, device=ce.device).index_add_(0, sample_index, ce.double())
+    counts = torch.bincount(sample_index, minlength=b)
     return sums.cpu(), counts.cpu()
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -77,9 +78,10 @@ class LatentCommHead(nn.Module):
     def forward(self, latents: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """`latents` [B, K, d] padded, `lengths` [B] valid rows -> processed rows [B, K', H], K' <= prepended_length."""
         latents = latents[:, : self.config.prepended_length]
-        # Float32 for stability whatever the surrounding autocast.
+        # Float32 for stability whatever the surrounding autocast (the weights' dtype where FSDP's mixed
+        # precision casts them for the forward).
         with torch.autocast(device_type=latents.device.type, enabled=False):
-            x = self.input_proj(latents.float())
+            x = self.input_proj(latents.to(self.pre_ln.weight.dtype))
             h = self.pre_ln(x)
             # Rows past a sample's length are padding; an empty sample keeps one (ignored) key
             # so that softmax over keys never sees an all-masked row (NaN).
@@ -275,6 +277,11 @@ class LatentActor(nn.Module):
         return self.base_model.config
 
     @property
+    def _no_split_modules(self):
+        """The decoder layer classes: what FSDP's automatic wrapping shards as one unit each."""
+        return getattr(self.base_model, "_no_split_modules", None)
+
+    @property
     def device(self) -> torch.device:
         return self.head.pre_ln.weight.device
 
@@ -338,10 +345,15 @@ class LatentActor(nn.Module):
         rows = processed.gather(1, k[..., None].expand(-1, -1, processed.shape[-1]))
         return torch.where(latent_slots[..., None], rows.to(embeds.dtype), embeds)  # cast: float32 rows crash a bf16 model
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
-                marker_index: torch.Tensor, latents: torch.Tensor | None = None,
-                latent_lengths: torch.Tensor | None = None, latent_rows: torch.Tensor | None = None,
-                block_ids: torch.Tensor | None = None, block_lengths: torch.Tensor | None = None) -> BranchOutput:
+    def forward(self, *args, compute: Callable[["LatentActor"], Any] | None = None, **kwargs):
+        """One branch (`branch`'s arguments), or `compute(self)`: a whole loss computed inside one call of
+        the model, where a wrapper (FSDP) has gathered the parameters that it shards outside its forward."""
+        return compute(self) if compute is not None else self.branch(*args, **kwargs)
+
+    def branch(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
+               marker_index: torch.Tensor, latents: torch.Tensor | None = None,
+               latent_lengths: torch.Tensor | None = None, latent_rows: torch.Tensor | None = None,
+               block_ids: torch.Tensor | None = None, block_lengths: torch.Tensor | None = None) -> BranchOutput:
         """Assemble one branch (`latent_rows` latents then `block_ids` between <bop>/<eop>) and run the LM."""
         if latent_rows is None:
             latent_rows = torch.zeros_like(marker_index)
@@ -399,13 +411,18 @@ class LatentActor(nn.Module):
             return head(hidden.float())
 
     # -- saving and loading -----------------------------------------------------------------
-    def save_pretrained(self, output_dir: str, save_tokenizer: bool = True) -> None:
-        """Write the base model (`save_pretrained`), the tokenizer and `latent_comm_head.pt`."""
+    def save_pretrained(self, output_dir: str, save_tokenizer: bool = True,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the base model (`save_pretrained`), the tokenizer and `latent_comm_head.pt`.
+
+        `state_dict`: this actor's full weights when its own are sharded (gathered by FSDP on one rank)."""
         os.makedirs(output_dir, exist_ok=True)
-        self.base_model.save_pretrained(output_dir)
+        part = lambda prefix: None if state_dict is None else {
+            k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        self.base_model.save_pretrained(output_dir, state_dict=part("base_model."))
         if save_tokenizer:
             self.tokenizer.save_pretrained(output_dir)
-        save_head(self.head, os.path.join(output_dir, HEAD_FILE))
+        save_head(self.head.config, part("head.") or self.head.state_dict(), os.path.join(output_dir, HEAD_FILE))
 
     def load_weights(self, checkpoint_dir: str) -> None:
         """Load base-model and head weights saved by `save_pretrained` into this actor (resume, best model)."""
@@ -463,11 +480,11 @@ def add_special_tokens(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def save_head(head: LatentCommHead, path: str) -> None:
+def save_head(config: HeadConfig, state_dict: dict[str, torch.Tensor], path: str) -> None:
     """A plain dict of tensors plus the head's configuration: loadable with `weights_only=True`."""
-    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     tmp = path + ".tmp"
-    torch.save({"config": asdict(head.config), "state_dict": state}, tmp)
+    torch.save({"config": asdict(config), "state_dict": state}, tmp)
     os.replace(tmp, path)  # never leave a half-written head in place of a good one
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.training_args import ParallelMode
 
 from callbacks import InfoNCEProbeCallback, LatentConditionsCallback, LossLogCallback, NonFiniteGuardCallback
 from data import ActorDataset, DataError, LatentCollator, build_hf_dataset, split_train_eval
@@ -171,11 +172,15 @@ def check_data(model_args: ModelArguments, data_args: DataArguments, args: Actor
     """Validate every record before any model is loaded; returns (report, checkpoint to resume or None)."""
     if not data_args.train_file:
         raise UserError("--train_file is required")
-    if args.fsdp:
-        # The no-grad branches and the chunked vocabulary projection call parts of the model outside the
-        # wrapped forward, which FSDP's sharded parameters do not allow: refuse rather than fail mid-run.
-        raise UserError("--fsdp is not supported yet. For several GPUs use torchrun (DDP); for a large "
-                        "actor on one GPU use --lora_r 16 --gradient_checkpointing true --base_dtype bfloat16")
+    if args.fsdp and model_args.lora_r:
+        raise UserError("--fsdp with --lora_r is not supported: LoRA's adapters are small enough for DDP "
+                        "(torchrun without --fsdp); FSDP shards full fine-tuning")
+    if args.fsdp and args.parallel_mode != ParallelMode.DISTRIBUTED:
+        raise UserError("--fsdp shards the model over several processes: launch with torchrun --nproc_per_node N "
+                        "(or accelerate launch); one process trains without it")
+    if args.fsdp and "SHARDED_STATE_DICT" in str(args.fsdp_config.get("state_dict_type", "")):
+        raise UserError("--fsdp_config state_dict_type SHARDED_STATE_DICT is not supported: the output folder must "
+                        "reload on one process; use FULL_STATE_DICT (the default)")
     try:
         resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
         check_tokenizer = _tokenizer_for_checks(model_args) if args.validate_only else None
@@ -253,8 +258,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
     # Speed options left unset ("auto") are on where they pay: on CUDA (packed rows need bf16/fp16).
     if model_args.packed_sequences is None:
         model_args.packed_sequences = packed_sequences_available() and (args.bf16 or args.fp16)
-    if model_args.compile_layers is None:
-        model_args.compile_layers = torch.cuda.is_available()
+    if model_args.compile_layers is None:  # not under FSDP: its hooks around each layer are not compiled with it
+        model_args.compile_layers = torch.cuda.is_available() and not args.fsdp
     actor = build_actor(model_args, report.latent_dim, args.seed)
     trainer = build_trainer(actor, model_args, data_args, args)
     try:

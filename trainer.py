@@ -164,14 +164,14 @@ class LatentActorTrainer(Trainer):
 
     # -- the loss ---------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # One autocast region for the whole step: the vocabulary projections of the loss run outside the
-        # model's (autocast-wrapped) forward and would otherwise be float32 matrix products.
+        # The whole step runs inside one call of the (DDP- or FSDP-wrapped) model: FSDP gathers its
+        # sharded parameters only there, and the loss projects with the LM head's weight directly.
+        # One autocast region: also for evaluation, where the model's forward is not autocast-wrapped.
         with self.accelerator.autocast():
-            loss = self._three_branch_loss(model, inputs, num_items_in_batch)
+            loss = model(compute=lambda actor: self._three_branch_loss(actor, inputs, num_items_in_batch))
         return (loss, {"loss": loss}) if return_outputs else loss
 
-    def _three_branch_loss(self, model, inputs, num_items_in_batch):
-        actor: LatentActor = self.accelerator.unwrap_model(model)
+    def _three_branch_loss(self, actor: LatentActor, inputs, num_items_in_batch):
         cfg = self.loss_config
         gen = self._generator(inputs["latent_lengths"].device)
         text = {k: inputs[k] for k in ("input_ids", "labels", "attention_mask", "marker_index")}
@@ -181,7 +181,7 @@ class LatentActorTrainer(Trainer):
 
         # Curriculum: first round(r*K) latent rows, then the plan tokens from round(r*P) on.
         # Evaluation (and samples without a plan) use pure latents; samples without latents the plan.
-        if model.training:
+        if actor.training:
             ratio = draw_mix_ratios(len(latent_lengths), cfg.mix_ratios, cfg.pure_latent_prob, gen)
         else:
             ratio = torch.ones(len(latent_lengths), device=latent_lengths.device)
@@ -190,7 +190,7 @@ class LatentActorTrainer(Trainer):
         latent_rows = torch.round(ratio * latent_lengths).long()
         block_ids, block_lengths = shift_left(plan_ids, plan_lengths, torch.round(ratio * plan_lengths).long(),
                                               actor.pad_id)
-        pos = model(**text, latents=latents, latent_lengths=latent_lengths, latent_rows=latent_rows,
+        pos = actor.branch(**text, latents=latents, latent_lengths=latent_lengths, latent_rows=latent_rows,
                     block_ids=block_ids, block_lengths=block_lengths)
 
         plan_hidden = neg_hidden = plan_mask = neg_mask = None
@@ -230,9 +230,9 @@ class LatentActorTrainer(Trainer):
             # DDP averages gradients over ranks, while num_items_in_batch counts every rank's tokens.
             scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
             loss = total / num_items_in_batch * scale
-        if model.training:
+        if actor.training:
             self.step_sample_indices.append(inputs["index"])
-        self._accumulate_metrics("train" if model.training else "eval", sums, tokens)
+        self._accumulate_metrics("train" if actor.training else "eval", sums, tokens)
         return loss
 
     def _chunk_fn(self, device: torch.device):
@@ -265,7 +265,7 @@ class LatentActorTrainer(Trainer):
         rows = max(b["latents"].shape[1] for b in branches)
         pad_ids = lambda ids: torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=actor.pad_id)
         stack = lambda key: torch.cat([b[key] for b in branches])
-        out = actor(**{k: torch.cat([v] * len(branches)) for k, v in text.items()},
+        out = actor.branch(**{k: torch.cat([v] * len(branches)) for k, v in text.items()},
                     latents=torch.cat([_pad_rows(b["latents"], rows) for b in branches]),
                     latent_lengths=stack("latent_lengths"), latent_rows=stack("latent_lengths"),
                     block_ids=torch.cat([pad_ids(b["block_ids"]) for b in branches]),
@@ -340,14 +340,19 @@ class LatentActorTrainer(Trainer):
         if not self.args.should_save:
             return
         actor: LatentActor = self.accelerator.unwrap_model(self.model)
-        actor.save_pretrained(output_dir)
+        # Under FSDP, `state_dict` holds the full weights gathered on this rank (the module's own are shards).
+        actor.save_pretrained(output_dir, state_dict=state_dict)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if self.is_fsdp_enabled:  # the Trainer's FSDP loader: every rank takes its shard of the full weights
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
         actor: LatentActor = self.accelerator.unwrap_model(model or self.model)
         actor.load_weights(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
+        if self.is_fsdp_enabled:
+            return super()._load_best_model()
         logger.info("Loading best model from %s (score: %s).", self.state.best_model_checkpoint,
                     self.state.best_metric)
         self.accelerator.unwrap_model(self.model).load_weights(self.state.best_model_checkpoint)

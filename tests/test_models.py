@@ -1,4 +1,5 @@
 """Model loading: an unknown model fails fast and names the embedded offline model."""
+import os
 import time
 
 import pytest
@@ -31,9 +32,13 @@ def test_embedded_model_is_a_cached_plain_model_folder(tokenizer_dir):
     assert models.resolve_model(models.EMBEDDED_MODEL) == tokenizer_dir  # converted once, then reused
 
 
-def test_fsdp_is_refused_with_a_clear_message(tmp_path, capsys):
+def test_fsdp_with_lora_is_refused_with_a_clear_message(tmp_path, capsys):
     train = write_jsonl(tmp_path / "t.jsonl", make_records(2, str(tmp_path / "lat")))
     rc = train_actor.main(["--train_file", train, "--output_dir", str(tmp_path / "o"), "--report_to", "none",
-                           "--fsdp", "full_shard auto_wrap"])
+                           "--fsdp", "--lora_r", "8"])
     err = capsys.readouterr().err
-    assert rc == 2 and "--fsdp is not supported" in err and "torchrun" in err and "Traceback" not in err
+    assert rc == 2 and "--fsdp with --lora_r is not supported" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "o")  # refused before anything was written
+    rc = train_actor.main(["--train_file", train, "--output_dir", str(tmp_path / "o"), "--report_to", "none", "--fsdp"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--fsdp shards the model over several processes: launch with torchrun" in err

@@ -2,6 +2,7 @@
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -219,6 +220,90 @@ def test_two_processes_under_torchrun_draw_negatives_across_ranks(tiny_model_dir
                 from_other_rank += donor // 2 != rank
     assert from_other_rank > 0
     assert logs[0]["ratios"] != logs[1]["ratios"]  # each rank has its own random stream
+
+
+# Runs train_actor under torchrun with FSDP2 on CPU (gloo), then records the trained model's logits on a
+# fixed batch. accelerate turns FSDP off on CPU and silently runs DDP; this launcher keeps it on, so that
+# the real `fully_shard` path (sharded parameters, reduce-scatter, full-state-dict saving) runs.
+FSDP_LAUNCHER = """
+import os, sys
+sys.path.insert(0, {root!r}); sys.path.insert(0, os.path.join({root!r}, "tests"))
+import torch, accelerate.state as state
+from accelerate.utils import DistributedType
+init = state.AcceleratorState.__init__
+def init_keeping_fsdp(self, *a, fsdp_plugin=None, **k):
+    init(self, *a, fsdp_plugin=fsdp_plugin, **k)
+    if fsdp_plugin is not None:
+        self.fsdp_plugin = fsdp_plugin
+    if getattr(self, "fsdp_plugin", None) is not None and self.distributed_type == DistributedType.MULTI_CPU:
+        self.distributed_type = DistributedType.FSDP
+state.AcceleratorState.__init__ = init_keeping_fsdp
+import train_actor, test_trainer
+trainers = []
+build = train_actor.build_trainer
+train_actor.build_trainer = lambda *a, **k: trainers.append(build(*a, **k)) or trainers[-1]
+rc = train_actor.main(sys.argv[1:])
+trainer = trainers[-1]
+if {fsdp}:
+    assert trainer.is_fsdp_enabled and type(trainer.model.head.pre_ln.weight).__name__ == "DTensor"
+model = trainer.model.eval()
+batch = test_trainer._fixed_batch(trainer.processing_class, {data!r})
+with torch.no_grad():  # every rank takes part: the parameters are gathered inside the call
+    logits = model(compute=lambda actor: actor.logits(actor.branch(**batch).hidden))
+if trainer.is_world_process_zero():
+    torch.save(logits, os.path.join(trainer.args.output_dir, "final_logits.pt"))
+sys.exit(rc)
+"""
+
+
+def _torchrun(script: str, *argv: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           script, *argv, "--ddp_backend", "gloo", "--use_cpu", "true"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def test_fsdp_trains_as_ddp_and_its_checkpoints_reload_on_one_process(tiny_model_dir, tiny_data, tmp_path):
+    from latent_head import LatentActor
+
+    train, evaluation = tiny_data
+    argv = lambda out, *extra: _train_argv(tiny_model_dir, train, str(tmp_path / out), "--per_device_train_batch_size",
+                                           "2", "--max_steps", "4", "--learning_rate", "1e-3", "--logging_steps", "1",
+                                           "--train_sampling_strategy", "sequential", "--head_dropout", "0", *extra)
+    fsdp = ["--fsdp", "--fsdp_config", '{"version": 2}']
+    runs = {}
+    for name, fsdp_args, extra in (("fsdp", fsdp, ["--save_strategy", "steps", "--save_steps", "2"]),
+                                   ("ddp", [], []),
+                                   ("fsdp_resumed", fsdp, ["--resume_from_checkpoint",
+                                                           str(tmp_path / "fsdp_resumed" / "checkpoint-2")])):
+        script = tmp_path / f"{name}.py"
+        script.write_text(FSDP_LAUNCHER.format(root=ROOT, data=evaluation, fsdp=bool(fsdp_args)))
+        if name == "fsdp_resumed":  # resume a copy of the FSDP run's step-2 checkpoint: optimizer state included
+            shutil.copytree(tmp_path / "fsdp" / "checkpoint-2", tmp_path / name / "checkpoint-2")
+        result = _torchrun(str(script), *argv(name, *fsdp_args, *extra))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = tmp_path / name
+
+    # each output folder (base model + head, gathered from the shards) reloads on one process: equal logits
+    for name, out in runs.items():
+        actor = LatentActor.from_pretrained(str(out)).eval()
+        with torch.no_grad():
+            logits = actor.logits(actor(**_fixed_batch(actor.tokenizer, evaluation)).hidden)
+        assert torch.allclose(logits, torch.load(out / "final_logits.pt", weights_only=True), atol=1e-5), name
+    # the FSDP checkpoint reloads too, and it holds the step-2 weights (its head included), not the final ones
+    final = {n: p.detach() for n, p in LatentActor.from_pretrained(str(runs["fsdp"])).named_parameters()}
+    step2 = LatentActor.from_pretrained(str(runs["fsdp"] / "checkpoint-2"))
+    assert all(not torch.equal(p.detach(), final["head." + n]) for n, p in step2.head.named_parameters())
+    # FSDP trains as DDP does (same ranks, same random streams), and resuming it from step 2 changes nothing:
+    # the same losses and gradient norms, and weights equal to a tenth of one step (Adam moves each by ~lr)
+    logged = lambda run: [r[k] for r in
+                          json.load(open(runs[run] / "trainer_state.json"))["log_history"] if "loss" in r
+                          for k in ("loss", "grad_norm")]
+    for other in ("ddp", "fsdp_resumed"):
+        assert logged(other) == pytest.approx(logged("fsdp"), rel=1e-4), other
+        weights = {n: p.detach() for n, p in LatentActor.from_pretrained(str(runs[other])).named_parameters()}
+        assert weights.keys() == final.keys()
+        worst = max((weights[n] - final[n]).abs().max().item() for n in final)
+        assert worst < 1e-4, (other, worst)
 
 
 def _fixed_batch(tokenizer, path):
