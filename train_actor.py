@@ -76,6 +76,10 @@ class DataArguments:
 
 @dataclass
 class ActorTrainingArguments(TrainingArguments):
+    # Every parameter takes part in every step (the head too: samples without latents still pass it one
+    # padded row), so DDP need not search the autograd graph for unused ones after each forward.
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={
+        "help": "DDP's search for parameters without a gradient (off: none exist in this model)."})
     learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate."})
     head_learning_rate: float | None = field(default=None, metadata={
         "help": "Learning rate of the freshly initialised latent head (default: --learning_rate). Its output "

@@ -141,17 +141,21 @@ class LatentActorTrainer(Trainer):
         return torch.Generator(device=device).manual_seed(seed)
 
     # -- negatives from every rank ----------------------------------------------------------------------
-    def _negatives(self, latents: torch.Tensor, lengths: torch.Tensor, gen: torch.Generator):
+    def _negatives(self, latents: torch.Tensor, lengths: torch.Tensor, gen: torch.Generator, max_rows: int):
         """Donor latents [B, K, d], their lengths [B], and whether a donor was found [B]."""
         own = torch.arange(lengths.shape[0], device=lengths.device)
         pool, pool_lengths = latents, lengths
         if self.accelerator.num_processes > 1:
-            # Same shapes on every rank, then tensor all-gather (never pickled objects).
-            padded = self.accelerator.pad_across_processes(latents, dim=1)
-            padded = self.accelerator.pad_across_processes(padded, dim=0)
-            padded_lengths = self.accelerator.pad_across_processes(lengths, dim=0)  # pads with 0: not a candidate
+            # One tensor all-gather (never pickled objects) of shapes every rank knows without asking the
+            # others: the configured batch size and the head's row limit `max_rows`. Exchanging the actual
+            # shapes first would make every step wait for the device.
+            batch = self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
+            if latents.shape[0] > batch or latents.shape[1] > max_rows:
+                raise ValueError(f"a batch of {tuple(latents.shape[:2])} latents exceeds ({batch}, {max_rows})")
+            padded = torch.nn.functional.pad(latents, (0, 0, 0, max_rows - latents.shape[1], 0, batch - latents.shape[0]))
+            padded_lengths = torch.nn.functional.pad(lengths, (0, batch - lengths.shape[0]))  # 0: not a candidate
             pool, pool_lengths = self.accelerator.gather(padded), self.accelerator.gather(padded_lengths)
-            own = own + self.accelerator.process_index * padded.shape[0]
+            own = own + self.accelerator.process_index * batch
         bank_latents, bank_lengths = self._bank if self._bank is not None else (pool[:0], pool_lengths[:0])
         rows = max(pool.shape[1], bank_latents.shape[1])
         everything = torch.cat([_pad_rows(pool, rows), _pad_rows(bank_latents, rows)])
@@ -203,7 +207,8 @@ class LatentActorTrainer(Trainer):
                 branches["plan"] = dict(latents=latents, latent_lengths=no_rows, block_ids=plan_ids,
                                         block_lengths=plan_lengths)
             if cfg.random_contrast_weight:
-                neg_latents, neg_lengths, found = self._negatives(latents, latent_lengths, gen)
+                neg_latents, neg_lengths, found = self._negatives(latents, latent_lengths, gen,
+                                                                  actor.head.config.prepended_length)
                 branches["negative"] = dict(latents=neg_latents, latent_lengths=neg_lengths,
                                             block_ids=plan_ids[:, :0], block_lengths=no_rows)
             hidden = dict(zip(branches, self._stacked_no_grad_forward(actor, text, list(branches.values()))))

@@ -101,6 +101,39 @@ elif [ "$PLAN" = ddp ]; then
   NCCL_NVLS_ENABLE=0 timeout 120 torchrun --nproc_per_node 2 bench.py --results_dir "$RES" --batch_size 2 --steps 25 \
     --out_name dd2_b2 2>&1 | grep -v "it/s\]\|examples/s\]"
   echo "[gpu_run] torchrun 2 x b2 done rc=$? at +$(( $(date +%s) - T0 )) s"
+elif [ "$PLAN" = scale ]; then
+  # two GPUs: DDP after the static-shape negatives gather and find_unused_parameters off, against one GPU of the
+  # same machine, with random and length-grouped batches; FSDP2 throughput, then its save/reload check
+  echo '{"version": 2}' > /tmp/fsdp2.json
+  FSDP=(--fsdp "full_shard auto_wrap" --fsdp_config /tmp/fsdp2.json)
+  tr() {  # torchrun over both GPUs with the time left checked like `bench`
+    local el=$(( $(date +%s) - T0 )) lim=$1; shift
+    if [ $(( el + lim )) -gt "$BUDGET" ]; then echo "[gpu_run] skipped (+$el s): torchrun $*"; return; fi
+    NCCL_NVLS_ENABLE=0 timeout "$lim" torchrun --nproc_per_node 2 "$@" 2>&1 | grep -v "it/s\]\|examples/s\]"
+    echo "[gpu_run] torchrun $* done rc=$? at +$(( $(date +%s) - T0 )) s"
+  }
+  CUDA_VISIBLE_DEVICES=0 LIMIT=100 bench --batch_size 8 --steps 20 --out_name sc1_b8
+  tr 110 bench.py --results_dir "$RES" --batch_size 8 --steps 20 --out_name sc2_b8
+  tr 120 benchmarks/fsdp_check.py train --model_name_or_path /tmp/interlat_bench/qwen05_n128/model \
+    --train_file /tmp/interlat_bench/qwen05_n128/train.jsonl --output_dir /tmp/fsdp_out --report_to none \
+    --bf16 true --per_device_train_batch_size 4 --max_steps 6 --logging_steps 1 --save_strategy no \
+    --disable_tqdm true "${FSDP[@]}"
+  el=$(( $(date +%s) - T0 ))
+  if [ -f /tmp/fsdp_out/fsdp_check.pt ]; then
+    ls -la /tmp/fsdp_out; timeout 100 python3 benchmarks/fsdp_check.py reload /tmp/fsdp_out
+    echo "[gpu_run] fsdp reload rc=$? at +$(( $(date +%s) - T0 )) s"; rm -rf /tmp/fsdp_out
+  fi
+  tr 120 bench.py --results_dir "$RES" --batch_size 8 --steps 20 --out_name sc2_b8_fsdp "${FSDP[@]}"
+  CUDA_VISIBLE_DEVICES=0 LIMIT=90 bench --batch_size 8 --steps 20 --out_name sc1_b8_grouped --train_sampling_strategy group_by_length
+  tr 100 bench.py --results_dir "$RES" --batch_size 8 --steps 20 --out_name sc2_b8_grouped --train_sampling_strategy group_by_length
+elif [ "$PLAN" = big ]; then
+  # the 47 samples/s target at the largest batches an H200's memory holds, next to b2 and the reference
+  LIMIT=110 bench --batch_size 48 --steps 16 --out_name bg_b48
+  LIMIT=90 bench --batch_size 32 --steps 20 --out_name bg_b32
+  LIMIT=130 bench --batch_size 64 --steps 14 --out_name bg_b64
+  LIMIT=60 bench --batch_size 2 --steps 25 --out_name bg_b2
+  LIMIT=60 bench --batch_size 2 --steps 25 --out_name bg_b2_ref --fused_loss false --compile_loss false --packed_sequences false --compile_layers false
+  LIMIT=90 bench --batch_size 24 --steps 20 --out_name bg_b24
 elif [ "$PLAN" = fixes ]; then
   python3 benchmarks/check_bf16_loss.py
   bench --batch_size 2 --steps 25 --measure_matmul --out_name fx_b2_base

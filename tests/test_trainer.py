@@ -169,6 +169,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun(*argv: str) -> subprocess.CompletedProcess:
+    """Two CPU processes (gloo) under torchrun."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           *argv, "--ddp_backend", "gloo", "--use_cpu", "true"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
 # Runs train_actor under torchrun and records, per rank, every negative drawn and every mix ratio.
 RECORDER = """
 import json, os, sys
@@ -201,11 +208,8 @@ def test_two_processes_under_torchrun_draw_negatives_across_ranks(tiny_model_dir
     os.makedirs(out)
     script = tmp_path / "record.py"
     script.write_text(RECORDER.format(root=ROOT, out=out))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(script),
-           *_train_argv(tiny_model_dir, train, out, "--per_device_train_batch_size", "2", "--max_steps", "6",
-                        "--logging_steps", "1", "--ddp_backend", "gloo", "--use_cpu", "true")]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    result = _torchrun(str(script), *_train_argv(tiny_model_dir, train, out, "--per_device_train_batch_size", "2",
+                                                 "--max_steps", "6", "--logging_steps", "1"))
     assert result.returncode == 0, result.stderr[-3000:]
     state = json.load(open(os.path.join(out, "trainer_state.json")))
     assert state["global_step"] == 6 and os.path.exists(os.path.join(out, "latent_comm_head.pt"))
@@ -222,73 +226,35 @@ def test_two_processes_under_torchrun_draw_negatives_across_ranks(tiny_model_dir
     assert logs[0]["ratios"] != logs[1]["ratios"]  # each rank has its own random stream
 
 
-# Runs train_actor under torchrun with FSDP2 on CPU (gloo), then records the trained model's logits on a
-# fixed batch. accelerate turns FSDP off on CPU and silently runs DDP; this launcher keeps it on, so that
-# the real `fully_shard` path (sharded parameters, reduce-scatter, full-state-dict saving) runs.
-FSDP_LAUNCHER = """
-import os, sys
-sys.path.insert(0, {root!r}); sys.path.insert(0, os.path.join({root!r}, "tests"))
-import torch, accelerate.state as state
-from accelerate.utils import DistributedType
-init = state.AcceleratorState.__init__
-def init_keeping_fsdp(self, *a, fsdp_plugin=None, **k):
-    init(self, *a, fsdp_plugin=fsdp_plugin, **k)
-    if fsdp_plugin is not None:
-        self.fsdp_plugin = fsdp_plugin
-    if getattr(self, "fsdp_plugin", None) is not None and self.distributed_type == DistributedType.MULTI_CPU:
-        self.distributed_type = DistributedType.FSDP
-state.AcceleratorState.__init__ = init_keeping_fsdp
-import train_actor, test_trainer
-trainers = []
-build = train_actor.build_trainer
-train_actor.build_trainer = lambda *a, **k: trainers.append(build(*a, **k)) or trainers[-1]
-rc = train_actor.main(sys.argv[1:])
-trainer = trainers[-1]
-if {fsdp}:
-    assert trainer.is_fsdp_enabled and type(trainer.model.head.pre_ln.weight).__name__ == "DTensor"
-model = trainer.model.eval()
-batch = test_trainer._fixed_batch(trainer.processing_class, {data!r})
-with torch.no_grad():  # every rank takes part: the parameters are gathered inside the call
-    logits = model(compute=lambda actor: actor.logits(actor.branch(**batch).hidden))
-if trainer.is_world_process_zero():
-    torch.save(logits, os.path.join(trainer.args.output_dir, "final_logits.pt"))
-sys.exit(rc)
-"""
-
-
-def _torchrun(script: str, *argv: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           script, *argv, "--ddp_backend", "gloo", "--use_cpu", "true"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-
-
 def test_fsdp_trains_as_ddp_and_its_checkpoints_reload_on_one_process(tiny_model_dir, tiny_data, tmp_path):
+    """FSDP2 on CPU (gloo): the real `fully_shard` path, sharded parameters and full-state-dict saving."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import fsdp_check
     from latent_head import LatentActor
 
-    train, evaluation = tiny_data
+    train, _ = tiny_data
     argv = lambda out, *extra: _train_argv(tiny_model_dir, train, str(tmp_path / out), "--per_device_train_batch_size",
                                            "2", "--max_steps", "4", "--learning_rate", "1e-3", "--logging_steps", "1",
                                            "--train_sampling_strategy", "sequential", "--head_dropout", "0", *extra)
-    fsdp = ["--fsdp", "--fsdp_config", '{"version": 2}']
+    check = [os.path.join(ROOT, "benchmarks", "fsdp_check.py"), "train", "--force_fsdp_on_cpu",
+             "--fsdp", "--fsdp_config", '{"version": 2}']
     runs = {}
-    for name, fsdp_args, extra in (("fsdp", fsdp, ["--save_strategy", "steps", "--save_steps", "2"]),
-                                   ("ddp", [], []),
-                                   ("fsdp_resumed", fsdp, ["--resume_from_checkpoint",
-                                                           str(tmp_path / "fsdp_resumed" / "checkpoint-2")])):
-        script = tmp_path / f"{name}.py"
-        script.write_text(FSDP_LAUNCHER.format(root=ROOT, data=evaluation, fsdp=bool(fsdp_args)))
+    for name, launch, extra in ((("fsdp", check, ["--save_strategy", "steps", "--save_steps", "2"])),
+                                ("ddp", [os.path.join(ROOT, "train_actor.py")], []),
+                                ("fsdp_resumed", check, ["--resume_from_checkpoint",
+                                                         str(tmp_path / "fsdp_resumed" / "checkpoint-2")])):
         if name == "fsdp_resumed":  # resume a copy of the FSDP run's step-2 checkpoint: optimizer state included
             shutil.copytree(tmp_path / "fsdp" / "checkpoint-2", tmp_path / name / "checkpoint-2")
-        result = _torchrun(str(script), *argv(name, *fsdp_args, *extra))
+        result = _torchrun(*launch, *argv(name, *extra))
         assert result.returncode == 0, result.stderr[-3000:]
         runs[name] = tmp_path / name
 
-    # each output folder (base model + head, gathered from the shards) reloads on one process: equal logits
-    for name, out in runs.items():
-        actor = LatentActor.from_pretrained(str(out)).eval()
-        with torch.no_grad():
-            logits = actor.logits(actor(**_fixed_batch(actor.tokenizer, evaluation)).hidden)
-        assert torch.allclose(logits, torch.load(out / "final_logits.pt", weights_only=True), atol=1e-5), name
+    # the output folders (base model + head, gathered from the shards) reload on one process: the same
+    # weights, the head's included, and the same logits as the sharded model's at the end of training
+    for name in ("fsdp", "fsdp_resumed"):
+        reloaded = fsdp_check.reload(str(runs[name]))
+        assert reloaded["differ"] == [] and reloaded["head_weights"] > 0, reloaded
+        assert reloaded["max_logit_diff"] < 1e-5, reloaded
     # the FSDP checkpoint reloads too, and it holds the step-2 weights (its head included), not the final ones
     final = {n: p.detach() for n, p in LatentActor.from_pretrained(str(runs["fsdp"])).named_parameters()}
     step2 = LatentActor.from_pretrained(str(runs["fsdp"] / "checkpoint-2"))
