@@ -134,6 +134,16 @@ elif [ "$PLAN" = big ]; then
   LIMIT=60 bench --batch_size 2 --steps 25 --out_name bg_b2
   LIMIT=60 bench --batch_size 2 --steps 25 --out_name bg_b2_ref --fused_loss false --compile_loss false --packed_sequences false --compile_layers false
   LIMIT=90 bench --batch_size 24 --steps 20 --out_name bg_b24
+elif [ "$PLAN" = scale2 ]; then
+  # run after `scale` on the same machine (its sc2_b8 is the two-GPU figure): one GPU over the same sample
+  # window as two GPUs x 20 steps (40 steps, 10 left out), and at batch 16, two GPUs' global batch; then the
+  # largest batches one H200 holds (the 47 samples/s target)
+  CUDA_VISIBLE_DEVICES=0 LIMIT=80 bench --batch_size 8 --steps 40 --warmup 10 --out_name sc1_b8_40
+  CUDA_VISIBLE_DEVICES=0 LIMIT=80 bench --batch_size 16 --steps 20 --out_name sc1_b16
+  CUDA_VISIBLE_DEVICES=0 LIMIT=110 bench --batch_size 48 --steps 16 --out_name bg_b48
+  CUDA_VISIBLE_DEVICES=0 LIMIT=130 bench --batch_size 64 --steps 14 --out_name bg_b64
+  CUDA_VISIBLE_DEVICES=0 LIMIT=90 bench --batch_size 32 --steps 20 --out_name bg_b32
+  CUDA_VISIBLE_DEVICES=0 LIMIT=50 bench --batch_size 2 --steps 25 --out_name bg_b2
 elif [ "$PLAN" = fixes ]; then
   python3 benchmarks/check_bf16_loss.py
   bench --batch_size 2 --steps 25 --measure_matmul --out_name fx_b2_base
