@@ -450,27 +450,31 @@ def main(argv=None) -> int:
         # Rates over the whole timed window (total work / total time): batches differ in length, so step
         # times are spread (bimodally at some batch sizes) and a median step would misstate throughput.
         window = sum(r["interval_s"] for r in timed)
-        grad_tok = sum(r["grad_tokens"] for r in timed) / len(timed)
-        nograd_tok = sum(r["nograd_tokens"] for r in timed) / len(timed)
-        padded = sum(r["grad_padded"] for r in timed) / len(timed)
+        totals = torch.tensor([sum(r[k] for r in timed) for k in ("grad_tokens", "nograd_tokens", "grad_padded")],
+                              dtype=torch.float64, device="cuda" if cuda else "cpu")
+        if world > 1:  # every rank's tokens (ranks' batches differ in length): the global token rate
+            torch.distributed.all_reduce(totals)
+        grad_tok, nograd_tok, padded = (totals / len(timed)).tolist()  # per step, all ranks
         model = holder["trainer"].model
         n_params = sum(p.numel() for p in model.base_model.parameters())
-        tps = grad_tok * len(timed) / window
+        tps = grad_tok * len(timed) / window  # all ranks
         n = N_PARAMS_MFU if bench.shape == "qwen05" else n_params
         result.update({
             "median_step_s": med, "median_compute_s": med_compute, "timed_window_s": window,
             "mean_step_s": window / len(timed),
             "min_step_s": min(r["interval_s"] for r in timed), "max_step_s": max(r["interval_s"] for r in timed),
             "world_size": world,
-            # every rank runs the same number of steps: the global rate is world x rank 0's
+            # every rank runs the same number of steps, in rank 0's time
             "samples_per_s": world * bench.batch_size * len(timed) / window,
             "samples_per_s_from_median_step": world * bench.batch_size / med,
             "tokens_per_step": grad_tok, "nograd_tokens_per_step": nograd_tok,
             "padded_tokens_per_step": padded, "padding_fraction": 1 - grad_tok / padded if padded else 0.0,
-            "tokens_per_s": world * tps,
-            "mfu": 10 * n * tps / PEAK_BF16_DENSE,  # per GPU
-            "mfu_branch_exact": (6 * n * grad_tok + 2 * n * nograd_tok) * len(timed) / window / PEAK_BF16_DENSE,
-            "mfu_vs_measured_matmul": (10 * n * tps / (matmul * 1e12)) if matmul else None,
+            "tokens_per_s": tps,
+            "tokens_per_sample": grad_tok / (world * bench.batch_size),
+            "mfu": 10 * n * tps / world / PEAK_BF16_DENSE,  # per GPU
+            "mfu_branch_exact": (6 * n * grad_tok + 2 * n * nograd_tok) * len(timed) / window / world
+                                / PEAK_BF16_DENSE,
+            "mfu_vs_measured_matmul": (10 * n * tps / world / (matmul * 1e12)) if matmul else None,
             "n_params_base": n_params, "n_params_mfu": n, "peak_flops": PEAK_BF16_DENSE,
             "tokens_note": "tokens = real tokens of the gradient branch (chat text + <bop> + latents/plan + <eop>),"
                            " no padding; mfu = 10*N*tokens_per_s/peak; mfu_branch_exact counts "

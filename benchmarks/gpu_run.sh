@@ -144,6 +144,19 @@ elif [ "$PLAN" = scale2 ]; then
   CUDA_VISIBLE_DEVICES=0 LIMIT=130 bench --batch_size 64 --steps 14 --out_name bg_b64
   CUDA_VISIBLE_DEVICES=0 LIMIT=90 bench --batch_size 32 --steps 20 --out_name bg_b32
   CUDA_VISIBLE_DEVICES=0 LIMIT=50 bench --batch_size 2 --steps 25 --out_name bg_b2
+elif [ "$PLAN" = scale3 ]; then
+  # two GPUs vs one on the same machine, tokens now summed over ranks; one GPU over the same sample
+  # window as two GPUs (twice the steps), at batch 8 and 16 per GPU
+  tr() {
+    local el=$(( $(date +%s) - T0 )) lim=$1; shift
+    if [ $(( el + lim )) -gt "$BUDGET" ]; then echo "[gpu_run] skipped (+$el s): torchrun $*"; return; fi
+    NCCL_NVLS_ENABLE=0 timeout "$lim" torchrun --nproc_per_node 2 "$@" 2>&1 | grep -v "it/s\]\|examples/s\]"
+    echo "[gpu_run] torchrun $* done rc=$? at +$(( $(date +%s) - T0 )) s"
+  }
+  tr 110 bench.py --results_dir "$RES" --batch_size 8 --steps 20 --out_name s3_2gpu_b8
+  CUDA_VISIBLE_DEVICES=0 LIMIT=80 bench --batch_size 8 --steps 40 --warmup 10 --out_name s3_1gpu_b8
+  tr 120 bench.py --results_dir "$RES" --batch_size 16 --steps 20 --out_name s3_2gpu_b16
+  CUDA_VISIBLE_DEVICES=0 LIMIT=100 bench --batch_size 16 --steps 40 --warmup 10 --out_name s3_1gpu_b16
 elif [ "$PLAN" = fixes ]; then
   python3 benchmarks/check_bf16_loss.py
   bench --batch_size 2 --steps 25 --measure_matmul --out_name fx_b2_base
