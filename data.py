@@ -341,3 +341,47 @@ def split_train_eval(hf_dataset, eval_ratio: float, seed: int):
         raise ValueError(f"--eval_ratio must be between 0 and 1 (exclusive), got {eval_ratio}")
     parts = hf_dataset.train_test_split(test_size=eval_ratio, seed=seed, shuffle=True)
     return parts["train"], parts["test"]
+
+
+class RankBalancedLengthSampler(torch.utils.data.Sampler[int]):
+    """Training order with batches of similar lengths, each step's batches dealt evenly over the ranks.
+
+    As transformers' `LengthGroupedSampler`: shuffle, sort groups of up to 50 global batches (per-device
+    batch x ranks) by length, cut them into global batches, shuffle those (the longest first, so an
+    out-of-memory shows at once). Then each global batch is dealt out round-robin: rank r's batch is every
+    `world_size`-th sample of it, as each rank takes every `world_size`-th per-device batch of the stream
+    (accelerate's batch sharding). Handing each rank a contiguous slice instead gives rank 0 the longest
+    samples of every step, and the other ranks wait for it.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, world_size: int = 1, seed: int = 0,
+                 max_group_batches: int = 50):
+        self.lengths, self.batch_size, self.world_size = lengths, batch_size, world_size
+        self.seed, self.max_group_batches, self.epoch = seed, max_group_batches, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)  # the same order on every rank
+        n, step = len(self.lengths), self.batch_size * self.world_size
+        order = torch.randperm(n, generator=g).tolist()
+        # Groups of several global batches (fewer for small datasets, to keep some randomness), as HF does.
+        group = max(1, min(self.max_group_batches, n // (4 * step))) * step
+        batches = [b for start in range(0, n, group)
+                   for sorted_group in [sorted(order[start:start + group], key=self.lengths.__getitem__, reverse=True)]
+                   for b in (sorted_group[i:i + step] for i in range(0, len(sorted_group), step))]
+        full = [b for b in batches if len(b) == step]
+        partial = [b for b in batches if len(b) < step]  # at most one: it goes last, where it splits unevenly
+        full = [full[i] for i in torch.randperm(len(full), generator=g).tolist()]
+        if full:
+            longest = max(range(len(full)), key=lambda i: self.lengths[full[i][0]])
+            full[0], full[longest] = full[longest], full[0]
+        for batch in full:
+            for rank in range(self.world_size):
+                yield from batch[rank::self.world_size]
+        for batch in partial:
+            yield from batch

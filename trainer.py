@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers import Trainer
 
+from data import RankBalancedLengthSampler
 from latent_head import LatentActor
 from losses import LN2, chunk_values_and_grad, fused_latent_comm_loss_sums, latent_comm_loss_sums
 
@@ -334,10 +335,9 @@ class LatentActorTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         lengths = getattr(dataset, "lengths", None)
         if self.args.train_sampling_strategy == "group_by_length" and lengths is not None:
-            from transformers.trainer_pt_utils import LengthGroupedSampler
-
-            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                        dataset=dataset, lengths=lengths)
+            return RankBalancedLengthSampler(lengths, self.args.per_device_train_batch_size, self.args.world_size,
+                                             seed=self.args.data_seed if self.args.data_seed is not None
+                                             else self.args.seed)
         return super()._get_train_sampler(train_dataset)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:

@@ -157,6 +157,20 @@ elif [ "$PLAN" = scale3 ]; then
   CUDA_VISIBLE_DEVICES=0 LIMIT=80 bench --batch_size 8 --steps 40 --warmup 10 --out_name s3_1gpu_b8
   tr 120 bench.py --results_dir "$RES" --batch_size 16 --steps 20 --out_name s3_2gpu_b16
   CUDA_VISIBLE_DEVICES=0 LIMIT=100 bench --batch_size 16 --steps 40 --warmup 10 --out_name s3_1gpu_b16
+elif [ "$PLAN" = scale4 ]; then
+  # as scale3, with length-grouped batches dealt round-robin over the ranks (RankBalancedLengthSampler);
+  # then batch 48 on one GPU with the new sampler
+  tr() {
+    local el=$(( $(date +%s) - T0 )) lim=$1; shift
+    if [ $(( el + lim )) -gt "$BUDGET" ]; then echo "[gpu_run] skipped (+$el s): torchrun $*"; return; fi
+    NCCL_NVLS_ENABLE=0 timeout "$lim" torchrun --nproc_per_node 2 "$@" 2>&1 | grep -v "it/s\]\|examples/s\]"
+    echo "[gpu_run] torchrun $* done rc=$? at +$(( $(date +%s) - T0 )) s"
+  }
+  tr 110 bench.py --results_dir "$RES" --batch_size 8 --steps 20 --out_name s4_2gpu_b8
+  CUDA_VISIBLE_DEVICES=0 LIMIT=80 bench --batch_size 8 --steps 40 --warmup 10 --out_name s4_1gpu_b8
+  tr 120 bench.py --results_dir "$RES" --batch_size 16 --steps 20 --out_name s4_2gpu_b16
+  CUDA_VISIBLE_DEVICES=0 LIMIT=100 bench --batch_size 16 --steps 40 --warmup 10 --out_name s4_1gpu_b16
+  CUDA_VISIBLE_DEVICES=0 LIMIT=100 bench --batch_size 48 --steps 16 --out_name s4_1gpu_b48
 elif [ "$PLAN" = fixes ]; then
   python3 benchmarks/check_bf16_loss.py
   bench --batch_size 2 --steps 25 --measure_matmul --out_name fx_b2_base

@@ -112,3 +112,35 @@ def test_dataset_and_collator_pad_dynamically(tmp_path, tokenizer):
         assert batch["latents"].shape[1] == batch["latent_lengths"].max()
         pad_region = batch["attention_mask"] == 0
         assert (batch["labels"][pad_region] == IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_length_grouped_batches_are_dealt_evenly_over_ranks(world_size):
+    from data import RankBalancedLengthSampler
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(100, 2000, 130).tolist()  # not a multiple of any global batch
+    b = 8
+    sampler = RankBalancedLengthSampler(lengths, b, world_size, seed=3)
+    order = list(sampler)
+    assert sorted(order) == list(range(130)) and order == list(sampler)  # a permutation, the same on every rank
+    sampler.set_epoch(1)
+    assert list(sampler) != order and sorted(sampler) == list(range(130))
+    # accelerate's sharding: per-device batch k of the stream goes to rank k % world_size
+    device_batches = [order[i:i + b] for i in range(0, len(order), b)]
+    steps = [device_batches[i:i + world_size] for i in range(0, len(device_batches), world_size)]
+    full_steps = [s for s in steps if len(s) == world_size and all(len(x) == b for x in s)]
+    assert len(full_steps) == 130 // (b * world_size)
+    assert lengths[full_steps[0][0][0]] == max(lengths)  # the longest batch first: out-of-memory shows at once
+    gaps, contiguous_gaps = [], []
+    for step in full_steps:
+        together = [i for batch in step for i in batch]
+        tokens = [sum(lengths[i] for i in batch) for batch in step]
+        spread = max(lengths[i] for i in together) - min(lengths[i] for i in together)
+        assert max(tokens) - min(tokens) <= spread  # dealt round-robin from a sorted global batch
+        by_length = sorted(together, key=lengths.__getitem__, reverse=True)
+        contiguous = [sum(lengths[i] for i in by_length[r * b:(r + 1) * b]) for r in range(world_size)]
+        gaps.append(max(tokens) - min(tokens))
+        contiguous_gaps.append(max(contiguous) - min(contiguous))
+    if world_size > 1:  # slices of a sorted batch (what LengthGroupedSampler gives each rank) are far apart
+        assert sum(gaps) * 4 < sum(contiguous_gaps)
