@@ -182,7 +182,7 @@ class TokenCounter:
 
     def reset(self):
         self.grad = self.nograd = self.grad_padded = self.nograd_padded = 0
-        self.grad_calls = self.nograd_calls = 0
+        self.grad_calls = self.nograd_calls = self.grad_samples = 0
 
     def wrap(self, fn):
         import torch
@@ -195,6 +195,7 @@ class TokenCounter:
             if torch.is_grad_enabled():
                 self.grad, self.grad_padded, self.grad_calls = self.grad + real, self.grad_padded + padded, \
                     self.grad_calls + 1
+                self.grad_samples += out["attention_mask"].shape[0]  # a step's last batch of an epoch is smaller
             else:
                 self.nograd, self.nograd_padded, self.nograd_calls = self.nograd + real, \
                     self.nograd_padded + padded, self.nograd_calls + 1
@@ -206,7 +207,7 @@ class TokenCounter:
         val = lambda x: int(x.item()) if hasattr(x, "item") else int(x)  # noqa: E731
         out = {"grad_tokens": val(self.grad), "nograd_tokens": val(self.nograd),
                "grad_padded": val(self.grad_padded), "nograd_padded": val(self.nograd_padded),
-               "grad_calls": self.grad_calls, "nograd_calls": self.nograd_calls}
+               "grad_calls": self.grad_calls, "nograd_calls": self.nograd_calls, "samples": self.grad_samples}
         self.reset()
         return out
 
@@ -450,11 +451,12 @@ def main(argv=None) -> int:
         # Rates over the whole timed window (total work / total time): batches differ in length, so step
         # times are spread (bimodally at some batch sizes) and a median step would misstate throughput.
         window = sum(r["interval_s"] for r in timed)
-        totals = torch.tensor([sum(r[k] for r in timed) for k in ("grad_tokens", "nograd_tokens", "grad_padded")],
+        totals = torch.tensor([sum(r[k] for r in timed) for k in ("grad_tokens", "nograd_tokens", "grad_padded",
+                                                                   "samples")],
                               dtype=torch.float64, device="cuda" if cuda else "cpu")
         if world > 1:  # every rank's tokens (ranks' batches differ in length): the global token rate
             torch.distributed.all_reduce(totals)
-        grad_tok, nograd_tok, padded = (totals / len(timed)).tolist()  # per step, all ranks
+        grad_tok, nograd_tok, padded, samples = (totals / len(timed)).tolist()  # per step, all ranks
         model = holder["trainer"].model
         n_params = sum(p.numel() for p in model.base_model.parameters())
         tps = grad_tok * len(timed) / window  # all ranks
@@ -464,13 +466,14 @@ def main(argv=None) -> int:
             "mean_step_s": window / len(timed),
             "min_step_s": min(r["interval_s"] for r in timed), "max_step_s": max(r["interval_s"] for r in timed),
             "world_size": world,
-            # every rank runs the same number of steps, in rank 0's time
-            "samples_per_s": world * bench.batch_size * len(timed) / window,
+            # the samples really trained (an epoch's last batch is short when the batch does not divide the
+            # data), every rank's, in rank 0's time
+            "samples_per_s": samples * len(timed) / window,
             "samples_per_s_from_median_step": world * bench.batch_size / med,
             "tokens_per_step": grad_tok, "nograd_tokens_per_step": nograd_tok,
             "padded_tokens_per_step": padded, "padding_fraction": 1 - grad_tok / padded if padded else 0.0,
             "tokens_per_s": tps,
-            "tokens_per_sample": grad_tok / (world * bench.batch_size),
+            "tokens_per_sample": grad_tok / samples,
             "mfu": 10 * n * tps / world / PEAK_BF16_DENSE,  # per GPU
             "mfu_branch_exact": (6 * n * grad_tok + 2 * n * nograd_tok) * len(timed) / window / world
                                 / PEAK_BF16_DENSE,
