@@ -85,7 +85,8 @@ def condition_applies(condition: str, batch: dict[str, torch.Tensor], donor: dic
 @torch.no_grad()
 def ce_sums(actor: LatentActor, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample of the batch: summed CE (nats, float64) and count of supervised tokens, both [B]."""
-    def token_ces(actor: LatentActor) -> torch.Tensor:  # in one call of the model: FSDP gathers weights there
+    def token_ces(actor: LatentActor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each supervised token's CE and its sample; run inside one call of the model (FSDP gathers there)."""
         out = actor.branch(**inputs)
         ce = torch.cat([token_ce(actor.logits(out.hidden[s:s + LOGIT_CHUNK]), out.labels[s:s + LOGIT_CHUNK])
                         for s in range(0, out.labels.shape[0], LOGIT_CHUNK)] or [out.hidden.new_zeros(0)])

@@ -150,10 +150,12 @@ class LatentActorTrainer(Trainer):
             # One tensor all-gather (never pickled objects) of shapes every rank knows without asking the
             # others: the configured batch size and the head's row limit `max_rows`. Exchanging the actual
             # shapes first would make every step wait for the device.
-            batch = self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
+            args = self.args
+            batch = args.per_device_train_batch_size if self.model.training else args.per_device_eval_batch_size
             if latents.shape[0] > batch or latents.shape[1] > max_rows:
                 raise ValueError(f"a batch of {tuple(latents.shape[:2])} latents exceeds ({batch}, {max_rows})")
-            padded = torch.nn.functional.pad(latents, (0, 0, 0, max_rows - latents.shape[1], 0, batch - latents.shape[0]))
+            padded = torch.nn.functional.pad(latents, (0, 0, 0, max_rows - latents.shape[1],
+                                                       0, batch - latents.shape[0]))
             padded_lengths = torch.nn.functional.pad(lengths, (0, batch - lengths.shape[0]))  # 0: not a candidate
             pool, pool_lengths = self.accelerator.gather(padded), self.accelerator.gather(padded_lengths)
             own = own + self.accelerator.process_index * batch
@@ -196,7 +198,7 @@ class LatentActorTrainer(Trainer):
         block_ids, block_lengths = shift_left(plan_ids, plan_lengths, torch.round(ratio * plan_lengths).long(),
                                               actor.pad_id)
         pos = actor.branch(**text, latents=latents, latent_lengths=latent_lengths, latent_rows=latent_rows,
-                    block_ids=block_ids, block_lengths=block_lengths)
+                           block_ids=block_ids, block_lengths=block_lengths)
 
         plan_hidden = neg_hidden = plan_mask = neg_mask = None
         with torch.no_grad():
@@ -272,10 +274,10 @@ class LatentActorTrainer(Trainer):
         pad_ids = lambda ids: torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=actor.pad_id)
         stack = lambda key: torch.cat([b[key] for b in branches])
         out = actor.branch(**{k: torch.cat([v] * len(branches)) for k, v in text.items()},
-                    latents=torch.cat([_pad_rows(b["latents"], rows) for b in branches]),
-                    latent_lengths=stack("latent_lengths"), latent_rows=stack("latent_lengths"),
-                    block_ids=torch.cat([pad_ids(b["block_ids"]) for b in branches]),
-                    block_lengths=stack("block_lengths"))
+                           latents=torch.cat([_pad_rows(b["latents"], rows) for b in branches]),
+                           latent_lengths=stack("latent_lengths"), latent_rows=stack("latent_lengths"),
+                           block_ids=torch.cat([pad_ids(b["block_ids"]) for b in branches]),
+                           block_lengths=stack("block_lengths"))
         # Every branch supervises the same positions of the same conversations, in batch order.
         return list(out.hidden.chunk(len(branches)))
 
