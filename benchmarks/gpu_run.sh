@@ -171,6 +171,9 @@ elif [ "$PLAN" = scale4 ]; then
   tr 120 bench.py --results_dir "$RES" --batch_size 16 --steps 20 --out_name s4_2gpu_b16
   CUDA_VISIBLE_DEVICES=0 LIMIT=100 bench --batch_size 16 --steps 40 --warmup 10 --out_name s4_1gpu_b16
   CUDA_VISIBLE_DEVICES=0 LIMIT=100 bench --batch_size 48 --steps 16 --out_name s4_1gpu_b48
+elif [ "$PLAN" = profile48 ]; then
+  # where the time of a batch-48 step goes on one H200 (the next target after 43 samples/s)
+  LIMIT=200 bench --batch_size 48 --steps 12 --warmup 4 --profile_steps 2 --out_name pf_b48
 elif [ "$PLAN" = fixes ]; then
   python3 benchmarks/check_bf16_loss.py
   bench --batch_size 2 --steps 25 --measure_matmul --out_name fx_b2_base
