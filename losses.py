@@ -209,6 +209,24 @@ def chunk_values_and_grad(pos_logits: torch.Tensor, labels: torch.Tensor,
     return sums, grad
 
 
+_MM_OUT_DTYPE: bool | None = None  # whether torch.mm takes `out_dtype` on this device (checked on first use)
+
+
+def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a @ b` as float32 whatever the operands' dtype: bf16 operands accumulate in float32 and, where torch
+    allows it (CUDA), are never rounded to bf16 on the way out."""
+    global _MM_OUT_DTYPE
+    if a.dtype == torch.float32:
+        return a @ b
+    if _MM_OUT_DTYPE is None:
+        try:
+            torch.mm(a[:1, :1], b[:1, :1], out_dtype=torch.float32)
+            _MM_OUT_DTYPE = True
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_OUT_DTYPE = False
+    return torch.mm(a, b, out_dtype=torch.float32) if _MM_OUT_DTYPE else (a @ b).float()
+
+
 class _FusedLoss(torch.autograd.Function):
     """Chunked vocabulary projection + every loss term, with gradients computed in the forward pass.
 
@@ -219,25 +237,29 @@ class _FusedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pos_hidden, weight, labels, plan_hidden, plan_w, neg_hidden, neg_w,
-                plan_weight, contrast_weight, chunk_size, chunk_fn):
+                plan_weight, contrast_weight, chunk_size, chunk_fn, matmul_dtype):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        w = weight.float()
+        w = weight.to(matmul_dtype)  # operands of the projections; logits and gradients stay float32
         n = labels.shape[0]
         sums = pos_hidden.new_zeros(6, dtype=torch.float32)
         grad_hidden = torch.zeros_like(pos_hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         with torch.autocast(device_type=pos_hidden.device.type, enabled=False):
             for start in range(0, n, chunk_size):
                 sl = slice(start, start + chunk_size)
-                h = pos_hidden[sl].float()
-                logits = lambda x: None if x is None else x[sl].float() @ w.T
-                part, grad = chunk_fn(h @ w.T, labels[sl], logits(plan_hidden), plan_w[sl], logits(neg_hidden),
-                                      neg_w[sl], plan_weight, contrast_weight, need_grad)
+                h = pos_hidden[sl].to(matmul_dtype)
+                logits = lambda x: None if x is None else _mm_float32(x[sl].to(matmul_dtype), w.T)
+                part, grad = chunk_fn(_mm_float32(h, w.T), labels[sl], logits(plan_hidden), plan_w[sl],
+                                      logits(neg_hidden), neg_w[sl], plan_weight, contrast_weight, need_grad)
                 sums += part
+                if grad is not None and matmul_dtype != torch.float32:
+                    grad = grad.to(matmul_dtype)
                 if grad_hidden is not None:
-                    grad_hidden[sl] = grad @ w
-                if grad_weight is not None:
-                    grad_weight.addmm_(grad.T, h)
+                    grad_hidden[sl] = _mm_float32(grad, w)
+                if grad_weight is not None and matmul_dtype == torch.float32:
+                    grad_weight.addmm_(grad.T, h)  # in place: no [V, H] temporary
+                elif grad_weight is not None:
+                    grad_weight += _mm_float32(grad.T, h)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = (pos_hidden.dtype, weight.dtype)
         total = sums[0] + plan_weight * sums[1] + contrast_weight * sums[2]
@@ -249,7 +271,7 @@ class _FusedLoss(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = lambda g, dtype: None if g is None else (g * grad_total).to(dtype)
         return (scale(grad_hidden, ctx.dtypes[0]), scale(grad_weight, ctx.dtypes[1]),
-                None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None)
 
 
 def fused_latent_comm_loss_sums(
@@ -264,11 +286,14 @@ def fused_latent_comm_loss_sums(
     plan_weight: float = 1.0,
     contrast_weight: float = 2.0,
     chunk_fn: Callable = chunk_values_and_grad,
+    matmul_dtype: torch.dtype = torch.float32,
 ) -> LossSums:
     """`latent_comm_loss_sums` for a bias-free linear LM head `weight` [V, H], in float32 (TF32 on GPUs).
 
     Same values; the gradient flows through `total` only. `chunk_fn` may be a compiled
     `chunk_values_and_grad` (one fused kernel per reduction instead of ~30 passes over the logits).
+    `matmul_dtype` bfloat16: the vocabulary projections take bf16 operands (float32 accumulation, float32
+    logits on CUDA), twice TF32's speed, with bf16 training's rounding in the loss terms.
     """
     n = labels.shape[0]
     plan_w, neg_w, plan_tokens, contrast_tokens = _row_weights(n, pos_hidden, plan_hidden, plan_mask,
@@ -276,7 +301,7 @@ def fused_latent_comm_loss_sums(
     detach = lambda x: None if x is None else x.detach()
     total, sums = _FusedLoss.apply(pos_hidden, weight, labels, detach(plan_hidden), plan_w, detach(neg_hidden),
                                    neg_w, float(plan_weight), float(contrast_weight), max(chunk_size or n, 1),
-                                   chunk_fn)
+                                   chunk_fn, matmul_dtype)
     return _loss_sums(sums, total, plan_tokens, contrast_tokens)
 
 

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import transformers
@@ -47,6 +48,9 @@ class ModelArguments:
                 "heads); False: plain autograd (the reference path)."})
     compile_loss: bool | None = field(default=None, metadata={
         "help": "torch.compile the fused loss's per-chunk function (default: on CUDA only)."})
+    loss_matmul_dtype: Literal["auto", "float32", "bfloat16"] = field(default="auto", metadata={
+        "help": "Operands of the fused loss's vocabulary projections (float32 accumulation and logits either way). "
+                "auto: bfloat16 when training in bf16 on CUDA (twice TF32's speed), else float32."})
     packed_sequences: bool | None = field(default=None, metadata={
         "help": "Run each branch as one row of concatenated samples with variable-length flash attention "
                 "(no padding, no attention mask). Default: on with CUDA + bf16/fp16 where torch has varlen_attn."})
@@ -237,7 +241,8 @@ def build_trainer(actor: LatentActor, model_args: ModelArguments, data_args: Dat
         random_contrast_weight=model_args.random_contrast_weight,
         mix_ratios=tuple(float(x) for x in model_args.mix_ratios.split(",") if x.strip()),
         pure_latent_prob=model_args.pure_latent_prob, loss_chunk_size=model_args.loss_chunk_size or None,
-        fused_loss=model_args.fused_loss, compile_loss=model_args.compile_loss)
+        fused_loss=model_args.fused_loss, compile_loss=model_args.compile_loss,
+        loss_matmul_dtype=model_args.loss_matmul_dtype)
     trainer = LatentActorTrainer(
         model=actor, args=args, train_dataset=datasets["train"], eval_dataset=datasets.get("eval"),
         data_collator=LatentCollator(actor.pad_id, actor.head.config.latent_dim),

@@ -174,6 +174,12 @@ elif [ "$PLAN" = scale4 ]; then
 elif [ "$PLAN" = profile48 ]; then
   # where the time of a batch-48 step goes on one H200 (the next target after 43 samples/s)
   LIMIT=200 bench --batch_size 48 --steps 12 --warmup 4 --profile_steps 2 --out_name pf_b48
+elif [ "$PLAN" = bf16loss ]; then
+  # the fused loss's projections with bf16 operands (the new default under bf16) against float32 (TF32)
+  # operands, at batch 48 on one H200 (the loss took 269 ms of a 1.02 s step there, 141 ms in TF32 GEMMs)
+  LIMIT=110 bench --batch_size 48 --steps 13 --warmup 4 --out_name lb_b48_bf16
+  LIMIT=110 bench --batch_size 48 --steps 13 --warmup 4 --out_name lb_b48_fp32 --loss_matmul_dtype float32
+  LIMIT=50 bench --batch_size 2 --steps 20 --out_name lb_b2
 elif [ "$PLAN" = fixes ]; then
   python3 benchmarks/check_bf16_loss.py
   bench --batch_size 2 --steps 25 --measure_matmul --out_name fx_b2_base

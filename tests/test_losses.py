@@ -144,3 +144,29 @@ def test_fused_loss_without_gradient_and_frozen_head():
     p = pos.clone().requires_grad_()
     losses.latent_comm_loss_sums(p, labels, lambda x: x @ weight.T, plan, plan_mask, neg, neg_mask, None).total.backward()
     assert torch.allclose(h.grad, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_projections_stay_within_bf16_tolerance_of_float32():
+    """`matmul_dtype=bfloat16` (the default under bf16 training on CUDA) rounds only the projections'
+    operands (and, on CPU, the logits): loss terms and gradients stay within bf16's precision."""
+    g = torch.Generator().manual_seed(5)
+    n, h, v = 300, 64, 4096  # logits of an LM's spread (std ~3): a peaked softmax, as in training
+    weight = torch.randn(v, h, generator=g) * 0.4
+    pos, plan = torch.randn(n, h, generator=g), torch.randn(n, h, generator=g)
+    neg = pos + 0.5 * torch.randn(n, h, generator=g)
+    labels = torch.randint(v, (n,), generator=g)
+    masks = dict(plan_mask=torch.rand(n, generator=g) > 0.3, neg_mask=torch.rand(n, generator=g) > 0.3)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        w, p = weight.clone().requires_grad_(), pos.clone().requires_grad_()
+        sums = losses.fused_latent_comm_loss_sums(p, labels, w, plan_hidden=plan, neg_hidden=neg, chunk_size=128,
+                                                  matmul_dtype=dtype, **masks)
+        sums.total.backward()
+        results[dtype] = (sums, p.grad, w.grad)
+    (ref, ref_h, ref_w), (got, got_h, got_w) = results[torch.float32], results[torch.bfloat16]
+    for name in ("total", "ce", "plan_similarity", "random_contrast", "neg_ce"):
+        assert getattr(got, name).item() == pytest.approx(getattr(ref, name).item(), rel=2e-3), name
+    assert got.js.item() == pytest.approx(ref.js.item(), rel=5e-3)
+    for a, b in ((got_h, ref_h), (got_w, ref_w)):
+        assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+        assert (a - b).norm() < 2e-2 * b.norm(), ((a - b).norm() / b.norm()).item()
