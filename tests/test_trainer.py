@@ -129,6 +129,16 @@ def test_fast_paths_give_the_reference_update(tiny_model_dir, tmp_path):
     assert max(v.abs().max().item() for v in fast.values()) > 0
 
 
+def test_bf16_loss_projections_move_the_weights_as_float32_within_bf16_precision(tiny_model_dir, tmp_path):
+    """`--loss_matmul_dtype bfloat16` reaches the loss (the update changes) and stays a bf16 rounding of it."""
+    train = write_jsonl(tmp_path / "train.jsonl", make_records(4, str(tmp_path / "lat")))
+    full_loss = ("--random_contrast_weight", "2.0", "--pure_latent_prob", "0.5")
+    updates = {dtype: _one_step_update(tiny_model_dir, train, str(tmp_path / dtype), 4, 1, *full_loss,
+                                       "--loss_matmul_dtype", dtype) for dtype in ("float32", "bfloat16")}
+    worst = _worst_relative_difference(updates["float32"], updates["bfloat16"])
+    assert 1e-6 < worst < 2e-2, worst  # measured 0.8%
+
+
 EXPECTED_OUTPUTS = {"config.json", "model.safetensors", "tokenizer", "tokenizer.json", "latent_comm_head.pt",
                     "loss_log.csv", "loss_curve.png", "trainer_state.json"}
 
