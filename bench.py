@@ -469,7 +469,7 @@ def main(argv=None) -> int:
             # the samples really trained (an epoch's last batch is short when the batch does not divide the
             # data), every rank's, in rank 0's time
             "samples_per_s": samples * len(timed) / window,
-            "samples_per_s_from_median_step": world * bench.batch_size / med,
+            "samples_per_s_from_median_step": samples / med,
             "tokens_per_step": grad_tok, "nograd_tokens_per_step": nograd_tok,
             "padded_tokens_per_step": padded, "padding_fraction": 1 - grad_tok / padded if padded else 0.0,
             "tokens_per_s": tps,
