@@ -371,9 +371,10 @@ class RankBalancedLengthSampler(torch.utils.data.Sampler[int]):
         order = torch.randperm(n, generator=g).tolist()
         # Groups of several global batches (fewer for small datasets, to keep some randomness), as HF does.
         group = max(1, min(self.max_group_batches, n // (4 * step))) * step
-        batches = [b for start in range(0, n, group)
-                   for sorted_group in [sorted(order[start:start + group], key=self.lengths.__getitem__, reverse=True)]
-                   for b in (sorted_group[i:i + step] for i in range(0, len(sorted_group), step))]
+        batches = []
+        for start in range(0, n, group):
+            by_length = sorted(order[start:start + group], key=self.lengths.__getitem__, reverse=True)
+            batches += [by_length[i:i + step] for i in range(0, len(by_length), step)]
         full = [b for b in batches if len(b) == step]
         partial = [b for b in batches if len(b) < step]  # at most one: it goes last, where it splits unevenly
         full = [full[i] for i in torch.randperm(len(full), generator=g).tolist()]

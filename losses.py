@@ -111,6 +111,11 @@ def _row_weights(n: int, like: torch.Tensor, plan_hidden, plan_mask, neg_hidden,
     return plan_w, neg_w, plan_tokens, contrast_tokens
 
 
+def _weighted_total(sums: torch.Tensor, plan_weight: float, contrast_weight: float) -> torch.Tensor:
+    """The loss: ce + plan_weight * plan_similarity + contrast_weight * random_contrast (sums[0:3])."""
+    return sums[0] + plan_weight * sums[1] + contrast_weight * sums[2]
+
+
 def _loss_sums(sums: torch.Tensor, total: torch.Tensor, plan_tokens, contrast_tokens) -> LossSums:
     return LossSums(total=total, ce=sums[0], plan_similarity=sums[1], random_contrast=sums[2], neg_ce=sums[3],
                     js=sums[4], ce_on_contrast=sums[5], plan_tokens=plan_tokens, contrast_tokens=contrast_tokens)
@@ -152,8 +157,7 @@ def latent_comm_loss_sums(
             sums = sums + checkpoint(_chunk_terms, *args, use_reentrant=False)
         else:
             sums = sums + _chunk_terms(*args)
-    total = sums[0] + plan_weight * sums[1] + contrast_weight * sums[2]
-    return _loss_sums(sums, total, plan_tokens, contrast_tokens)
+    return _loss_sums(sums, _weighted_total(sums, plan_weight, contrast_weight), plan_tokens, contrast_tokens)
 
 
 # -- the fused path: values and the gradient w.r.t. the positive logits in one pass ------------------
@@ -252,8 +256,8 @@ class _FusedLoss(torch.autograd.Function):
                 part, grad = chunk_fn(_mm_float32(h, w.T), labels[sl], logits(plan_hidden), plan_w[sl],
                                       logits(neg_hidden), neg_w[sl], plan_weight, contrast_weight, need_grad)
                 sums += part
-                if grad is not None and matmul_dtype != torch.float32:
-                    grad = grad.to(matmul_dtype)
+                if grad is not None:
+                    grad = grad.to(matmul_dtype)  # a no-op for float32
                 if grad_hidden is not None:
                     grad_hidden[sl] = _mm_float32(grad, w)
                 if grad_weight is not None and matmul_dtype == torch.float32:
@@ -262,9 +266,8 @@ class _FusedLoss(torch.autograd.Function):
                     grad_weight += _mm_float32(grad.T, h)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = (pos_hidden.dtype, weight.dtype)
-        total = sums[0] + plan_weight * sums[1] + contrast_weight * sums[2]
         ctx.mark_non_differentiable(sums)
-        return total, sums
+        return _weighted_total(sums, plan_weight, contrast_weight), sums
 
     @staticmethod
     def backward(ctx, grad_total, _grad_sums):

@@ -180,15 +180,16 @@ def check_data(model_args: ModelArguments, data_args: DataArguments, args: Actor
     """Validate every record before any model is loaded; returns (report, checkpoint to resume or None)."""
     if not data_args.train_file:
         raise UserError("--train_file is required")
-    if args.fsdp and model_args.lora_r:
-        raise UserError("--fsdp with --lora_r is not supported: LoRA's adapters are small enough for DDP "
-                        "(torchrun without --fsdp); FSDP shards full fine-tuning")
-    if args.fsdp and args.parallel_mode != ParallelMode.DISTRIBUTED:
-        raise UserError("--fsdp shards the model over several processes: launch with torchrun --nproc_per_node N "
-                        "(or accelerate launch); one process trains without it")
-    if args.fsdp and "SHARDED_STATE_DICT" in str(args.fsdp_config.get("state_dict_type", "")):
-        raise UserError("--fsdp_config state_dict_type SHARDED_STATE_DICT is not supported: the output folder must "
-                        "reload on one process; use FULL_STATE_DICT (the default)")
+    if args.fsdp:
+        if model_args.lora_r:
+            raise UserError("--fsdp with --lora_r is not supported: LoRA's adapters are small enough for DDP "
+                            "(torchrun without --fsdp); FSDP shards full fine-tuning")
+        if args.parallel_mode != ParallelMode.DISTRIBUTED:
+            raise UserError("--fsdp shards the model over several processes: launch with torchrun "
+                            "--nproc_per_node N (or accelerate launch); one process trains without it")
+        if "SHARDED_STATE_DICT" in str(args.fsdp_config.get("state_dict_type", "")):
+            raise UserError("--fsdp_config state_dict_type SHARDED_STATE_DICT is not supported: the output folder "
+                            "must reload on one process; use FULL_STATE_DICT (the default)")
     try:
         resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
         check_tokenizer = _tokenizer_for_checks(model_args) if args.validate_only else None

@@ -232,13 +232,12 @@ class LatentActorTrainer(Trainer):
             sums = latent_comm_loss_sums(pos.hidden, pos.labels, actor.logits, plan_hidden, plan_mask,
                                          neg_hidden, neg_mask, **weights)
         tokens = pos.labels.new_tensor(pos.labels.numel(), dtype=torch.float32)
-        total = sums.total
         if num_items_in_batch is None:
-            loss = total / tokens.clamp_min(1)
+            loss = sums.total / tokens.clamp_min(1)
         else:
             # DDP averages gradients over ranks, while num_items_in_batch counts every rank's tokens.
             scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
-            loss = total / num_items_in_batch * scale
+            loss = sums.total / num_items_in_batch * scale
         if actor.training:
             self.step_sample_indices.append(inputs["index"])
         self._accumulate_metrics("train" if actor.training else "eval", sums, tokens)

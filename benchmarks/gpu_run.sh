@@ -26,6 +26,12 @@ bench() {
   timeout "${LIMIT:-120}" python3 bench.py --results_dir "$RES" --profile_dir "$OUT" "$@" 2>&1 | grep -v "it/s\]\|examples/s\]"
   echo "[gpu_run] $* done rc=$? at +$(( $(date +%s) - T0 )) s"
 }
+tr() {  # torchrun over both GPUs (NCCL's NVLink multicast off), with the time left checked like `bench`
+  local el=$(( $(date +%s) - T0 )) lim=$1; shift
+  if [ $(( el + lim )) -gt "$BUDGET" ]; then echo "[gpu_run] skipped (+$el s): torchrun $*"; return; fi
+  NCCL_NVLS_ENABLE=0 timeout "$lim" torchrun --nproc_per_node 2 "$@" 2>&1 | grep -v "it/s\]\|examples/s\]"
+  echo "[gpu_run] torchrun $* done rc=$? at +$(( $(date +%s) - T0 )) s"
+}
 PLAN=${1:-baseline}
 if [ "$PLAN" = baseline ]; then
 bench --batch_size 2 --model_max_length 3072 --steps 25 --profile_steps 3 --measure_matmul --out_name b2_L3072
@@ -93,25 +99,14 @@ elif [ "$PLAN" = fast4 ]; then
 elif [ "$PLAN" = ddp ]; then
   # two GPUs of one host with the current defaults (packed rows, compiled layers and loss) vs one of them
   CUDA_VISIBLE_DEVICES=0 LIMIT=120 bench --batch_size 8 --steps 20 --out_name dd1_b8
-  el=$(( $(date +%s) - T0 ))
-  NCCL_NVLS_ENABLE=0 timeout 200 torchrun --nproc_per_node 2 bench.py --results_dir "$RES" --batch_size 8 --steps 20 \
-    --out_name dd2_b8 2>&1 | grep -v "it/s\]\|examples/s\]"
-  echo "[gpu_run] torchrun 2 x b8 done rc=$? at +$(( $(date +%s) - T0 )) s"
+  tr 200 bench.py --results_dir "$RES" --batch_size 8 --steps 20 --out_name dd2_b8
   CUDA_VISIBLE_DEVICES=0 LIMIT=100 bench --batch_size 2 --steps 25 --out_name dd1_b2
-  NCCL_NVLS_ENABLE=0 timeout 120 torchrun --nproc_per_node 2 bench.py --results_dir "$RES" --batch_size 2 --steps 25 \
-    --out_name dd2_b2 2>&1 | grep -v "it/s\]\|examples/s\]"
-  echo "[gpu_run] torchrun 2 x b2 done rc=$? at +$(( $(date +%s) - T0 )) s"
+  tr 120 bench.py --results_dir "$RES" --batch_size 2 --steps 25 --out_name dd2_b2
 elif [ "$PLAN" = scale ]; then
   # two GPUs: DDP after the static-shape negatives gather and find_unused_parameters off, against one GPU of the
   # same machine, with random and length-grouped batches; FSDP2 throughput, then its save/reload check
   echo '{"version": 2}' > /tmp/fsdp2.json
   FSDP=(--fsdp "full_shard auto_wrap" --fsdp_config /tmp/fsdp2.json)
-  tr() {  # torchrun over both GPUs with the time left checked like `bench`
-    local el=$(( $(date +%s) - T0 )) lim=$1; shift
-    if [ $(( el + lim )) -gt "$BUDGET" ]; then echo "[gpu_run] skipped (+$el s): torchrun $*"; return; fi
-    NCCL_NVLS_ENABLE=0 timeout "$lim" torchrun --nproc_per_node 2 "$@" 2>&1 | grep -v "it/s\]\|examples/s\]"
-    echo "[gpu_run] torchrun $* done rc=$? at +$(( $(date +%s) - T0 )) s"
-  }
   CUDA_VISIBLE_DEVICES=0 LIMIT=100 bench --batch_size 8 --steps 20 --out_name sc1_b8
   tr 110 bench.py --results_dir "$RES" --batch_size 8 --steps 20 --out_name sc2_b8
   tr 120 benchmarks/fsdp_check.py train --model_name_or_path /tmp/interlat_bench/qwen05_n128/model \
@@ -147,12 +142,6 @@ elif [ "$PLAN" = scale2 ]; then
 elif [ "$PLAN" = scale3 ]; then
   # two GPUs vs one on the same machine, tokens now summed over ranks; one GPU over the same sample
   # window as two GPUs (twice the steps), at batch 8 and 16 per GPU
-  tr() {
-    local el=$(( $(date +%s) - T0 )) lim=$1; shift
-    if [ $(( el + lim )) -gt "$BUDGET" ]; then echo "[gpu_run] skipped (+$el s): torchrun $*"; return; fi
-    NCCL_NVLS_ENABLE=0 timeout "$lim" torchrun --nproc_per_node 2 "$@" 2>&1 | grep -v "it/s\]\|examples/s\]"
-    echo "[gpu_run] torchrun $* done rc=$? at +$(( $(date +%s) - T0 )) s"
-  }
   tr 110 bench.py --results_dir "$RES" --batch_size 8 --steps 20 --out_name s3_2gpu_b8
   CUDA_VISIBLE_DEVICES=0 LIMIT=80 bench --batch_size 8 --steps 40 --warmup 10 --out_name s3_1gpu_b8
   tr 120 bench.py --results_dir "$RES" --batch_size 16 --steps 20 --out_name s3_2gpu_b16
@@ -160,12 +149,6 @@ elif [ "$PLAN" = scale3 ]; then
 elif [ "$PLAN" = scale4 ]; then
   # as scale3, with length-grouped batches dealt round-robin over the ranks (RankBalancedLengthSampler);
   # then batch 48 on one GPU with the new sampler
-  tr() {
-    local el=$(( $(date +%s) - T0 )) lim=$1; shift
-    if [ $(( el + lim )) -gt "$BUDGET" ]; then echo "[gpu_run] skipped (+$el s): torchrun $*"; return; fi
-    NCCL_NVLS_ENABLE=0 timeout "$lim" torchrun --nproc_per_node 2 "$@" 2>&1 | grep -v "it/s\]\|examples/s\]"
-    echo "[gpu_run] torchrun $* done rc=$? at +$(( $(date +%s) - T0 )) s"
-  }
   tr 110 bench.py --results_dir "$RES" --batch_size 8 --steps 20 --out_name s4_2gpu_b8
   CUDA_VISIBLE_DEVICES=0 LIMIT=80 bench --batch_size 8 --steps 40 --warmup 10 --out_name s4_1gpu_b8
   tr 120 bench.py --results_dir "$RES" --batch_size 16 --steps 20 --out_name s4_2gpu_b16
