@@ -88,18 +88,27 @@ def _chunk_terms(pos_h, plan_h, neg_h, labels, plan_w, neg_w, project):
     """
     pos_logits = project(pos_h)
     ce = token_ce(pos_logits, labels)
-    zero = ce.new_zeros(())
-    plan_sum = neg_ce_sum = js_sum = contrast_sum = ce_on_contrast = zero
+    plan_term = js = neg_ce = None
     if plan_h is not None:
-        plan_sum = (plan_similarity(pos_logits, project(plan_h).detach()) * plan_w).sum()
+        plan_term = plan_similarity(pos_logits, project(plan_h).detach())
     if neg_h is not None:
         neg_logits = project(neg_h).detach()
         js = js_divergence(pos_logits, neg_logits)
-        contrast_sum = (random_contrast(js) * neg_w).sum()
-        js_sum = (js.detach() * neg_w).sum()
-        neg_ce_sum = (token_ce(neg_logits, labels).detach() * neg_w).sum()
-        ce_on_contrast = (ce.detach() * neg_w).sum()
-    return torch.stack([ce.sum(), plan_sum, contrast_sum, neg_ce_sum, js_sum, ce_on_contrast])
+        neg_ce = token_ce(neg_logits, labels).detach()
+    return row_sums(ce, plan_term, plan_w, js, neg_ce, neg_w)
+
+
+def row_sums(ce: torch.Tensor, plan_term: torch.Tensor | None, plan_w: torch.Tensor, js: torch.Tensor | None,
+             neg_ce: torch.Tensor | None, neg_w: torch.Tensor) -> torch.Tensor:
+    """A chunk's six sums [ce, plan_similarity, random_contrast, neg_ce, js, ce_on_contrast] from its
+    per-row values [C] (`plan_term`/`js` None for an absent branch); only ce, plan and contrast keep a
+    gradient, the rest are metrics."""
+    zero = ce.new_zeros(())
+    plan_sum = zero if plan_term is None else (plan_term * plan_w).sum()
+    if js is None:
+        return torch.stack([ce.sum(), plan_sum, zero, zero, zero, zero])
+    return torch.stack([ce.sum(), plan_sum, (random_contrast(js) * neg_w).sum(), (neg_ce.detach() * neg_w).sum(),
+                        (js.detach() * neg_w).sum(), (ce.detach() * neg_w).sum()])
 
 
 def _row_weights(n: int, like: torch.Tensor, plan_hidden, plan_mask, neg_hidden, neg_mask):
@@ -164,8 +173,10 @@ def latent_comm_loss_sums(
 def chunk_values_and_grad(pos_logits: torch.Tensor, labels: torch.Tensor,
                           plan_logits: torch.Tensor | None, plan_w: torch.Tensor,
                           neg_logits: torch.Tensor | None, neg_w: torch.Tensor,
-                          plan_weight: float, contrast_weight: float, need_grad: bool = True):
-    """The six sums of `_chunk_terms` and d(total)/d(pos_logits) [C, V], from float32 logits [C, V].
+                          plan_weight: float, contrast_weight: float, need_grad: bool = True,
+                          grad_dtype: torch.dtype = torch.float32):
+    """The six sums of `_chunk_terms` and d(total)/d(pos_logits) [C, V] (as `grad_dtype`), from float32
+    logits [C, V]. `loss_kernel.chunk_values_and_grad` is the same function as one Triton kernel.
 
     Closed forms per row, with p = softmax(pos), q = softmax(plan), r = softmax(neg), m = (p+r)/2:
       CE:                      d/dz = p - onehot(label)
@@ -177,8 +188,7 @@ def chunk_values_and_grad(pos_logits: torch.Tensor, labels: torch.Tensor,
     log_p = F.log_softmax(pos_logits, dim=-1)
     p = log_p.exp()
     ce = -log_p.gather(1, labels[:, None]).squeeze(-1)
-    zero = ce.new_zeros(())
-    plan_sum = contrast_sum = neg_ce_sum = js_sum = ce_on_contrast = zero
+    plan_term = js = neg_ce = None
     grad = None
     if need_grad:
         grad = p.clone()
@@ -189,8 +199,7 @@ def chunk_values_and_grad(pos_logits: torch.Tensor, labels: torch.Tensor,
         kl = (q * (log_q - log_p)).sum(-1)
         s_pq, s_pp, s_qq = (p * q).sum(-1), (p * p).sum(-1), (q * q).sum(-1)
         norms = (s_pp * s_qq).sqrt().clamp_min(1e-8)
-        cos = s_pq / norms
-        plan_sum = ((PLAN_KL_WEIGHT * kl + PLAN_COS_WEIGHT * (1.0 - cos)) * plan_w).sum()
+        plan_term = PLAN_KL_WEIGHT * kl + PLAN_COS_WEIGHT * (1.0 - s_pq / norms)
         if need_grad:
             d_cos = p * (q - (s_pq / s_pp)[:, None] * p) / norms[:, None]
             grad += (plan_weight * plan_w)[:, None] * (PLAN_KL_WEIGHT * (p - q) - PLAN_COS_WEIGHT * d_cos)
@@ -200,17 +209,11 @@ def chunk_values_and_grad(pos_logits: torch.Tensor, labels: torch.Tensor,
         g = 0.5 * (log_p - log_m)  # dJS/dp
         kl_pm = (p * g).sum(-1)  # = KL(p||m) / 2
         js = kl_pm + 0.5 * (log_r.exp() * (log_r - log_m)).sum(-1)
-        hinge = CONTRAST_MARGIN - js
-        contrast_sum = (hinge.clamp_min(0.0) * neg_w).sum()
-        js_sum = (js * neg_w).sum()
         neg_ce = -log_r.gather(1, labels[:, None]).squeeze(-1)
-        neg_ce_sum = (neg_ce * neg_w).sum()
-        ce_on_contrast = (ce * neg_w).sum()
         if need_grad:
-            active = (hinge >= 0).float() * neg_w  # the hinge's slope is -1 where it is not clamped
+            active = (CONTRAST_MARGIN - js >= 0).float() * neg_w  # the hinge's slope is -1 where not clamped
             grad -= (contrast_weight * active)[:, None] * p * (g - kl_pm[:, None])
-    sums = torch.stack([ce.sum(), plan_sum, contrast_sum, neg_ce_sum, js_sum, ce_on_contrast])
-    return sums, grad
+    return row_sums(ce, plan_term, plan_w, js, neg_ce, neg_w), None if grad is None else grad.to(grad_dtype)
 
 
 _MM_OUT_DTYPE: bool | None = None  # whether torch.mm takes `out_dtype` on this device (checked on first use)
@@ -254,10 +257,9 @@ class _FusedLoss(torch.autograd.Function):
                 h = pos_hidden[sl].to(matmul_dtype)
                 logits = lambda x: None if x is None else _mm_float32(x[sl].to(matmul_dtype), w.T)
                 part, grad = chunk_fn(_mm_float32(h, w.T), labels[sl], logits(plan_hidden), plan_w[sl],
-                                      logits(neg_hidden), neg_w[sl], plan_weight, contrast_weight, need_grad)
+                                      logits(neg_hidden), neg_w[sl], plan_weight, contrast_weight, need_grad,
+                                      grad_dtype=matmul_dtype)
                 sums += part
-                if grad is not None:
-                    grad = grad.to(matmul_dtype)  # a no-op for float32
                 if grad_hidden is not None:
                     grad_hidden[sl] = _mm_float32(grad, w)
                 if grad_weight is not None and matmul_dtype == torch.float32:

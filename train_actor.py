@@ -46,8 +46,10 @@ class ModelArguments:
     fused_loss: bool = field(default=True, metadata={
         "help": "Compute the loss terms and their gradients in one pass per chunk (bias-free linear LM "
                 "heads); False: plain autograd (the reference path)."})
-    compile_loss: bool | None = field(default=None, metadata={
-        "help": "torch.compile the fused loss's per-chunk function (default: on CUDA only)."})
+    loss_kernel: Literal["auto", "triton", "compile", "eager"] = field(default="auto", metadata={
+        "help": "The fused loss's per-chunk function: triton (one kernel, 3 passes over the logits), compile "
+                "(torch.compile of the torch function) or eager. auto: triton on CUDA when installed, else compile "
+                "on CUDA, else eager."})
     loss_matmul_dtype: Literal["auto", "float32", "bfloat16"] = field(default="auto", metadata={
         "help": "Operands of the fused loss's vocabulary projections (float32 accumulation and logits either way). "
                 "auto: bfloat16 when training in bf16 on CUDA (twice TF32's speed), else float32."})
@@ -242,7 +244,7 @@ def build_trainer(actor: LatentActor, model_args: ModelArguments, data_args: Dat
         random_contrast_weight=model_args.random_contrast_weight,
         mix_ratios=tuple(float(x) for x in model_args.mix_ratios.split(",") if x.strip()),
         pure_latent_prob=model_args.pure_latent_prob, loss_chunk_size=model_args.loss_chunk_size or None,
-        fused_loss=model_args.fused_loss, compile_loss=model_args.compile_loss,
+        fused_loss=model_args.fused_loss, loss_kernel=model_args.loss_kernel,
         loss_matmul_dtype=model_args.loss_matmul_dtype)
     trainer = LatentActorTrainer(
         model=actor, args=args, train_dataset=datasets["train"], eval_dataset=datasets.get("eval"),

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers import Trainer
 
+import loss_kernel
 from data import RankBalancedLengthSampler
 from latent_head import LatentActor
 from losses import LN2, chunk_values_and_grad, fused_latent_comm_loss_sums, latent_comm_loss_sums
@@ -32,7 +33,7 @@ class LossConfig:
     pure_latent_prob: float = 0.25  # share of training samples that see pure latents (ratio 1)
     loss_chunk_size: int | None = 1024
     fused_loss: bool = True  # closed-form gradients per chunk (bias-free linear LM heads); else autograd
-    compile_loss: bool | None = None  # torch.compile the fused chunk; None: on CUDA only
+    loss_kernel: str = "auto"  # the fused chunk: "triton", "compile", "eager"; auto: triton/compile on CUDA, else eager
     loss_matmul_dtype: str = "auto"  # projections' operands: "auto" = bfloat16 under bf16 on CUDA, else float32
 
 
@@ -252,13 +253,22 @@ class LatentActorTrainer(Trainer):
         return getattr(torch, choice)
 
     def _chunk_fn(self, device: torch.device):
-        """The fused loss's per-chunk function, compiled once on CUDA: the ~30 elementwise passes over
-        [chunk, vocab] float32 logits become a few fused reductions."""
-        compile_loss = self.loss_config.compile_loss
-        if compile_loss is None:
-            compile_loss = device.type == "cuda"
-        if not compile_loss:
+        """The fused loss's per-chunk function. On CUDA its ~30 elementwise passes over [chunk, vocab] float32
+        logits are memory-bound: the Triton kernel makes them 3 passes, torch.compile about 10."""
+        kernel = self.loss_config.loss_kernel
+        if kernel == "auto":
+            kernel = ("triton" if loss_kernel.available() else "compile") if device.type == "cuda" else "eager"
+        if kernel == "triton":
+            if not loss_kernel.available():
+                raise ValueError("--loss_kernel triton: triton is not installed (it comes with torch's CUDA builds)")
+            if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError(f"--loss_kernel triton needs a CUDA device (the loss runs on {device.type}); "
+                                 "use --loss_kernel compile or eager")
+            return loss_kernel.chunk_values_and_grad
+        if kernel == "eager":
             return chunk_values_and_grad
+        if kernel != "compile":
+            raise ValueError(f"--loss_kernel {kernel!r}: expected auto, triton, compile or eager")
         if self._compiled_chunk_fn is None:
             self._compiled_chunk_fn = torch.compile(chunk_values_and_grad, dynamic=True)
         return self._compiled_chunk_fn

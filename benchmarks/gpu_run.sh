@@ -56,9 +56,9 @@ elif [ "$PLAN" = current ]; then
 elif [ "$PLAN" = fast ]; then
   # the fused loss (closed-form gradients per chunk), compiled, and packed rows with varlen flash attention,
   # each against the path before them on the same machine; REF = the code of call 4/5 (padded, autograd loss)
-  REF="--fused_loss false --compile_loss false --packed_sequences false"
+  REF="--fused_loss false --loss_kernel eager --packed_sequences false"
   bench --batch_size 2 --steps 25 --measure_matmul --out_name fa_b2_ref $REF
-  bench --batch_size 2 --steps 25 --out_name fa_b2_fused --compile_loss false --packed_sequences false
+  bench --batch_size 2 --steps 25 --out_name fa_b2_fused --loss_kernel eager --packed_sequences false
   bench --batch_size 2 --steps 25 --out_name fa_b2_fused_compiled --packed_sequences false
   bench --batch_size 2 --steps 25 --profile_steps 3 --out_name fa_b2_default
   bench --batch_size 8 --steps 25 --out_name fa_b8_ref $REF
@@ -68,7 +68,7 @@ elif [ "$PLAN" = fast ]; then
   LIMIT=100 bench --batch_size 16 --steps 20 --out_name fa_b16_default_gc --gradient_checkpointing True
 elif [ "$PLAN" = fast2 ]; then
   # packed rows fixed (flash varlen under autocast), and compiled decoder layers (--compile_layers)
-  REF="--fused_loss false --compile_loss false --packed_sequences false"
+  REF="--fused_loss false --loss_kernel eager --packed_sequences false"
   bench --batch_size 2 --steps 25 --out_name fb_b2_ref $REF
   bench --batch_size 2 --steps 25 --out_name fb_b2_default
   LIMIT=150 bench --batch_size 2 --steps 25 --profile_steps 3 --out_name fb_b2_cl --compile_layers True
@@ -79,7 +79,7 @@ elif [ "$PLAN" = fast2 ]; then
   LIMIT=100 bench --batch_size 4 --steps 25 --out_name fb_b4_cl --compile_layers True
 elif [ "$PLAN" = fast3 ]; then
   # one host sync per branch forward (index arithmetic instead of boolean indexing); compiled layers by default
-  REF="--fused_loss false --compile_loss false --packed_sequences false --compile_layers false"
+  REF="--fused_loss false --loss_kernel eager --packed_sequences false --compile_layers false"
   bench --batch_size 2 --steps 25 --out_name fc_b2_ref $REF
   bench --batch_size 2 --steps 25 --out_name fc_b2_L3072
   bench --batch_size 2 --model_max_length 8192 --steps 25 --out_name fc_b2_L8192
@@ -93,7 +93,7 @@ elif [ "$PLAN" = fast4 ]; then
   bench --batch_size 32 --steps 20 --out_name fd_b32
   bench --batch_size 2 --steps 25 --out_name fd_b2_L3072
   bench --batch_size 2 --model_max_length 8192 --steps 25 --out_name fd_b2_L8192
-  bench --batch_size 2 --steps 25 --out_name fd_b2_ref --fused_loss false --compile_loss false --packed_sequences false --compile_layers false
+  bench --batch_size 2 --steps 25 --out_name fd_b2_ref --fused_loss false --loss_kernel eager --packed_sequences false --compile_layers false
   LIMIT=110 bench --batch_size 40 --steps 20 --out_name fd_b40
   LIMIT=90 bench --batch_size 8 --steps 25 --out_name fd_b8
 elif [ "$PLAN" = ddp ]; then
@@ -127,7 +127,7 @@ elif [ "$PLAN" = big ]; then
   LIMIT=90 bench --batch_size 32 --steps 20 --out_name bg_b32
   LIMIT=130 bench --batch_size 64 --steps 14 --out_name bg_b64
   LIMIT=60 bench --batch_size 2 --steps 25 --out_name bg_b2
-  LIMIT=60 bench --batch_size 2 --steps 25 --out_name bg_b2_ref --fused_loss false --compile_loss false --packed_sequences false --compile_layers false
+  LIMIT=60 bench --batch_size 2 --steps 25 --out_name bg_b2_ref --fused_loss false --loss_kernel eager --packed_sequences false --compile_layers false
   LIMIT=90 bench --batch_size 24 --steps 20 --out_name bg_b24
 elif [ "$PLAN" = scale2 ]; then
   # run after `scale` on the same machine (its sc2_b8 is the two-GPU figure): one GPU over the same sample
@@ -163,6 +163,14 @@ elif [ "$PLAN" = bf16loss ]; then
   LIMIT=110 bench --batch_size 48 --steps 13 --warmup 4 --out_name lb_b48_bf16
   LIMIT=110 bench --batch_size 48 --steps 13 --warmup 4 --out_name lb_b48_fp32 --loss_matmul_dtype float32
   LIMIT=50 bench --batch_size 2 --steps 20 --out_name lb_b2
+elif [ "$PLAN" = kernel ]; then
+  # the fused loss chunk as one Triton kernel (3 passes over the float32 logits) against the compiled torch
+  # function (~10 passes: 123 ms of a 1.02 s batch-48 step in call 15), first on one chunk, then at batch 48
+  timeout 150 python3 benchmarks/loss_kernel_check.py --out "$OUT/loss_kernel_check.json"
+  LIMIT=110 bench --batch_size 48 --steps 13 --warmup 4 --out_name lk_b48_triton --loss_kernel triton
+  LIMIT=110 bench --batch_size 48 --steps 13 --warmup 4 --out_name lk_b48_compile --loss_kernel compile
+  LIMIT=60 bench --batch_size 2 --steps 20 --out_name lk_b2
+  LIMIT=120 bench --batch_size 48 --steps 10 --warmup 4 --profile_steps 2 --out_name lk_b48_profile
 elif [ "$PLAN" = fixes ]; then
   python3 benchmarks/check_bf16_loss.py
   bench --batch_size 2 --steps 25 --measure_matmul --out_name fx_b2_base

@@ -9,6 +9,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# Tests have no GPU: Triton kernels (loss_kernel.py) run in Triton's interpreter on CPU tensors. Read
+# when triton is first imported, so set before anything imports it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import models  # noqa: E402
 from latent_head import LatentActor  # noqa: E402

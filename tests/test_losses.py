@@ -1,5 +1,6 @@
 """Each loss term against a hand computation on small tensors."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -170,3 +171,83 @@ def test_bf16_projections_stay_within_bf16_tolerance_of_float32():
     for a, b in ((got_h, ref_h), (got_w, ref_w)):
         assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
         assert (a - b).norm() < 2e-2 * b.norm(), ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def interpreted_loss_kernel():
+    """`loss_kernel` run by Triton's interpreter on CPU tensors (conftest sets TRITON_INTERPRET)."""
+    pytest.importorskip("triton")
+    import loss_kernel
+
+    return loss_kernel
+
+
+@pytest.mark.parametrize("with_plan,with_neg,need_grad", [(True, True, True), (True, False, True),
+                                                          (False, True, True), (False, False, True),
+                                                          (True, True, False)])
+def test_triton_chunk_kernel_matches_the_torch_chunk_function(interpreted_loss_kernel, with_plan, with_neg,
+                                                               need_grad):
+    g = torch.Generator().manual_seed(3)
+    rows, vocab = 6, 300  # 300 = two full blocks of 128 and a masked tail: the online maxima are rescaled
+    pos = torch.randn(rows, vocab, generator=g) * 4
+    plan = pos + torch.randn(rows, vocab, generator=g)  # near the positive: the contrast hinge is active
+    neg = torch.randn(rows, vocab, generator=g) * 4
+    # Row 0's negative is peaked far from its positive: JS ~ ln 2 > the margin, the hinge is clamped.
+    pos[0, 7], neg[0, 200] = 60.0, 60.0
+    labels = torch.tensor([7, 0, 299, 128, 5, 64])
+    plan_w = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    neg_w = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+    args = (pos, labels, plan if with_plan else None, plan_w, neg if with_neg else None, neg_w, 1.3, 2.0, need_grad)
+    want_sums, want_grad = losses.chunk_values_and_grad(*args)
+    got_sums, got_grad = interpreted_loss_kernel.chunk_values_and_grad(*args, block=128, num_warps=4)
+    torch.testing.assert_close(got_sums, want_sums, rtol=1e-5, atol=1e-5)
+    if with_neg:  # the test's premise: one row with the hinge clamped, the others with it active
+        js = interpreted_loss_kernel.chunk_values_and_grad(pos[:2], labels[:2], None, plan_w[:2], neg[:2],
+                                                            neg_w[:2], 1.0, 1.0, False, block=128)[0][4]
+        assert js > losses.CONTRAST_MARGIN
+    if need_grad:
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)
+    else:
+        assert got_grad is None and want_grad is None
+
+
+_COMPILE_FOR_HOPPER = """
+import itertools, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import loss_kernel
+
+kernel = loss_kernel._chunk_kernel
+signature = {name: "constexpr" for name in kernel.arg_names}
+for name in ("pos_ptr", "plan_ptr", "neg_ptr", "plan_w_ptr", "neg_w_ptr", "rows_out_ptr"):
+    signature[name] = "*fp32"
+signature |= {"grad_ptr": "*bf16", "labels_ptr": "*i64"}
+signature |= {name: "i32" for name in ("stride_pos", "stride_plan", "stride_neg", "stride_grad", "vocab")}
+signature |= {name: "fp32" for name in ("plan_weight", "contrast_weight", "kl_weight", "cos_weight", "margin")}
+for plan, neg, grad in itertools.product((False, True), repeat=3):
+    constants = {"HAS_PLAN": plan, "HAS_NEG": neg, "NEED_GRAD": grad, "BLOCK": 4096}
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    assert ".target sm_90" in compiled.asm["ptx"] and len(compiled.asm["cubin"]) > 0
+    print("compiled", constants)
+"""
+
+
+def test_triton_chunk_kernel_compiles_for_hopper(tmp_path):
+    """The interpreter accepts code that the compiler refuses (e.g. a global that is not a constexpr): compile
+    every variant of the kernel to an sm_90 binary (an H100's), with the ptxas that ships in triton's wheel.
+    In a fresh process: compiling does not work while the interpreter is on."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a real compile, not a cached one
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("compiled") == 8
