@@ -135,8 +135,10 @@ def chunk_values_and_grad(pos_logits: torch.Tensor, labels: torch.Tensor,
                           plan_logits: torch.Tensor | None, plan_w: torch.Tensor,
                           neg_logits: torch.Tensor | None, neg_w: torch.Tensor,
                           plan_weight: float, contrast_weight: float, need_grad: bool = True,
-                          grad_dtype: torch.dtype = torch.float32, block: int = 4096, num_warps: int = 8):
-    """`losses.chunk_values_and_grad` (same arguments and results) by `_chunk_kernel`."""
+                          grad_dtype: torch.dtype = torch.float32, block: int = 2048, num_warps: int = 8,
+                          num_stages: int = 3):
+    """`losses.chunk_values_and_grad` (same arguments and results) by `_chunk_kernel`. The defaults were
+    the fastest on an H200 at 1024 x 151,936 (benchmarks/loss_kernel_check.py)."""
     rows, vocab = pos_logits.shape
     per_row = pos_logits.new_zeros(rows, 4, dtype=torch.float32)  # ce, plan term, js, negative's ce
     grad = torch.empty(rows, vocab, dtype=grad_dtype, device=pos_logits.device) if need_grad else None
@@ -149,7 +151,7 @@ def chunk_values_and_grad(pos_logits: torch.Tensor, labels: torch.Tensor,
             pos_logits.stride(0), stride(plan_logits), stride(neg_logits), vocab if grad is None else grad.stride(0),
             vocab, float(plan_weight), float(contrast_weight), PLAN_KL_WEIGHT, PLAN_COS_WEIGHT, CONTRAST_MARGIN,
             HAS_PLAN=plan_logits is not None, HAS_NEG=neg_logits is not None, NEED_GRAD=need_grad,
-            BLOCK=block, num_warps=num_warps)
+            BLOCK=block, num_warps=num_warps, num_stages=num_stages)
     ce, plan_term, js, neg_ce = per_row.unbind(1)
     return row_sums(ce, plan_term if plan_logits is not None else None, plan_w,
                     js if neg_logits is not None else None, neg_ce, neg_w), grad

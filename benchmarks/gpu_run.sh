@@ -171,6 +171,20 @@ elif [ "$PLAN" = kernel ]; then
   LIMIT=110 bench --batch_size 48 --steps 13 --warmup 4 --out_name lk_b48_compile --loss_kernel compile
   LIMIT=60 bench --batch_size 2 --steps 20 --out_name lk_b2
   LIMIT=120 bench --batch_size 48 --steps 10 --warmup 4 --profile_steps 2 --out_name lk_b48_profile
+elif [ "$PLAN" = kernel2 ]; then
+  # after call 17 (47.39 samples/s at b48 with the kernel): the kernel's block/warps/stages; data loading
+  # (~45 ms of a 0.96 s step on the main process) moved to two persistent workers; batch 32; the compiled
+  # chunk function as this machine's baseline; model_max_length 3072 vs 8192 with the current code
+  timeout 150 python3 benchmarks/loss_kernel_check.py --out "$OUT/loss_kernel_check.json"
+  W="--dataloader_num_workers 2 --dataloader_persistent_workers true"
+  LIMIT=100 bench --batch_size 48 --steps 13 --warmup 4 --out_name k2_b48
+  LIMIT=100 bench --batch_size 48 --steps 13 --warmup 4 --out_name k2_b48_w2 $W
+  LIMIT=100 bench --batch_size 48 --steps 13 --warmup 4 --out_name k2_b48_w2_compile $W --loss_kernel compile
+  LIMIT=100 bench --batch_size 48 --steps 22 --warmup 4 --out_name k2_b48_w2_long $W
+  LIMIT=80 bench --batch_size 32 --steps 20 --warmup 4 --out_name k2_b32_w2 $W
+  LIMIT=60 bench --batch_size 8 --model_max_length 3072 --steps 20 --out_name k2_b8_L3072 $W
+  LIMIT=60 bench --batch_size 8 --model_max_length 8192 --steps 20 --out_name k2_b8_L8192 $W
+  LIMIT=50 bench --batch_size 2 --steps 20 --out_name k2_b2 $W
 elif [ "$PLAN" = fixes ]; then
   python3 benchmarks/check_bf16_loss.py
   bench --batch_size 2 --steps 25 --measure_matmul --out_name fx_b2_base

@@ -70,10 +70,10 @@ def main():
     compiled = torch.compile(losses.chunk_values_and_grad, dynamic=True)
     times = {"torch_eager": timed(lambda: call(losses.chunk_values_and_grad), repeats=5),
              "torch_compiled": timed(lambda: call(compiled))}
-    for block in (2048, 4096, 8192):
-        for warps in (4, 8, 16):
-            times[f"triton_b{block}_w{warps}"] = timed(lambda: call(loss_kernel.chunk_values_and_grad, block=block,
-                                                                    num_warps=warps))
+    for block, warps, stages in [(1024, 4, 3), (1024, 8, 3), (2048, 4, 3), (2048, 8, 1), (2048, 8, 2),
+                                 (2048, 8, 3), (2048, 8, 4), (2048, 16, 3), (4096, 8, 3), (4096, 16, 3)]:
+        times[f"triton_b{block}_w{warps}_s{stages}"] = timed(lambda: call(
+            loss_kernel.chunk_values_and_grad, block=block, num_warps=warps, num_stages=stages))
     times["triton_default"] = timed(lambda: call(loss_kernel.chunk_values_and_grad))
     result["ms"] = times
     # What the kernel moves: pass 1 reads the three float32 logits, pass 2 two, pass 3 three + a bf16 gradient.
