@@ -95,6 +95,12 @@ class ActorTrainingArguments(TrainingArguments):
     warmup_ratio: float | None = field(default=None, metadata={
         "help": "Share of steps spent warming up (transformers 5 reads a float --warmup_steps < 1 the same way)."})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: auto-detect)."})
+    # Collating a batch (reading latent files, padding) on the main process leaves the GPU idle meanwhile:
+    # ~5% of a batch-48 step on an H200 (BENCHMARKS.md). Workers collate the next batches during the step.
+    dataloader_num_workers: int | None = field(default=None, metadata={
+        "help": "Processes that collate batches (default: 2 when training on a GPU, else 0)."})
+    dataloader_persistent_workers: bool | None = field(default=None, metadata={
+        "help": "Keep the workers across epochs (default: on when there are workers)."})
     fp16: bool | None = field(default=None, metadata={"help": "fp16 mixed precision (default: auto-detect)."})
     remove_unused_columns: bool = False  # the batch carries latents and plans, not forward's named inputs
     label_names: list[str] | None = field(default_factory=lambda: ["labels"])
@@ -120,8 +126,12 @@ class ActorTrainingArguments(TrainingArguments):
             if not 0 <= self.warmup_ratio < 1:
                 raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
             self.warmup_steps = self.warmup_ratio
+        on_gpu = torch.cuda.is_available() and not self.use_cpu
+        if self.dataloader_num_workers is None:
+            self.dataloader_num_workers = 2 if on_gpu else 0
+        if self.dataloader_persistent_workers is None:
+            self.dataloader_persistent_workers = self.dataloader_num_workers > 0
         if self.bf16 is None and self.fp16 is None:
-            on_gpu = torch.cuda.is_available() and not self.use_cpu
             self.bf16 = on_gpu and torch.cuda.is_bf16_supported()
             self.fp16 = on_gpu and not self.bf16
         self.bf16, self.fp16 = bool(self.bf16), bool(self.fp16)
@@ -278,7 +288,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
         trainer.train(resume_from_checkpoint=resume)
     except DataError as e:  # a latent file that broke mid-run: keep what was trained
         trainer.save_model(os.path.join(args.output_dir, "interrupted"))
-        raise UserError(f"{e} (the model so far is in {args.output_dir}/interrupted)", status=1) from None
+        message = str(e)
+        if "Original Traceback" in message:  # raised in a data loader worker: the message carries its traceback
+            message = message.rsplit("DataError: ", 1)[-1].rstrip()
+        raise UserError(f"{message} (the model so far is in {args.output_dir}/interrupted)", status=1) from None
     actor.merge_lora()  # the final folder is a plain HF model + head, whatever the training mode
     trainer.save_model(args.output_dir)
     trainer.save_state()

@@ -28,7 +28,7 @@ SPEC_ADVANCED = """--model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --train_file 
 def test_both_specification_command_lines_parse():
     model, data, args = train_actor.parse_args(shlex.split(SPEC_BASIC))
     assert args.eval_strategy == "steps" and args.eval_steps == 500 and args.save_total_limit == 5
-    assert data.model_max_length == 3072 and args.dataloader_num_workers == 4
+    assert data.model_max_length == 3072 and args.dataloader_num_workers == 4 and args.dataloader_persistent_workers
     assert args.load_best_model_at_end and args.metric_for_best_model == "loss"
     model, data, args = train_actor.parse_args(shlex.split(SPEC_ADVANCED))
     assert args.warmup_steps == 0.1 and args.weight_decay == 0.01
@@ -38,6 +38,7 @@ def test_both_specification_command_lines_parse():
     defaults = train_actor.parse_args(["--output_dir", "x"])
     assert defaults[0].model_name_or_path == "Qwen/Qwen2.5-0.5B-Instruct" and defaults[2].learning_rate == 2e-5
     assert not defaults[2].bf16 and not defaults[2].fp16  # no GPU here: auto-detect picks fp32
+    assert defaults[2].dataloader_num_workers == 0 and not defaults[2].dataloader_persistent_workers  # nor workers
 
 
 def test_mix_ratios_are_fresh_per_sample_and_step_and_include_pure_latents():
@@ -398,3 +399,28 @@ def test_components_reach_tensorboard(tiny_model_dir, tiny_data, tmp_path, monke
     tags = set(accumulator.Tags()["scalars"])
     assert {f"train/{k}" for k in ("loss", "ce_loss", "plan_similarity", "random_contrast", "delta_nll_bits",
                                      "js_bits")} <= tags
+
+
+def test_a_latent_file_broken_mid_run_in_a_loader_worker_is_one_clear_error(tiny_model_dir, tmp_path, monkeypatch,
+                                                                             capsys):
+    """Validation passed, then a worker fails to read a latent file: one line names it (no worker traceback),
+    and what was trained is saved."""
+    import data
+
+    train = write_jsonl(tmp_path / "train.jsonl", make_records(4, str(tmp_path / "lat")))
+    parent, load = os.getpid(), data.load_latents
+
+    def load_or_fail(source, where):
+        if os.getpid() != parent:  # in the data loader's worker, after the parent validated every file
+            raise data.DataError(f"{where}: field 'hidden_state_path': file vanished")
+        return load(source, where)
+
+    monkeypatch.setattr(data, "load_latents", load_or_fail)
+    out = tmp_path / "out"
+    argv = _train_argv(tiny_model_dir, train, str(out), "--per_device_train_batch_size", "2", "--max_steps", "2",
+                       "--dataloader_num_workers", "1")
+    assert train_actor.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "id 's0" in err and "file vanished" in err, err
+    assert "Traceback" not in err and "worker" not in err
+    assert (out / "interrupted" / "latent_comm_head.pt").exists()
