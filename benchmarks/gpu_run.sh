@@ -185,6 +185,14 @@ elif [ "$PLAN" = kernel2 ]; then
   LIMIT=60 bench --batch_size 8 --model_max_length 3072 --steps 20 --out_name k2_b8_L3072 $W
   LIMIT=60 bench --batch_size 8 --model_max_length 8192 --steps 20 --out_name k2_b8_L8192 $W
   LIMIT=50 bench --batch_size 2 --steps 20 --out_name k2_b2 $W
+elif [ "$PLAN" = final ]; then
+  # the committed defaults (Triton loss kernel, two persistent loader workers on a GPU), nothing added:
+  # the figures BENCHMARKS.md reports, and model_max_length 3072 vs 8192 at batch 2
+  LIMIT=100 bench --batch_size 48 --steps 22 --warmup 4 --out_name fin_b48
+  LIMIT=80 bench --batch_size 32 --steps 20 --warmup 4 --out_name fin_b32
+  LIMIT=100 bench --batch_size 64 --steps 12 --warmup 4 --out_name fin_b64
+  LIMIT=60 bench --batch_size 2 --model_max_length 3072 --steps 25 --out_name fin_b2_L3072
+  LIMIT=60 bench --batch_size 2 --model_max_length 8192 --steps 25 --out_name fin_b2_L8192
 elif [ "$PLAN" = fixes ]; then
   python3 benchmarks/check_bf16_loss.py
   bench --batch_size 2 --steps 25 --measure_matmul --out_name fx_b2_base
