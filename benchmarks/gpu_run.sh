@@ -193,6 +193,15 @@ elif [ "$PLAN" = final ]; then
   LIMIT=100 bench --batch_size 64 --steps 12 --warmup 4 --out_name fin_b64
   LIMIT=60 bench --batch_size 2 --model_max_length 3072 --steps 25 --out_name fin_b2_L3072
   LIMIT=60 bench --batch_size 2 --model_max_length 8192 --steps 25 --out_name fin_b2_L8192
+elif [ "$PLAN" = maxlen ]; then
+  # model_max_length 3072 vs 8192 at batch 2, alternated twice on one machine: call 19's single pair
+  # differed by 17% on identical data (batch 2 is bound by the host's launch rate, which varies run to run)
+  for i in 1 2; do
+    LIMIT=60 bench --batch_size 2 --model_max_length 8192 --steps 25 --out_name ml_b2_L8192_$i
+    LIMIT=60 bench --batch_size 2 --model_max_length 3072 --steps 25 --out_name ml_b2_L3072_$i
+  done
+  LIMIT=60 bench --batch_size 8 --model_max_length 8192 --steps 20 --out_name ml_b8_L8192
+  LIMIT=60 bench --batch_size 8 --model_max_length 3072 --steps 20 --out_name ml_b8_L3072
 elif [ "$PLAN" = fixes ]; then
   python3 benchmarks/check_bf16_loss.py
   bench --batch_size 2 --steps 25 --measure_matmul --out_name fx_b2_base
