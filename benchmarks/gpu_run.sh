@@ -202,6 +202,12 @@ elif [ "$PLAN" = maxlen ]; then
   done
   LIMIT=60 bench --batch_size 8 --model_max_length 8192 --steps 20 --out_name ml_b8_L8192
   LIMIT=60 bench --batch_size 8 --model_max_length 3072 --steps 20 --out_name ml_b8_L3072
+elif [ "$PLAN" = h100 ]; then
+  # the committed defaults on an 80 GB H100: batch 32 (66 GiB on an H200) is the largest that fits
+  LIMIT=90 bench --batch_size 32 --steps 20 --warmup 4 --out_name h1_b32
+  LIMIT=70 bench --batch_size 16 --steps 20 --warmup 4 --out_name h1_b16
+  LIMIT=60 bench --batch_size 2 --steps 25 --out_name h1_b2
+  LIMIT=90 bench --batch_size 32 --steps 20 --warmup 4 --out_name h1_b32_compile --loss_kernel compile
 elif [ "$PLAN" = fixes ]; then
   python3 benchmarks/check_bf16_loss.py
   bench --batch_size 2 --steps 25 --measure_matmul --out_name fx_b2_base
