@@ -208,6 +208,14 @@ elif [ "$PLAN" = h100 ]; then
   LIMIT=70 bench --batch_size 16 --steps 20 --warmup 4 --out_name h1_b16
   LIMIT=60 bench --batch_size 2 --steps 25 --out_name h1_b2
   LIMIT=90 bench --batch_size 32 --steps 20 --warmup 4 --out_name h1_b32_compile --loss_kernel compile
+elif [ "$PLAN" = kernel3 ]; then
+  # the kernel after its accuracy fix (KL from logit gaps; pass 2 now also reads the plan logits: 9 reads of
+  # a chunk's logits instead of 8): one chunk, then the defaults at batch 48 and 32, and the compiled baseline
+  timeout 150 python3 benchmarks/loss_kernel_check.py --out "$OUT/loss_kernel_check.json"
+  LIMIT=100 bench --batch_size 48 --steps 22 --warmup 4 --out_name k3_b48
+  LIMIT=80 bench --batch_size 32 --steps 20 --warmup 4 --out_name k3_b32
+  LIMIT=100 bench --batch_size 48 --steps 22 --warmup 4 --out_name k3_b48_compile --loss_kernel compile
+  LIMIT=50 bench --batch_size 2 --steps 25 --out_name k3_b2
 elif [ "$PLAN" = fixes ]; then
   python3 benchmarks/check_bf16_loss.py
   bench --batch_size 2 --steps 25 --measure_matmul --out_name fx_b2_base
