@@ -22,7 +22,7 @@ from callbacks import InfoNCEProbeCallback, LatentConditionsCallback, LossLogCal
 from data import ActorDataset, DataError, LatentCollator, build_hf_dataset, split_train_eval
 from latent_head import HEAD_FILE, LatentActor, load_head_file, packed_sequences_available
 from models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
-from trainer import LatentActorTrainer, LossConfig, resolve_resume
+from trainer import LatentActorTrainer, LossConfig, resolve_loss_kernel, resolve_resume
 from validation import validate_files
 
 logger = logging.getLogger("train_actor")
@@ -95,13 +95,13 @@ class ActorTrainingArguments(TrainingArguments):
     warmup_ratio: float | None = field(default=None, metadata={
         "help": "Share of steps spent warming up (transformers 5 reads a float --warmup_steps < 1 the same way)."})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: auto-detect)."})
+    fp16: bool | None = field(default=None, metadata={"help": "fp16 mixed precision (default: auto-detect)."})
     # Collating a batch (reading latent files, padding) on the main process leaves the GPU idle meanwhile:
     # ~5% of a batch-48 step on an H200 (BENCHMARKS.md). Workers collate the next batches during the step.
     dataloader_num_workers: int | None = field(default=None, metadata={
         "help": "Processes that collate batches (default: 2 when training on a GPU, else 0)."})
     dataloader_persistent_workers: bool | None = field(default=None, metadata={
         "help": "Keep the workers across epochs (default: on when there are workers)."})
-    fp16: bool | None = field(default=None, metadata={"help": "fp16 mixed precision (default: auto-detect)."})
     remove_unused_columns: bool = False  # the batch carries latents and plans, not forward's named inputs
     label_names: list[str] | None = field(default_factory=lambda: ["labels"])
     train_sampling_strategy: str = field(default="group_by_length", metadata={
@@ -192,6 +192,10 @@ def check_data(model_args: ModelArguments, data_args: DataArguments, args: Actor
     """Validate every record before any model is loaded; returns (report, checkpoint to resume or None)."""
     if not data_args.train_file:
         raise UserError("--train_file is required")
+    try:
+        resolve_loss_kernel(model_args.loss_kernel, "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu")
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if args.fsdp:
         if model_args.lora_r:
             raise UserError("--fsdp with --lora_r is not supported: LoRA's adapters are small enough for DDP "

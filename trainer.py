@@ -78,6 +78,24 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, 0, 0, rows - t.shape[1])) if t.shape[1] < rows else t
 
 
+def resolve_loss_kernel(choice: str, device_type: str) -> str:
+    """`--loss_kernel` on a device. On CUDA the chunk's ~30 elementwise passes over [chunk, vocab] float32
+    logits are memory-bound: the Triton kernel makes them 3 passes, torch.compile about 10; so `auto` is
+    triton on CUDA where triton is installed, else compile on CUDA, else eager."""
+    if choice == "auto":
+        return ("triton" if loss_kernel.available() else "compile") if device_type == "cuda" else "eager"
+    if choice == "triton":
+        if not loss_kernel.available():
+            raise ValueError("--loss_kernel triton: triton is not installed (it comes with torch's CUDA builds); "
+                             "use --loss_kernel compile or eager")
+        if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"--loss_kernel triton needs a CUDA device (training runs on {device_type}); "
+                             "use --loss_kernel compile or eager")
+    elif choice not in ("compile", "eager"):
+        raise ValueError(f"--loss_kernel {choice!r}: expected auto, triton, compile or eager")
+    return choice
+
+
 def checkpoint_is_complete(path: str) -> bool:
     """The Trainer writes `trainer_state.json` last: a checkpoint whose state parses was fully written."""
     try:
@@ -253,22 +271,12 @@ class LatentActorTrainer(Trainer):
         return getattr(torch, choice)
 
     def _chunk_fn(self, device: torch.device):
-        """The fused loss's per-chunk function. On CUDA its ~30 elementwise passes over [chunk, vocab] float32
-        logits are memory-bound: the Triton kernel makes them 3 passes, torch.compile about 10."""
-        kernel = self.loss_config.loss_kernel
-        if kernel == "auto":
-            kernel = ("triton" if loss_kernel.available() else "compile") if device.type == "cuda" else "eager"
+        """The fused loss's per-chunk function (see `resolve_loss_kernel`)."""
+        kernel = resolve_loss_kernel(self.loss_config.loss_kernel, device.type)
         if kernel == "triton":
-            if not loss_kernel.available():
-                raise ValueError("--loss_kernel triton: triton is not installed (it comes with torch's CUDA builds)")
-            if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-                raise ValueError(f"--loss_kernel triton needs a CUDA device (the loss runs on {device.type}); "
-                                 "use --loss_kernel compile or eager")
             return loss_kernel.chunk_values_and_grad
         if kernel == "eager":
             return chunk_values_and_grad
-        if kernel != "compile":
-            raise ValueError(f"--loss_kernel {kernel!r}: expected auto, triton, compile or eager")
         if self._compiled_chunk_fn is None:
             self._compiled_chunk_fn = torch.compile(chunk_values_and_grad, dynamic=True)
         return self._compiled_chunk_fn

@@ -42,3 +42,13 @@ def test_fsdp_with_lora_is_refused_with_a_clear_message(tmp_path, capsys):
     rc = train_actor.main(["--train_file", train, "--output_dir", str(tmp_path / "o"), "--report_to", "none", "--fsdp"])
     err = capsys.readouterr().err
     assert rc == 2 and "--fsdp shards the model over several processes: launch with torchrun" in err
+
+
+def test_the_triton_loss_kernel_without_a_gpu_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as for a user: no interpreter
+    train = write_jsonl(tmp_path / "t.jsonl", make_records(2, str(tmp_path / "lat")))
+    rc = train_actor.main(["--train_file", train, "--output_dir", str(tmp_path / "o"), "--report_to", "none",
+                           "--loss_kernel", "triton"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--loss_kernel triton" in err and "use --loss_kernel compile or eager" in err, err
+    assert "Traceback" not in err and not os.path.exists(tmp_path / "o")
