@@ -4,7 +4,7 @@ values and gradient in three streaming passes over the float32 logits, instead o
 
 Per row (one program per row of the chunk), with p, q, r the positive, plan and negative softmaxes:
   pass 1: the log-normalisers of p, q, r (online softmax);
-  pass 2: KL(q||p), <p,q>, |p|^2, |q|^2 and the JS sums, from the final log-probabilities;
+  pass 2: sum q (z_q - z_p) for KL(q||p), <p,q>, |p|^2, |q|^2 and the JS sums, with the final normalisers;
   pass 3: the gradient w.r.t. the positive logits, written once, in the projections' dtype.
 The work is reading float32 logits: at a chunk of 1024 x 151,936, each pass over the three of them
 moves ~1.9 GB. Values and gradients match the torch function to float32 rounding
