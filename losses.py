@@ -94,7 +94,7 @@ def _chunk_terms(pos_h, plan_h, neg_h, labels, plan_w, neg_w, project):
     if neg_h is not None:
         neg_logits = project(neg_h).detach()
         js = js_divergence(pos_logits, neg_logits)
-        neg_ce = token_ce(neg_logits, labels).detach()
+        neg_ce = token_ce(neg_logits, labels)
     return row_sums(ce, plan_term, plan_w, js, neg_ce, neg_w)
 
 

@@ -119,6 +119,11 @@ class ActorTrainingArguments(TrainingArguments):
         "help": "On a NaN/inf gradient: 'skip' drops that step's update, 'stop' ends training; both report it."})
     validate_only: bool = field(default=False, metadata={"help": "Check the data files and exit."})
 
+    @property
+    def trains_on_gpu(self) -> bool:
+        """A CUDA device is there and not refused (`--use_cpu`): what the auto-detected defaults follow."""
+        return torch.cuda.is_available() and not self.use_cpu
+
     def __post_init__(self):
         if self.evaluation_strategy is not None:  # dropped by transformers 5; the seed's commands still use it
             self.eval_strategy = self.evaluation_strategy
@@ -126,7 +131,7 @@ class ActorTrainingArguments(TrainingArguments):
             if not 0 <= self.warmup_ratio < 1:
                 raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
             self.warmup_steps = self.warmup_ratio
-        on_gpu = torch.cuda.is_available() and not self.use_cpu
+        on_gpu = self.trains_on_gpu
         if self.dataloader_num_workers is None:
             self.dataloader_num_workers = 2 if on_gpu else 0
         if self.dataloader_persistent_workers is None:
@@ -193,7 +198,7 @@ def check_data(model_args: ModelArguments, data_args: DataArguments, args: Actor
     if not data_args.train_file:
         raise UserError("--train_file is required")
     try:
-        resolve_loss_kernel(model_args.loss_kernel, "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu")
+        resolve_loss_kernel(model_args.loss_kernel, "cuda" if args.trains_on_gpu else "cpu")
     except ValueError as e:
         raise UserError(str(e)) from None
     if args.fsdp:
