@@ -326,5 +326,13 @@ def main(argv: list[str] | None = None) -> int:
         return e.status
 
 
+def exit_process(status: int) -> None:
+    """End a (torchrun) process: leave the process group first. Gloo's threads, left running while the
+    interpreter shuts down, abort the process (SIGABRT) now and then after a finished run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

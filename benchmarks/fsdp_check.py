@@ -99,7 +99,9 @@ if __name__ == "__main__":
         rest.remove("--force_fsdp_on_cpu")
         keep_fsdp_on_cpu()
     if mode == "train":
-        sys.exit(train(rest))
+        from train_actor import exit_process
+
+        exit_process(train(rest))
     result = reload(rest[0])
     print(f"fsdp_check reload {rest[0]}: {result}")
     sys.exit(1 if result["differ"] else 0)
