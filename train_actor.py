@@ -15,10 +15,11 @@ from typing import Literal
 
 import torch
 import transformers
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 from transformers.training_args import ParallelMode
 
-from callbacks import InfoNCEProbeCallback, LatentConditionsCallback, LossLogCallback, NonFiniteGuardCallback
+from callbacks import (InfoNCEProbeCallback, LatentConditionsCallback, LossLogCallback, NonFiniteGuardCallback,
+                       StepsToReadCallback)
 from data import ActorDataset, DataError, LatentCollator, build_hf_dataset, split_train_eval
 from latent_head import HEAD_FILE, LatentActor, load_head_file, packed_sequences_available
 from models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
@@ -40,6 +41,20 @@ class ModelArguments:
         "help": "Comma-separated latent shares drawn per sample and step (rest of the block is plan text)."})
     pure_latent_prob: float = field(default=0.25, metadata={
         "help": "Share of training samples that get pure latents (ratio 1), the condition used at inference."})
+    negative_form: Literal["published", "latents_only"] = field(default="published", metadata={
+        "help": "The contrast's negative branch. published: another sample's latents (cut or tiled to this "
+                "sample's K) in this sample's latent rows, then this sample's own plan suffix, so it differs from "
+                "the positive only in the latents; latents_only: the other sample's latents alone."})
+    contrast_divergence: Literal["js", "published"] = field(default="js", metadata={
+        "help": "js: max(0, 0.69 - JS) per position; published: max(0, 0.69 - (0.5 KL(M||P) + 0.5 KL(M||Q))) of "
+                "each sample's mean distributions, as the public code computes it (needs --fused_loss false)."})
+    loss_weighting: Literal["fixed", "adaptive"] = field(default="fixed", metadata={
+        "help": "fixed: --plan_similarity_weight and --random_contrast_weight; adaptive: the public code's "
+                "w_plan = 0.01 + 0.04 clip(L_plan/4), w_rand = 0.01 + 0.49 clip(L_rand/0.69) (needs --fused_loss false)."})
+    head_warm_start_steps: int = field(default=0, metadata={
+        "help": "Before training, fit the latent head for this many steps so that its row k matches the actor's "
+                "embedding of plan token k (head only, no LM pass; same-tokenizer senders). 0: off."})
+    head_warm_start_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the warm start."})
     head_dropout: float = field(default=0.1, metadata={"help": "Attention dropout of the latent head."})
     loss_chunk_size: int = field(default=1024, metadata={
         "help": "Supervised tokens per chunk when projecting to the vocabulary (bounds logits memory)."})
@@ -115,6 +130,9 @@ class ActorTrainingArguments(TrainingArguments):
     eval_latent_conditions: int = field(default=64, metadata={
         "help": "After each evaluation, CE under true/shuffled/none/plan-text latents on this many eval "
                 "samples (0: off)."})
+    stop_when_latents_read: bool = field(default=False, metadata={
+        "help": "End training at the first evaluation where held-out true latents beat shuffled ones by >= 1 "
+                "bit/token and >= 90% of replies are the greedy prediction (logged as cond/steps_to_read)."})
     nonfinite_policy: str = field(default="skip", metadata={
         "help": "On a NaN/inf gradient: 'skip' drops that step's update, 'stop' ends training; both report it."})
     validate_only: bool = field(default=False, metadata={"help": "Check the data files and exit."})
@@ -199,6 +217,7 @@ def check_data(model_args: ModelArguments, data_args: DataArguments, args: Actor
         raise UserError("--train_file is required")
     try:
         resolve_loss_kernel(model_args.loss_kernel, "cuda" if args.trains_on_gpu else "cpu")
+        loss_config(model_args).check_loss_path()
     except ValueError as e:
         raise UserError(str(e)) from None
     if args.fsdp:
@@ -227,6 +246,45 @@ def check_data(model_args: ModelArguments, data_args: DataArguments, args: Actor
     if not report.ok:
         raise UserError("the data files have errors (listed above); nothing was trained", status=1)
     return report, resume
+
+
+def loss_config(model_args: ModelArguments) -> LossConfig:
+    return LossConfig(
+        plan_similarity_weight=model_args.plan_similarity_weight,
+        random_contrast_weight=model_args.random_contrast_weight,
+        mix_ratios=tuple(float(x) for x in model_args.mix_ratios.split(",") if x.strip()),
+        pure_latent_prob=model_args.pure_latent_prob, loss_chunk_size=model_args.loss_chunk_size or None,
+        fused_loss=model_args.fused_loss, loss_kernel=model_args.loss_kernel,
+        loss_matmul_dtype=model_args.loss_matmul_dtype, negative_form=model_args.negative_form,
+        contrast_divergence=model_args.contrast_divergence, loss_weighting=model_args.loss_weighting)
+
+
+class RecordAtTrainBegin(TrainerCallback):
+    """Puts one entry in the log history (hence loss_log.csv) when training begins."""
+
+    def __init__(self, entry: dict):
+        self.entry = entry
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.log_history.append(self.entry)
+
+
+def warm_start(trainer: LatentActorTrainer, model_args: ModelArguments, args: ActorTrainingArguments) -> None:
+    """`--head_warm_start_steps`: fit the head to the actor's plan-token embeddings (see warm_start.py) on
+    shuffled training batches; every rank does the same (seeded), so the ranks start equal."""
+    from torch.utils.data import DataLoader
+
+    from warm_start import warm_start_head
+
+    actor: LatentActor = trainer.model
+    device = args.device
+    actor.to(device)
+    loader = DataLoader(trainer.train_dataset, batch_size=args.per_device_train_batch_size, shuffle=True,
+                        collate_fn=trainer.data_collator,
+                        generator=torch.Generator().manual_seed(args.seed))
+    metrics = warm_start_head(actor.head, actor.base_model.get_input_embeddings(), loader,
+                              model_args.head_warm_start_steps, model_args.head_warm_start_lr, device)
+    trainer.add_callback(RecordAtTrainBegin({"step": 0, **metrics}))  # train() starts a fresh log history
 
 
 def build_actor(model_args: ModelArguments, latent_dim: int | None, seed: int) -> LatentActor:
@@ -258,17 +316,10 @@ def build_trainer(actor: LatentActor, model_args: ModelArguments, data_args: Dat
     datasets = {name: ActorDataset(rows, actor.tokenizer, data_args.model_max_length, model_args.prepended_length,
                                    lazy=data_args.lazy_preprocess)
                 for name, rows in (("train", train_rows), ("eval", eval_rows)) if rows is not None}
-    loss_config = LossConfig(
-        plan_similarity_weight=model_args.plan_similarity_weight,
-        random_contrast_weight=model_args.random_contrast_weight,
-        mix_ratios=tuple(float(x) for x in model_args.mix_ratios.split(",") if x.strip()),
-        pure_latent_prob=model_args.pure_latent_prob, loss_chunk_size=model_args.loss_chunk_size or None,
-        fused_loss=model_args.fused_loss, loss_kernel=model_args.loss_kernel,
-        loss_matmul_dtype=model_args.loss_matmul_dtype)
     trainer = LatentActorTrainer(
         model=actor, args=args, train_dataset=datasets["train"], eval_dataset=datasets.get("eval"),
         data_collator=LatentCollator(actor.pad_id, actor.head.config.latent_dim),
-        processing_class=actor.tokenizer, loss_config=loss_config,
+        processing_class=actor.tokenizer, loss_config=loss_config(model_args),
         callbacks=[LossLogCallback(args.output_dir, plot=args.enable_loss_plot)])
     if args.enable_infoNCE_probe:
         probe_set = datasets.get("eval") or datasets["train"]
@@ -279,6 +330,8 @@ def build_trainer(actor: LatentActor, model_args: ModelArguments, data_args: Dat
     trainer.add_callback(trainer.nonfinite_guard)
     if args.eval_latent_conditions and "eval" in datasets:
         trainer.add_callback(LatentConditionsCallback(trainer, args.eval_latent_conditions))
+        trainer.steps_to_read = StepsToReadCallback(stop=args.stop_when_latents_read)
+        trainer.add_callback(trainer.steps_to_read)
     return trainer
 
 
@@ -293,6 +346,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
         model_args.compile_layers = torch.cuda.is_available() and not args.fsdp
     actor = build_actor(model_args, report.latent_dim, args.seed)
     trainer = build_trainer(actor, model_args, data_args, args)
+    if model_args.head_warm_start_steps > 0 and resume is None:
+        warm_start(trainer, model_args, args)
     try:
         trainer.train(resume_from_checkpoint=resume)
     except DataError as e:  # a latent file that broke mid-run: keep what was trained
