@@ -69,11 +69,13 @@ def test_batched_step_matches_the_reference_path(path, tiny_model_dir, tmp_path,
         pytest.importorskip("triton")
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
-    actor = LatentActor.from_base(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tok, 24, 4, 6, dropout=0.0)
+    actor = LatentActor.from_base(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tok, 24, 4, 8, dropout=0.0)
     sharpen_(actor)  # peaked distributions that the latents change: terms well above float32 rounding
     data_file = write_jsonl(tmp_path / "t.jsonl", make_records(3, str(tmp_path / "lat")))
-    ds = ActorDataset(build_hf_dataset(data_file), tok, 3072, 6)
+    ds = ActorDataset(build_hf_dataset(data_file), tok, 3072, 8)
     batch = LatentCollator(tok.pad_token_id, 24)([ds[i] for i in range(3)])
+    lengths = batch["latent_lengths"]
+    assert (lengths[DONORS] < lengths).any() and (lengths[DONORS] > lengths).any()  # donors tiled and cut
 
     monkeypatch.setattr(trainer_module, "draw_mix_ratios", lambda *a, **k: RATIOS.clone())
     monkeypatch.setattr(trainer_module, "pick_negatives", lambda own, *a: (DONORS.clone(), torch.ones(3, dtype=torch.bool)))
