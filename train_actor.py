@@ -39,7 +39,7 @@ class ModelArguments:
     random_contrast_weight: float = field(default=2.0, metadata={"help": "Weight of max(0, 0.69 - JS)."})
     mix_ratios: str = field(default="0.2,0.3,0.4,0.5,0.6,0.7,0.8", metadata={
         "help": "Comma-separated latent shares drawn per sample and step (rest of the block is plan text)."})
-    pure_latent_prob: float = field(default=0.25, metadata={
+    pure_latent_prob: float = field(default=0.5, metadata={
         "help": "Share of training samples that get pure latents (ratio 1), the condition used at inference."})
     negative_form: Literal["published", "latents_only"] = field(default="published", metadata={
         "help": "The contrast's negative branch. published: another sample's latents (cut or tiled to this "
@@ -51,9 +51,11 @@ class ModelArguments:
     loss_weighting: Literal["fixed", "adaptive"] = field(default="fixed", metadata={
         "help": "fixed: --plan_similarity_weight and --random_contrast_weight; adaptive: the public code's "
                 "w_plan = 0.01 + 0.04 clip(L_plan/4), w_rand = 0.01 + 0.49 clip(L_rand/0.69) (needs --fused_loss false)."})
-    head_warm_start_steps: int = field(default=0, metadata={
+    head_warm_start_steps: int = field(default=300, metadata={
         "help": "Before training, fit the latent head for this many steps so that its row k matches the actor's "
-                "embedding of plan token k (head only, no LM pass; same-tokenizer senders). 0: off."})
+                "embedding of plan token k (head only, no LM pass; assumes the sender tokenizes the plan as the "
+                "actor does). Cuts the steps until the actor reads the latents from 'never in 120' to 10-80 "
+                "(benchmarks/steps_to_read.py). 0: off."})
     head_warm_start_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the warm start."})
     head_dropout: float = field(default=0.1, metadata={"help": "Attention dropout of the latent head."})
     loss_chunk_size: int = field(default=1024, metadata={

@@ -30,7 +30,7 @@ class LossConfig:
     plan_similarity_weight: float = 1.0
     random_contrast_weight: float = 2.0
     mix_ratios: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-    pure_latent_prob: float = 0.25  # share of training samples that see pure latents (ratio 1)
+    pure_latent_prob: float = 0.5  # share of training samples that see pure latents (ratio 1)
     loss_chunk_size: int | None = 1024
     fused_loss: bool = True  # closed-form gradients per chunk (bias-free linear LM heads); else autograd
     loss_kernel: str = "auto"  # the fused chunk: "triton", "compile", "eager"; auto: triton/compile on CUDA, else eager

@@ -82,7 +82,8 @@ def _one_step_update(model_dir, train, out, batch, accumulation, *extra):
                        "--optim", "sgd", "--learning_rate", "1.0", "--lr_scheduler_type", "constant",
                        "--max_grad_norm", "0", "--weight_decay", "0", "--head_dropout", "0",
                        "--pure_latent_prob", "1.0", "--random_contrast_weight", "0",
-                       "--train_sampling_strategy", "sequential", "--logging_steps", "1", *extra)
+                       "--train_sampling_strategy", "sequential", "--logging_steps", "1",
+                       "--head_warm_start_steps", "0", *extra)  # its batches follow the batch size
     captured = {}
     original = train_actor.LatentActorTrainer.train
 
@@ -167,6 +168,9 @@ def test_end_to_end_writes_every_output(tiny_model_dir, tiny_data, tmp_path):
     assert any("cond/shuffled_ce_bits" in r and "cond/true_ce_bits" in r for r in state["log_history"])
     header = open(os.path.join(out, "loss_log.csv")).readline()
     assert "ce_loss" in header and "eval_random_contrast" in header
+    # the default head warm start ran first and brought the head's rows closer to the plan embeddings
+    warm = next(r for r in state["log_history"] if "warm_start/loss" in r)
+    assert warm["warm_start/steps"] == 300 and warm["warm_start/loss"] < 0.5 * warm["warm_start/first_loss"]
     # the total is CE + 1.0 * plan similarity + 2.0 * contrast
     r = train_logs[0]
     assert r["loss"] == pytest.approx(r["ce_loss"] + r["plan_similarity"] + 2 * r["random_contrast"], rel=1e-3)
