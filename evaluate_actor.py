@@ -247,10 +247,11 @@ def evaluate_conditions(actor: LatentActor, dataset: ActorDataset, collator: Lat
 # ---------------------------------------------------------------------------------------------
 def format_table(report: dict) -> str:
     has_acc = any("accuracy" in v for v in report["conditions"].values())
-    lines = [f"{'condition':<10} {'ce_bits':>8} {'samples':>8}" + (f" {'accuracy':>9}" if has_acc else "")]
+    lines = [f"{'condition':<10} {'ce_bits':>8} {'exact':>6} {'samples':>8}" + (f" {'accuracy':>9}" if has_acc else "")]
     for c, v in report["conditions"].items():
         ce = f"{v['ce_bits']:.4f}" if v["ce_bits"] is not None else "-"
-        line = f"{c:<10} {ce:>8} {v['samples']:>8}"
+        exact = f"{v['exact_match']:.3f}" if v.get("exact_match") is not None else "-"
+        line = f"{c:<10} {ce:>8} {exact:>6} {v['samples']:>8}"
         if has_acc:
             line += f" {v['accuracy']:>9.3f}" if v.get("accuracy") is not None else f" {'-':>9}"
         lines.append(line)
