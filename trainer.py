@@ -2,7 +2,8 @@
 
 positive (with gradient): the curriculum mix of latents and plan tokens;
 plan (no gradient): the plan text between <bop>/<eop>;
-negative (no gradient): another sample's latents (any rank; never the sample's own).
+negative (no gradient): the positive's layout with another sample's latents (any rank; never the sample's
+own) in its latent rows, then the sample's own plan suffix (as published; `--negative_form`).
 Loss terms come from `losses.py`; every component is logged the Trainer way (see `log`).
 """
 from __future__ import annotations

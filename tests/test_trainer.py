@@ -495,3 +495,11 @@ def test_negative_branch_holds_donor_rows_then_the_own_plan_suffix(tiny_model_di
         assert torch.equal(positive[: m + 1], negative[b, : m + 1])
         assert torch.equal(positive[m + 1 + rows:], negative[b, m + 1 + rows: len(expected)])
         assert rows == 0 or not torch.allclose(positive[latent], negative[b, latent])
+
+
+@pytest.mark.parametrize("switch", [("--contrast_divergence", "published"), ("--loss_weighting", "adaptive")])
+def test_autograd_only_switches_are_refused_on_the_fused_loss_before_training(switch, tmp_path, capsys):
+    argv = ["--train_file", str(tmp_path / "missing.jsonl"), "--output_dir", str(tmp_path / "o"), *switch]
+    assert train_actor.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "add --fused_loss false" in err and len(err.splitlines()) == 1, err
