@@ -61,10 +61,14 @@ def warm_start_head(head: LatentCommHead, embedding: torch.nn.Embedding, batches
     was_training = head.training
     head.train()
     first = last = None
+    skipped = 0
     try:
         for step, batch in zip(range(steps), _cycle(batches)):
             batch = {k: batch[k].to(device) for k in ("latents", "latent_lengths", "plan_ids", "plan_lengths")}
             loss, cos = alignment_loss(head, embedding, batch)
+            if not torch.isfinite(loss):  # a bad latent must not poison the head before training starts
+                skipped += 1
+                continue
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -73,6 +77,8 @@ def warm_start_head(head: LatentCommHead, embedding: torch.nn.Embedding, batches
     finally:
         head.train(was_training)
         optimizer.zero_grad(set_to_none=True)
+    if skipped:
+        logger.warning("Head warm start: %d of %d steps skipped on a non-finite loss", skipped, steps)
     if last is None:
         return {}
     metrics = {"warm_start/first_loss": first["loss"], "warm_start/first_cosine": first["cosine"],

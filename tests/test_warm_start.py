@@ -44,3 +44,13 @@ def test_warm_start_fits_the_head_to_the_plan_embeddings_and_touches_nothing_els
     loss, _ = alignment_loss(actor.head.eval(), embedding, batches[0])
     assert loss.item() < 0.3
     assert all(torch.equal(v, base_before[k]) for k, v in actor.base_model.state_dict().items())
+
+
+def test_a_non_finite_warm_start_step_leaves_the_head_unchanged():
+    torch.manual_seed(0)
+    head = LatentCommHead(HeadConfig(latent_dim=4, hidden_size=8, num_heads=2, prepended_length=5, dropout=0.0))
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    bad = {"latents": torch.full((1, 3, 4), float("nan")), "latent_lengths": torch.tensor([3]),
+           "plan_ids": torch.tensor([[1, 2, 3]]), "plan_lengths": torch.tensor([3])}
+    assert warm_start_head(head, torch.nn.Embedding(5, 8), [bad], steps=3) == {}
+    assert all(torch.equal(v, before[k]) for k, v in head.state_dict().items())
