@@ -137,6 +137,12 @@ class Report:
     def counts(self, severity: str) -> Counter:
         return Counter(p.kind for p in self.problems if p.severity == severity)
 
+    def format_errors(self, limit: int = 50) -> str:
+        """The errors only, one line each (at most `limit`): what a tool that refuses bad input prints."""
+        lines = [p.format() for p in self.errors[:limit]]
+        more = len(self.errors) - len(lines)
+        return "\n".join(lines + ([f"... and {more} more error(s)"] if more > 0 else []))
+
     def format(self, max_per_kind: int | None = None) -> str:
         """One line per problem (at most `max_per_kind` of each kind), then counts per kind."""
         lines, shown = [], Counter()
