@@ -274,6 +274,7 @@ def claim_latent_dir(latent_dir: str, output_file: str) -> None:
         except (OSError, ValueError, KeyError, TypeError):
             owner = None
         if owner != me:
+            owner = os.path.normpath(os.path.join(os.path.realpath(latent_dir), owner)) if owner else None
             raise CollectError(f"--latent_dir {latent_dir} holds the latents of {owner or 'another output file'}; "
                                f"two output files sharing one latent folder would overwrite each other's "
                                f"<id>.npy: use another --latent_dir for {output_file}")
