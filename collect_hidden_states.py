@@ -31,7 +31,7 @@ import torch
 
 import models
 from data import ROLES, DataError, check_plain_text, read_records
-from safe_io import check_output_file, remove_quietly
+from safe_io import check_output_file, remove_quietly, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -273,14 +273,15 @@ def claim_latent_dir(latent_dir: str, output_file: str) -> None:
                 owner = json.load(f)["output_file"]
         except (OSError, ValueError, KeyError, TypeError):
             owner = None
-        if owner != me:
-            owner = os.path.normpath(os.path.join(os.path.realpath(latent_dir), owner)) if owner else None
-            raise CollectError(f"--latent_dir {latent_dir} holds the latents of {owner or 'another output file'}; "
-                               f"two output files sharing one latent folder would overwrite each other's "
-                               f"<id>.npy: use another --latent_dir for {output_file}")
-        return
-    with open(owner_path, "w", encoding="utf-8") as f:
-        json.dump({"output_file": me}, f)
+            logger.warning("%s is unreadable: claiming %s for %s", owner_path, latent_dir, output_file)
+        if owner == me:
+            return
+        if owner is not None:
+            owner = os.path.normpath(os.path.join(os.path.realpath(latent_dir), owner))
+            raise CollectError(f"--latent_dir {latent_dir} holds the latents of {owner}; two output files sharing "
+                               f"one latent folder would overwrite each other's <id>.npy: use another --latent_dir "
+                               f"for {output_file}")
+    write_text_atomic(owner_path, json.dumps({"output_file": me}))
 
 
 # -- CLI -----------------------------------------------------------------------------------------
@@ -422,8 +423,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a folder that cannot be written
-        print(f"error: {e.strerror or type(e).__name__} ({e.filename or args.output_file}); the records already in "
-              f"{args.output_file} are kept: run again to resume", file=sys.stderr)
+        print(f"error: writing failed: {e.strerror or str(e) or type(e).__name__}{f' ({e.filename})' if e.filename else ''}; "
+              f"the records already in {args.output_file} are kept: run again to resume", file=sys.stderr)
         return 1
 
 

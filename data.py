@@ -395,7 +395,7 @@ class ActorDataset(torch.utils.data.Dataset):
             if len(hf_dataset) and not len(self.rows):
                 raise DataError(f"{hf_dataset[0]['where'].rsplit(':', 1)[0].split('[')[0]}: no sample has an "
                                 f"assistant token left after truncation to model_max_length {model_max_length} "
-                                f"(prepended_length {prepended_length} of it is kept for the latent block); "
+                                f"(room for the latent block or the plan text, whichever is longer, is kept free in each sample); "
                                 "raise --model_max_length")
 
     def _tokenize_row(self, row: dict) -> dict:

@@ -351,13 +351,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     report = finite_or_none({"model_dir": args.model_dir, "eval_file": args.eval_file, **report})
     plot_path = args.plot or os.path.splitext(args.output)[0] + ".png"
-    try:
-        write_text_atomic(args.output, json.dumps(report, indent=1, allow_nan=False))
-        plot_report(report, plot_path)
-    except OSError as e:
-        print(f"error: writing the report failed: {e.strerror or type(e).__name__} ({e.filename or args.output}); "
-              "no partial file was left", file=sys.stderr)
-        return 1
+    for what, path, write in (("report", args.output,
+                               lambda: write_text_atomic(args.output, json.dumps(report, indent=1, allow_nan=False))),
+                              ("plot", plot_path, lambda: plot_report(report, plot_path))):
+        try:
+            write()
+        except OSError as e:
+            done = f"; the report {args.output} was written" if what == "plot" else ""
+            print(f"error: writing the {what} {path} failed: {e.strerror or type(e).__name__}; no partial file "
+                  f"was left{done}", file=sys.stderr)
+            return 1
     print(format_table(report))
     print(f"wrote {args.output} and {plot_path}")
     return 0

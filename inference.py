@@ -214,7 +214,7 @@ def find_record(spec: str, expected_latent_dim: int | None = None, prepended_len
             report = validate_record(where, rec, base_dir, expected_latent_dim=expected_latent_dim,
                                      prepended_length=prepended_length)
             if not report.ok:
-                raise DataError(report.format_errors(limit=5))
+                raise DataError(report.errors[0].format().removeprefix("error: "))
             try:
                 return normalise_record(rec, where, base_dir)
             except (KeyError, TypeError, AttributeError, OSError) as e:
@@ -266,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.latents:
             source = args.latents
         latents = None if args.no_latents or source is None else \
-            load_latents(source, args.latents or args.record, max_rows=head["prepended_length"])
+            load_latents(source, "--latents" if args.latents else args.record, max_rows=head["prepended_length"])
         if not messages:
             raise DataError("the record has no user turn before its first reply")
         if latents is not None and latents.shape[1] != head["latent_dim"]:

@@ -513,6 +513,14 @@ def load_head_file(path: str) -> dict:
         raise DataError(f"{path}: no latent head here; is this an output folder of train_actor.py?")
     state = load_torch_file(path)
     if not (isinstance(state, dict) and isinstance(state.get("config"), dict)
-            and isinstance(state.get("state_dict"), dict)):
-        raise DataError(f"{path}: not a latent head file (expected a dict with 'config' and 'state_dict')")
+            and isinstance(state.get("state_dict"), dict)
+            and all(isinstance(v, torch.Tensor) for v in state["state_dict"].values())):
+        raise DataError(f"{path}: not a latent head file (expected a dict with 'config' and 'state_dict' of tensors)")
+    try:
+        config = HeadConfig(**state["config"])
+    except TypeError as e:
+        raise DataError(f"{path}: the head's config is not valid ({e})") from None
+    if not all(isinstance(v, int) and v > 0 for v in (config.latent_dim, config.hidden_size, config.num_heads,
+                                                      config.prepended_length)):
+        raise DataError(f"{path}: the head's config is not valid ({state['config']})")
     return state

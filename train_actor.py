@@ -383,8 +383,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
         if "Original Traceback" in message:  # raised in a data loader worker: the message carries its traceback
             message = message.rsplit("DataError: ", 1)[-1].rstrip()
         raise UserError(f"{message} (the model so far is in {args.output_dir}/interrupted)", status=1) from None
-    except OSError as e:  # a checkpoint that could not be written (full disk, permissions)
-        raise UserError(f"training stopped at step {trainer.state.global_step}: {_os_error(e)}; "
+    except Exception as e:  # a checkpoint or log that could not be written (full disk, permissions)
+        if not write_failure(e):
+            raise
+        raise UserError(f"training stopped at step {trainer.state.global_step}: writing failed: {write_failure(e)}; "
                         f"{last_checkpoint_note(args.output_dir)}", status=1) from None
     if interrupt.interrupted:
         raise UserError(f"interrupted (Ctrl-C) after step {trainer.state.global_step}: "
@@ -395,9 +397,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
         trainer.save_state()
         if trainer.is_world_process_zero():
             actor.tokenizer.save_pretrained(os.path.join(args.output_dir, "tokenizer"))
-    except OSError as e:
-        raise UserError(f"saving the final model into {args.output_dir} failed: {_os_error(e)}; what the folder "
-                        f"held before is unchanged; {last_checkpoint_note(args.output_dir)}", status=1) from None
+    except Exception as e:
+        if not write_failure(e):
+            raise
+        raise UserError(f"saving the final model into {args.output_dir} failed: {write_failure(e)}; the model the "
+                        f"folder held before is unchanged; {last_checkpoint_note(args.output_dir)}", status=1) from None
     if trainer.nonfinite_guard.stopped:
         raise UserError(f"training stopped at step {trainer.state.global_step} on a non-finite gradient (see the "
                         f"log); the weights saved in {args.output_dir} never received it", status=1)
@@ -406,8 +410,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
     return 0
 
 
-def _os_error(e: OSError) -> str:
-    return f"{e.strerror or type(e).__name__}{f' ({e.filename})' if e.filename else ''}"
+def write_failure(e: BaseException) -> str | None:
+    """What went wrong, when `e` is a failed write: an OSError, or the same from a Rust library (tokenizers,
+    safetensors) that reports it as '... (os error N)'; None for anything else (a bug: its traceback helps)."""
+    if isinstance(e, OSError):
+        return f"{e.strerror or type(e).__name__}{f' ({e.filename})' if e.filename else ''}"
+    text = str(e).strip()
+    if "(os error " in text:
+        return text.splitlines()[0][:200]
+    return None
 
 
 def last_checkpoint_note(output_dir: str) -> str:
