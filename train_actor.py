@@ -106,6 +106,9 @@ class ActorTrainingArguments(TrainingArguments):
         "help": "Processes that collate batches (default: 2 when training on a GPU, else 0)."})
     dataloader_persistent_workers: bool | None = field(default=None, metadata={
         "help": "Keep the workers across epochs (default: on when there are workers)."})
+    dataloader_pin_memory: bool | None = field(default=None, metadata={
+        "help": "Page-locked batches for faster copies to the GPU (default: on when training on a GPU; "
+                "without one torch warns at every data loader it builds)."})
     remove_unused_columns: bool = False  # the batch carries latents and plans, not forward's named inputs
     label_names: list[str] | None = field(default_factory=lambda: ["labels"])
     train_sampling_strategy: str = field(default="group_by_length", metadata={
@@ -143,6 +146,8 @@ class ActorTrainingArguments(TrainingArguments):
             self.dataloader_num_workers = 2 if on_gpu else 0
         if self.dataloader_persistent_workers is None:
             self.dataloader_persistent_workers = self.dataloader_num_workers > 0
+        if self.dataloader_pin_memory is None:
+            self.dataloader_pin_memory = on_gpu
         if self.bf16 is None and self.fp16 is None:
             self.bf16 = on_gpu and torch.cuda.is_bf16_supported()
             self.fp16 = on_gpu and not self.bf16
