@@ -216,6 +216,10 @@ class InterruptCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+    def restore(self) -> None:
+        """Give Ctrl-C back to the handler it had (also when training ended on an exception)."""
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None

@@ -393,6 +393,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
             raise
         raise UserError(f"training stopped at step {trainer.state.global_step}: writing failed: {write_failure(e)}; "
                         f"{last_checkpoint_note(args.output_dir)}", status=1) from None
+    finally:
+        interrupt.restore()
     if interrupt.interrupted:
         raise UserError(f"interrupted (Ctrl-C) after step {trainer.state.global_step}: "
                         f"{last_checkpoint_note(args.output_dir)}", status=130)
