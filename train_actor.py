@@ -218,7 +218,7 @@ def parse_mix_ratios(text: str) -> tuple[float, ...]:
 
 
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, args: ActorTrainingArguments) -> None:
-    """Argument errors, before any data or model is read (the model's width from its config file only)."""
+    """Argument errors found from the flags alone, before any file is read."""
     if not data_args.train_file:
         raise UserError("--train_file is required")
     try:
@@ -244,6 +244,10 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, args: 
                         f"latent block takes prepended_length {model_args.prepended_length} + 2 of it; raise it")
     if not isinstance(getattr(torch, model_args.base_dtype, None), torch.dtype):
         raise UserError(f"--base_dtype {model_args.base_dtype!r}: expected a torch dtype such as float32 or bfloat16")
+
+
+def check_model_width(model_args: ModelArguments) -> None:
+    """`--num_heads` divides the model's width, read from its config file (no weights loaded)."""
     try:
         from transformers import AutoConfig
 
@@ -280,6 +284,7 @@ def check_data(model_args: ModelArguments, data_args: DataArguments, args: Actor
         if "SHARDED_STATE_DICT" in str(args.fsdp_config.get("state_dict_type", "")):
             raise UserError("--fsdp_config state_dict_type SHARDED_STATE_DICT is not supported: the output folder "
                             "must reload on one process; use FULL_STATE_DICT (the default)")
+    check_model_width(model_args)
     try:
         if not args.validate_only:  # never mix two runs in one folder (runs.py)
             check_output_dir(args.output_dir, resuming=bool(args.resume_from_checkpoint) and

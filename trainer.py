@@ -21,6 +21,7 @@ import loss_kernel
 from data import RankBalancedLengthSampler
 from latent_head import LatentActor
 from losses import LN2, chunk_values_and_grad, fused_latent_comm_loss_sums, latent_comm_loss_sums
+from safe_io import INCOMPLETE_MARKER
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def resolve_loss_kernel(choice: str, device_type: str) -> str:
 def checkpoint_is_complete(path: str) -> bool:
     """The Trainer writes `trainer_state.json` last: a checkpoint whose state parses was fully written
     (and no save into it was cut short: `safe_io.INCOMPLETE_MARKER`)."""
-    if os.path.exists(os.path.join(path, ".incomplete")):
+    if os.path.exists(os.path.join(path, INCOMPLETE_MARKER)):
         return False
     try:
         with open(os.path.join(path, "trainer_state.json")) as f:
