@@ -21,6 +21,7 @@ import loss_kernel
 from data import RankBalancedLengthSampler
 from latent_head import LatentActor
 from losses import LN2, chunk_values_and_grad, fused_latent_comm_loss_sums, latent_comm_loss_sums
+from safe_io import INCOMPLETE_MARKER
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,10 @@ def resolve_loss_kernel(choice: str, device_type: str) -> str:
 
 
 def checkpoint_is_complete(path: str) -> bool:
-    """The Trainer writes `trainer_state.json` last: a checkpoint whose state parses was fully written."""
+    """The Trainer writes `trainer_state.json` last: a checkpoint whose state parses was fully written
+    (and no save into it was cut short: `safe_io.INCOMPLETE_MARKER`)."""
+    if os.path.exists(os.path.join(path, INCOMPLETE_MARKER)):
+        return False
     try:
         with open(os.path.join(path, "trainer_state.json")) as f:
             json.load(f)
@@ -376,6 +380,9 @@ class LatentActorTrainer(Trainer):
         # Under FSDP, `state_dict` holds the full weights gathered on this rank (the module's own are shards).
         actor.save_pretrained(output_dir, state_dict=state_dict)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        if getattr(self, "run_fingerprint", None) is not None:  # which run wrote this (runs.py); before trainer_state
+            with open(os.path.join(output_dir, "run_fingerprint.json"), "w", encoding="utf-8") as f:
+                json.dump(self.run_fingerprint, f, indent=1)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.is_fsdp_enabled:  # the Trainer's FSDP loader: every rank takes its shard of the full weights

@@ -417,10 +417,10 @@ def test_a_latent_file_broken_mid_run_in_a_loader_worker_is_one_clear_error(tiny
     train = write_jsonl(tmp_path / "train.jsonl", make_records(4, str(tmp_path / "lat")))
     parent, load = os.getpid(), data.load_latents
 
-    def load_or_fail(source, where):
+    def load_or_fail(source, where, **kwargs):
         if os.getpid() != parent:  # in the data loader's worker, after the parent validated every file
             raise data.DataError(f"{where}: field 'hidden_state_path': file vanished")
-        return load(source, where)
+        return load(source, where, **kwargs)
 
     monkeypatch.setattr(data, "load_latents", load_or_fail)
     out = tmp_path / "out"
