@@ -51,13 +51,14 @@ COLORS = {"true": "C0", "shuffled": "C3", "none": "C7", "plan_text": "C2", "expe
 # Observations, turns, commands
 # ---------------------------------------------------------------------------------------------
 _BANNER_LINE = re.compile(r"^[\s_|\\$/<>]*$")  # TextWorld's ASCII-art title: only these characters
+_WELCOME_LINE = re.compile(r"^-= Welcome to TextWorld.*=-$")  # ALFWorld's title line
 
 
 def clean_observation(text: str) -> str:
     """A game's output without TextWorld's title art, its trailing `>` prompt line and extra blank lines."""
     text = re.split(r"\n>", "\n" + text)[0] if "\n>" in "\n" + text else text
     lines = [ln.rstrip() for ln in text.splitlines()]
-    lines = [ln for ln in lines if ln.strip() == "" or not _BANNER_LINE.match(ln)]
+    lines = [ln for ln in lines if ln.strip() == "" or not (_BANNER_LINE.match(ln) or _WELCOME_LINE.match(ln))]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
@@ -125,8 +126,8 @@ def next_turn(fmt: TurnFormat, observation: str, admissible: Sequence[str]) -> s
 def _request_infos(env_kind: str):
     import textworld
 
-    if env_kind == "alfworld":  # ALFWorld's planner gives the expert plan; facts are PDDL and not needed
-        return textworld.EnvInfos(admissible_commands=True, won=True, objective=False, policy_commands=True)
+    if env_kind == "alfworld":  # what ALFWorld's own agents request from its PDDL games
+        return textworld.EnvInfos(admissible_commands=True, won=True, extras=["gamefile"])
     return textworld.EnvInfos(admissible_commands=True, won=True, lost=True, objective=True, policy_commands=True)
 
 
@@ -175,7 +176,7 @@ class Policy(Protocol):
 
 
 class ExpertPolicy:
-    """Follows the game's own plan (`policy_commands`, recomputed by the game at every step)."""
+    """Follows the game's own plan (`policy_commands`, recomputed by the game at every step; TextWorld games)."""
 
     def __init__(self, fmt: TurnFormat):
         self.fmt = fmt
