@@ -189,6 +189,38 @@ class ExpertPolicy:
         return replies
 
 
+class ExplorerPolicy:
+    """Searches without a message: takes the objective's object when it can, else opens a closed container,
+    else leaves the room by an exit neither tried from it nor the one it came in by (else the first exit).
+    The no-message baseline of a methodical searcher, against which the step budget is set (TextWorld games)."""
+
+    REVERSE = {"go north": "go south", "go south": "go north", "go east": "go west", "go west": "go east"}
+
+    def __init__(self, fmt: TurnFormat):
+        self.fmt = fmt
+        self.tried: dict[str, dict[str, set[str]]] = {}  # game id + condition -> room -> exits not to take
+
+    def __call__(self, episodes: Sequence[Episode]) -> list[str]:
+        replies = []
+        for ep in episodes:
+            admissible = list(ep.infos["admissible_commands"])
+            objective = normalise_command(ep.infos.get("objective") or "").split()
+            rooms = re.findall(r"-= (.+?) =-", "\n".join([ep.messages[0]["content"]] +
+                                                          [t["observation"] for t in ep.turns]))
+            room = rooms[-1] if rooms else ""
+            tried = self.tried.setdefault(f"{ep.game_id}/{ep.condition}", {}).setdefault(room, set())
+            if ep.turns and ep.turns[-1]["command"] in self.REVERSE:  # just came in: not back the same way
+                tried.add(self.REVERSE[ep.turns[-1]["command"]])
+            take = [c for c in admissible if c.startswith("take ") and c.split()[1] in objective]
+            opens = [c for c in admissible if c.startswith("open ")]
+            exits = [c for c in admissible if c.startswith("go ")]
+            command = (take or opens or [c for c in exits if c not in tried] or exits or admissible)[0]
+            if command.startswith("go "):
+                tried.add(command)
+            replies.append(self.fmt.reply.format(command=command))
+        return replies
+
+
 class ActorPolicy:
     """A trained `LatentActor`: greedy replies, the episode's message in the first human turn."""
 
@@ -390,8 +422,9 @@ class PlayArguments:
                                            "(`hidden_state_path`, `plan`), e.g. collect_hidden_states.py's output."})
     output: str = field(metadata={"help": "The JSON report to write (summary + every transcript)."})
     model_dir: str | None = field(default=None, metadata={"help": "An output folder of train_actor.py."})
-    policy: str = field(default="actor", metadata={"help": "`actor` (the trained model) or `expert` (the game's "
-                                                           "own plan: the ceiling, and a check of the games)."})
+    policy: str = field(default="actor", metadata={"help": "`actor` (the trained model), `expert` (the game's "
+                                                           "own plan: the ceiling, and a check of the games) or "
+                                                           "`explorer` (a methodical search without the message)."})
     conditions: str = field(default=",".join(CONDITIONS), metadata={"help": "Comma-separated conditions."})
     env: str = field(default="textworld", metadata={"help": "textworld or alfworld."})
     game_root: str | None = field(default=None, metadata={
@@ -421,8 +454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise DataError(f"--conditions: unknown {unknown} (expected some of {', '.join(CONDITIONS)})")
         if args.env not in TURN_FORMATS:
             raise DataError(f"--env: expected textworld or alfworld, got {args.env!r}")
-        if args.policy not in ("actor", "expert"):
-            raise DataError(f"--policy: expected actor or expert, got {args.policy!r}")
+        if args.policy not in ("actor", "expert", "explorer"):
+            raise DataError(f"--policy: expected actor, expert or explorer, got {args.policy!r}")
         if args.policy == "actor" and not args.model_dir:
             raise DataError("--model_dir is needed with --policy actor")
         game_root = args.game_root
@@ -435,8 +468,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.policy == "expert":
-        policy: Policy = ExpertPolicy(TURN_FORMATS[args.env])
+    if args.policy in ("expert", "explorer"):
+        policy: Policy = (ExpertPolicy if args.policy == "expert" else ExplorerPolicy)(TURN_FORMATS[args.env])
     else:
         import torch
 
