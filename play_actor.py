@@ -168,6 +168,7 @@ class Episode:
     turns: list[dict] = field(default_factory=list)
     won: bool = False
     done: bool = False
+    memory: dict = field(default_factory=dict)  # what a policy keeps between the steps of this episode
 
 
 class Policy(Protocol):
@@ -198,7 +199,6 @@ class ExplorerPolicy:
 
     def __init__(self, fmt: TurnFormat):
         self.fmt = fmt
-        self.tried: dict[str, dict[str, set[str]]] = {}  # game id + condition -> room -> exits not to take
 
     def __call__(self, episodes: Sequence[Episode]) -> list[str]:
         replies = []
@@ -208,7 +208,7 @@ class ExplorerPolicy:
             rooms = re.findall(r"-= (.+?) =-", "\n".join([ep.messages[0]["content"]] +
                                                           [t["observation"] for t in ep.turns]))
             room = rooms[-1] if rooms else ""
-            tried = self.tried.setdefault(f"{ep.game_id}/{ep.condition}", {}).setdefault(room, set())
+            tried = ep.memory.setdefault("exits_not_to_take", {}).setdefault(room, set())
             if ep.turns and ep.turns[-1]["command"] in self.REVERSE:  # just came in: not back the same way
                 tried.add(self.REVERSE[ep.turns[-1]["command"]])
             take = [c for c in admissible if c.startswith("take ") and c.split()[1] in objective]
@@ -275,9 +275,9 @@ def play(games: Sequence[Game], policy: Policy, condition: str = "none", env_kin
     """Play every game once under `condition`, all games stepped together; one transcript dict per game.
 
     A transcript: `id`, `condition`, `won`, `steps` (commands sent), `max_steps`, `applies` (False when
-    the condition has no message for this game: not played), `first_turn` and `turns` (each step's reply,
+    the condition has no message for this game: not played), `first_turn`, `turns` (each step's reply,
     the admissible commands then, the command it was mapped to, how (`exact`/`overlap`/`raw`), and the
-    game's answer).
+    game's answer) and `messages` (the whole conversation, the game's last answer included).
     """
     from tqdm.auto import tqdm
 

@@ -9,13 +9,13 @@
 #              skipped when $DATA/eval_raw.jsonl exists (e.g. generated on the CPU side and carried)
 #     latents  the sender's hidden states of each game's plan (collect_hidden_states.py, teacher-forced)
 #     train    the actor on the expert records (train_actor.py)
-#     play     the expert (ceiling, and a check of the games) and the actor under the 4 conditions
+#     play     the expert (ceiling, and a check of the games), the blind explorer and the actor under the 4 conditions
 #              (play_actor.py): $OUT/play_report.json, $OUT/play_report.png, and the table on stdout
 #     all      games latents train play
 #
 # On the device machine (no package registry): carry .whl (the project's wheels, as for gpu_demo.sh),
 # .gg (the embedded model's GGUF, as for gpu_demo.sh) and $TW_WHEELS; the games stage can run there too
-# (16 cores: ~1 s a game) or on the CPU side (2 cores: ~2-5 s a game) with the data carried in $DATA.
+# (16 workers) or on the CPU side (~1-2.5 s a game a core) with the data carried in $DATA.
 set -o pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY=${PY:-python3}
@@ -37,7 +37,7 @@ TRAIN_FLAGS=${TRAIN_FLAGS:-}
 TW_WHEELS=${TW_WHEELS:-.whl_tw}
 TW_PACKAGES="textworld==1.7.0 jericho==3.3.1 tatsu==5.8.3 hashids mementos termcolor prompt_toolkit wcwidth more_itertools"
 QUIET='it/s\]\|examples/s\]\|rec/s\]\|s/it\]\|s/rec\]\|step/s\]\|s/step\]'
-quiet() { "$@" 2>&1 | { grep -v "$QUIET" || true; }; return "${PIPESTATUS[0]}"; }  # progress bars out of logs
+quiet() { "$@" 2>&1 | tr '\r' '\n' | { grep -v "$QUIET" || true; }; return "${PIPESTATUS[0]}"; }  # bars out of logs
 
 setup_device() {  # the device machine: carried wheels and the embedded model, as in gpu_demo.sh
   if [ -d .whl ] && ! $PY -c "import gguf" 2>/dev/null; then
@@ -77,8 +77,10 @@ stage() {
         --save_steps $(( STEPS / 4 )) --save_total_limit 2 --prepended_length 128 --model_max_length 2048 \
         --report_to none $TRAIN_FLAGS || exit 1 ;;
     play)
-      quiet $PY play_actor.py --records "$DATA/eval.jsonl" --policy expert --conditions none \
-        --output "$OUT/play_expert.json" || exit 1
+      for policy in expert explorer; do
+        quiet $PY play_actor.py --records "$DATA/eval.jsonl" --policy $policy --conditions none \
+          --output "$OUT/play_$policy.json" || exit 1
+      done
       quiet $PY play_actor.py --model_dir "$ACTOR" --records "$DATA/eval.jsonl" --output "$OUT/play_report.json" \
         --batch_size 128 || exit 1 ;;
     *) echo "unknown stage $1 (wheels games latents train play all)"; exit 2 ;;

@@ -8,7 +8,9 @@ object inside one container of a room other than the start, and `--distractors` 
 containers. The objective is vague: "Find the coin and take it." Where the coin is (room, container,
 route) is known only from the game's facts, which the sender reads as its plan; with 4 rooms x 2
 containers an actor without the message must search, which rarely fits the step budget
-(`--max_steps`, by default the expert's steps + `--slack`).
+(`--max_steps`, by default the expert's steps + `--slack` 2). Measured on 40 games (seed 1): the
+expert wins all in 3.55 steps on average; `play_actor.py --policy explorer`, a methodical search
+without the message, wins 10% within the budget (30% with slack 3, 62% with slack 6).
 
 Splits are seeded separately (`{seed}-{split}-{index}`): changing `--n_train` never changes the
 eval games. Writes `games/eval_NNNN.z8` (+ `.json`, TextWorld's game description; training games
@@ -47,7 +49,7 @@ class TaskOptions:
     rooms: int = 4
     containers: int = 2  # per room, all closed
     distractors: int = 2  # other objects in other containers
-    slack: int = 3  # step budget = expert steps + slack (unless max_steps)
+    slack: int = 2  # step budget = expert steps + slack (unless max_steps)
     max_steps: int = 0  # a fixed step budget for every game (0: expert steps + slack)
 
 
