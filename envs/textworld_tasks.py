@@ -55,6 +55,7 @@ class TaskOptions:
 
 def build_game(seed: str, opts: TaskOptions):
     """A TextWorld `Game` and its privileged facts, drawn from `random.Random(seed)`."""
+    import textworld
     from textworld import GameMaker
     from textworld.generator.game import Event, Quest
 
@@ -63,7 +64,9 @@ def build_game(seed: str, opts: TaskOptions):
         raise ValueError(f"--rooms 2..{len(ROOMS)}, --containers >= 1 with rooms x containers <= {len(CONTAINERS)}, "
                          f"--distractors < {len(OBJECTS)}")
     rng = random.Random(seed)
-    M = GameMaker()
+    options = textworld.GameOptions()
+    options.seeds = random.Random(f"{seed}-text").randrange(2 ** 31)  # the wording TextWorld's grammar draws
+    M = GameMaker(options)
     names = rng.sample(ROOMS, opts.rooms)
     rooms = [M.new_room(names[0])]
     cells = {(0, 0): 0}
