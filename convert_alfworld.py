@@ -18,7 +18,8 @@ in a later human turn. The latent message goes at the end of the first human tur
 from countertop 1, ..."), for `collect_hidden_states.py --mode teacher_forced`; `--plan none` writes
 no plan (use `--mode generate`: the sender writes one). Other fields are kept (`game_file`, which
 `play_actor.py --env alfworld` plays); per-turn `loss` keys are dropped (every assistant turn is
-supervised); `instruction` is what the merged first turn holds before the task turn's text.
+supervised); `instruction` is what the merged first turn holds before the game's first observation
+("You are in the middle of a room ..."): `play_actor.py --env alfworld` writes it before the observation.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from data import DataError, read_records
 
 ACKNOWLEDGEMENTS = {"ok", "okay", "sure", "understood", "got it"}
 MERGE_SEPARATOR = "\n\n"
+OBSERVATION_START = "You are in the middle of a room"  # how every ALFWorld game's first observation begins
 
 
 def _is_acknowledgement(text: str) -> bool:
@@ -78,7 +80,10 @@ def convert_record(record: dict, latent_turn: str = "task", plan: str = "expert_
         humans = [turn["value"] for turn in turns[: t + 1] if turn["from"] in ("human", "user")]
         merged = MERGE_SEPARATOR.join(humans)
         turns = [{"from": "human", "value": merged}] + turns[t + 1:]
-        out["instruction"] = merged[: len(merged) - len(humans[-1])]
+        # What play_actor.py puts before the game's first observation: all but the observation itself
+        # (ETO's task turn starts "Here is your task. " and then the game's text).
+        start = humans[-1].find(OBSERVATION_START)
+        out["instruction"] = merged[: len(merged) - len(humans[-1]) + max(start, 0)]
     elif latent_turn != "first":
         raise ValueError(f"latent_turn must be 'task' or 'first', got {latent_turn!r}")
     out["conversations"] = turns

@@ -31,7 +31,7 @@ def test_task_turn_merges_instruction_and_task_and_drops_the_ok(tmp_path, sample
     # ETO: instruction + task as one human turn, the "OK" gone, the rest unchanged
     assert eto["conversations"][0] == {"from": "human", "value": src[0]["value"] + "\n\n" + src[2]["value"]}
     assert eto["conversations"][1:] == src[3:]
-    assert eto["instruction"] == src[0]["value"] + "\n\n"
+    assert eto["instruction"] == src[0]["value"] + "\n\nHere is your task. "  # all but the game's observation
     assert eto["game_file"] == sample[0]["game_file"] and eto["id"] == "eto_pick_clean_0"
     # AgentInstruct: the worked example in the instruction says "Your task is to:" too; the task turn is still
     # the one answered by the first real action, and the per-turn `loss` keys are gone
@@ -93,3 +93,14 @@ def test_a_malformed_record_names_file_id_and_field_and_writes_nothing(tmp_path,
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "bad.json[1]" in err and "'broken'" in err and "conversations[0]" in err
     assert not out.exists()
+
+
+def test_play_rebuilds_the_trained_first_turn_from_instruction_and_observation(tmp_path):
+    """`play_actor.py --env alfworld` writes `instruction` + the game's first observation: the trained turn."""
+    import play_actor as pa
+
+    for rec in converted(tmp_path):
+        first = rec["conversations"][0]["value"]
+        observation = first[len(rec["instruction"]):]
+        assert first.startswith(rec["instruction"]) and observation.startswith(ca.OBSERVATION_START)
+        assert pa.first_turn(pa.TURN_FORMATS["alfworld"], "", observation, [], rec["instruction"]) == first
