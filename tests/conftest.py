@@ -75,7 +75,7 @@ def tiny_data(tmp_path):
     return train, evaluation
 
 
-def save_tiny_actor(tiny_model_dir: str, out: str) -> str:
+def save_tiny_actor(tiny_model_dir: str, out: str, latent_dim: int = LATENT_DIM) -> str:
     """An untrained actor on the tiny model, saved like train_actor.py's output.
 
     Weights are re-drawn larger than the default init so that greedy generation is not one
@@ -86,7 +86,7 @@ def save_tiny_actor(tiny_model_dir: str, out: str) -> str:
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
-    actor = LatentActor.from_base(base, tok, latent_dim=LATENT_DIM, num_heads=4, prepended_length=PREPENDED)
+    actor = LatentActor.from_base(base, tok, latent_dim=latent_dim, num_heads=4, prepended_length=PREPENDED)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in actor.base_model.parameters():
