@@ -89,10 +89,10 @@ class LatentSender(nn.Module):
         decoder = self.student.get_decoder()
         mask = attention_mask.long()
         positions = (mask.cumsum(1) - 1).clamp_min(0)
-        out = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        cache, next_position = out.past_key_values, mask.sum(1, keepdim=True)
-        # transformers renamed the decoder's cache argument (`past_key_values` -> `cache`, 5.2x).
+        # transformers renamed the decoder's cache argument and output (`past_key_values` -> `cache`, 5.2x).
         cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+        out = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        cache, next_position = getattr(out, cache_arg), mask.sum(1, keepdim=True)
         dtype = decoder.get_input_embeddings().weight.dtype
         step_input = self.lat_bos.expand(input_ids.shape[0], 1, -1)
         one = mask.new_ones(mask.shape[0], 1)
@@ -101,7 +101,7 @@ class LatentSender(nn.Module):
             mask = torch.cat([mask, one], dim=1)
             out = decoder(inputs_embeds=step_input.to(dtype), attention_mask=mask, position_ids=next_position + step,
                           use_cache=True, **{cache_arg: cache})
-            cache = out.past_key_values
+            cache = getattr(out, cache_arg)
             z = out.last_hidden_state  # [B, 1, d]: the final (normed) layer, as the data latents were taken
             latents.append(z)
             if step + 1 < k:
