@@ -124,15 +124,14 @@ class LatentSender(nn.Module):
         return out
 
     # -- saving and loading ---------------------------------------------------------------------------
-    def save_pretrained(self, output_dir: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    def save_pretrained(self, output_dir: str) -> None:
         """The student (`save_pretrained`, with its tokenizer) and `latent_sender.pt` (bridge, start
         vector, configuration; loadable with `weights_only=True`)."""
         os.makedirs(output_dir, exist_ok=True)
-        state = state_dict if state_dict is not None else self.state_dict()
-        self.student.save_pretrained(output_dir, state_dict={k[len("student."):]: v for k, v in state.items()
-                                                             if k.startswith("student.")})
+        self.student.save_pretrained(output_dir)
         self.tokenizer.save_pretrained(output_dir)
-        bridge = {k: v.detach().cpu().contiguous() for k, v in state.items() if not k.startswith("student.")}
+        bridge = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+                  if not k.startswith("student.")}
         tmp = os.path.join(output_dir, SENDER_FILE + ".tmp")
         torch.save({"config": asdict(self.config), "state_dict": bridge}, tmp)
         os.replace(tmp, os.path.join(output_dir, SENDER_FILE))  # never half a file in place of a good one

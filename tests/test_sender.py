@@ -282,6 +282,16 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path, capsys):
     assert "--num_latents 99" in capsys.readouterr().err
 
 
+def test_collect_compressed_without_a_sender_is_one_line_error(tmp_path, capsys):
+    import collect_hidden_states
+
+    raw = write_jsonl(tmp_path / "raw.jsonl", [{"id": "a", "conversations": [{"from": "human", "value": "Hi"}]}])
+    assert collect_hidden_states.main(["--mode", "compressed", "--sender_dir", str(tmp_path), "--input_file", raw,
+                                       "--output_file", str(tmp_path / "out.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no latent_sender.pt" in err and str(tmp_path) in err
+
+
 # -- compressed messages for evaluate_actor.py / inference.py -------------------------------------------------
 def test_collect_compressed_writes_k_row_latents_that_the_actor_reads(setup, tmp_path):
     import collect_hidden_states
