@@ -61,17 +61,8 @@ class LatentSender(nn.Module):
 
     # -- contexts -------------------------------------------------------------------------------
     def context_ids(self, messages: Sequence[dict]) -> list[int]:
-        """Token ids of the request followed by the conversation rendered up to the end of the first
-        user message (`[{role, content}]` chat messages), as the published student reads it."""
-        first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
-        if first_user is None:
-            raise ValueError("the conversation has no user message")
-        # Render with the marker after the first user message and cut the text there: whatever the chat
-        # template puts around messages, the context ends exactly where the actor's latent block goes.
-        text = self.tokenizer.apply_chat_template(with_marker(list(messages[:first_user + 1])), tokenize=False)
-        text = text[:text.index(MARKER_TOKEN)]
-        request = self.tokenizer(self.config.request, add_special_tokens=True)["input_ids"]
-        return request + self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """This sender's context for a conversation (see `context_ids`)."""
+        return context_ids(self.tokenizer, messages, self.config.request)
 
     def encode_contexts(self, conversations: Sequence[Sequence[dict]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded `(input_ids, attention_mask)` [B, T] of the contexts of several conversations."""
@@ -167,6 +158,20 @@ class LatentSender(nn.Module):
         return sender.eval()
 
 
+def context_ids(tokenizer, messages: Sequence[dict], request: str = REQUEST) -> list[int]:
+    """Token ids of the request followed by the conversation rendered up to the end of the first user
+    message (`[{role, content}]` chat messages), as the published student reads it."""
+    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+    if first_user is None:
+        raise ValueError("the conversation has no user message")
+    # Render with the marker after the first user message and cut the text there: whatever the chat
+    # template puts around messages, the context ends exactly where the actor's latent block goes.
+    text = tokenizer.apply_chat_template(with_marker(list(messages[:first_user + 1])), tokenize=False)
+    text = text[:text.index(MARKER_TOKEN)]
+    return tokenizer(request, add_special_tokens=True)["input_ids"] + \
+        tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def load_sender_file(path: str) -> dict:
     file = os.path.join(path, SENDER_FILE)
     if not os.path.exists(file):
@@ -220,8 +225,9 @@ class CompressionModel(nn.Module):
 class SenderDataset(torch.utils.data.Dataset):
     """The actor's dataset items (conversation tokens, data latents) plus the sender's context ids."""
 
-    def __init__(self, actor_dataset, sender: LatentSender):
-        self.actor_dataset, self.sender = actor_dataset, sender
+    def __init__(self, actor_dataset, sender_tokenizer, request: str = REQUEST):
+        # The tokenizer, not the sender: data loader workers need no model.
+        self.actor_dataset, self.tokenizer, self.request = actor_dataset, sender_tokenizer, request
 
     @property
     def rows(self):
@@ -236,7 +242,7 @@ class SenderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         item = self.actor_dataset[i]
-        item["context_ids"] = self.sender.context_ids(json.loads(self.rows[int(i)]["messages"]))
+        item["context_ids"] = context_ids(self.tokenizer, json.loads(self.rows[int(i)]["messages"]), self.request)
         return item
 
 

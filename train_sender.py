@@ -135,7 +135,8 @@ def build_trainer(model: CompressionModel, sender_args: SenderArguments, data_ar
     actor, sender = model.actor, model.sender
     train_rows, eval_rows = build_datasets(data_args, args.data_seed or args.seed)
     datasets = {name: SenderDataset(ActorDataset(rows, actor.tokenizer, data_args.model_max_length,
-                                                 sender.config.num_latents, lazy=data_args.lazy_preprocess), sender)
+                                                 sender.config.num_latents, lazy=data_args.lazy_preprocess),
+                                    sender.tokenizer, sender.config.request)
                 for name, rows in (("train", train_rows), ("eval", eval_rows)) if rows is not None}
     config = CompressionLossConfig(kl_weight=sender_args.kl_weight, alignment_weight=sender_args.alignment_weight,
                                    temperature=sender_args.distill_temperature, window=sender_args.distill_window,
