@@ -133,8 +133,10 @@ class LatentSender(nn.Module):
 
         saved = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=self.lat_bos.dtype)
         self.student.load_state_dict(saved.state_dict())
-        self.load_state_dict({**{f"student.{k}": v for k, v in self.student.state_dict().items()},
-                              **load_sender_file(checkpoint_dir)["state_dict"]})
+        missing, unexpected = self.load_state_dict(load_sender_file(checkpoint_dir)["state_dict"], strict=False)
+        if unexpected or any(not k.startswith("student.") for k in missing):
+            raise RuntimeError(f"{checkpoint_dir}: {SENDER_FILE} does not match the sender (missing {missing}, "
+                               f"unexpected {unexpected})")
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | str | None = None,
