@@ -10,7 +10,8 @@ For each K and seed: `train_sender.py` (a subprocess; `--nproc N` runs it under 
 `collect_hidden_states.py --mode compressed` on the eval file and `evaluate_actor.py` on the
 result; the same evaluation on the eval file's own (full) latents is the reference row. Latency:
 the sender of each K (`LatentSender.rollout`, no gradient) and the same sender model writing the
-plan greedily (`collect_hidden_states.generate_plans`, up to `--max_plan_tokens`), at each batch size
+plan greedily (`collect_hidden_states.generate_plans`: until its end of turn, up to `--max_plan_tokens`,
+and forced to the mean length of the eval file's plans, those the full latents come from), at each batch size
 of `--latency_batches`, median of `--reps` timed runs after `--warmup` (CUDA synchronised), in the
 dtype collect_hidden_states.py uses (bf16 on a GPU). Writes `<out_dir>/compression.json` and prints
 the two tables. Runs resume: a K/seed whose report exists is not trained again.
@@ -101,18 +102,25 @@ def latency(args, sender_dirs: dict[int, str]) -> dict:
     model.to(device).eval()
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype),
            "batches": {}}
+    # The plans the full latents were taken from: writing one as long is what a full message costs.
+    plans = [r["plan"] for r in records if isinstance(r.get("plan"), str) and r["plan"]]
+    data_tokens = round(statistics.mean(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in plans)) \
+        if plans else args.max_plan_tokens
+    out["data_plan_tokens"] = data_tokens
     for b in args.latency_batches:
         batch = [records[i % len(records)] for i in range(b)]
         tasks = [first_human_message(r) for r in batch]
         lengths = []
 
-        def write_plans():
-            plans = generate_plans(model, tokenizer, tasks, device, max_new_tokens=args.max_plan_tokens,
-                                   temperature=0)
+        def write_plans(forced: int | None = None):
+            plans = generate_plans(model, tokenizer, tasks, device, max_new_tokens=forced or args.max_plan_tokens,
+                                   min_new_tokens=forced or 0, temperature=0)
             lengths[:] = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in plans]
 
+        # As the sender writes it (greedy, until its end of turn), and forced to the data plans' length.
         row = {"plan_text_s": timed(write_plans, args.reps, args.warmup)}
         row["plan_tokens_mean"] = sum(lengths) / len(lengths)
+        row["data_length_plan_s"] = timed(lambda: write_plans(data_tokens), args.reps, args.warmup)
         for k, sender_dir in sender_dirs.items():
             sender = LatentSender.from_pretrained(sender_dir, dtype=dtype, device=device)
             ids, mask = sender.encode_contexts([chat_messages(r) for r in batch])
@@ -120,6 +128,7 @@ def latency(args, sender_dirs: dict[int, str]) -> dict:
             with torch.inference_mode():
                 row[f"K{k}_s"] = timed(lambda: sender.rollout(ids, mask), args.reps, args.warmup)
             row[f"K{k}_speedup"] = row["plan_text_s"] / row[f"K{k}_s"]
+            row[f"K{k}_speedup_data_length"] = row["data_length_plan_s"] / row[f"K{k}_s"]
             del sender
         out["batches"][str(b)] = row
     return out
@@ -166,12 +175,15 @@ def tables(result: dict) -> str:
     if "latency" in result:
         lat = result["latency"]
         ks = [k for k in result["compressed"]]
-        lines += ["", f"latency of one message on {lat['device']} ({lat['dtype']}), median seconds:", "",
-                  "| batch | plan text (tokens) | " + " | ".join(f"K = {k} (speedup)" for k in ks) + " |",
-                  "| --- | --- |" + " --- |" * len(ks)]
+        lines += ["", f"latency of one message on {lat['device']} ({lat['dtype']}), median seconds "
+                  f"(speedup vs the sender's own plan / vs a plan of the data plans' {lat['data_plan_tokens']} tokens):",
+                  "", "| batch | own plan (tokens) | data-length plan | " + " | ".join(f"K = {k}" for k in ks) + " |",
+                  "| --- | --- | --- |" + " --- |" * len(ks)]
         for b, row in lat["batches"].items():
-            lines.append(f"| {b} | {row['plan_text_s']:.4f} ({row['plan_tokens_mean']:.0f}) | " + " | ".join(
-                f"{row[f'K{k}_s']:.4f} ({row[f'K{k}_speedup']:.1f}x)" for k in ks) + " |")
+            lines.append(f"| {b} | {row['plan_text_s']:.4f} ({row['plan_tokens_mean']:.0f}) | "
+                         f"{row['data_length_plan_s']:.4f} | " + " | ".join(
+                             f"{row[f'K{k}_s']:.4f} ({row[f'K{k}_speedup']:.1f}x / "
+                             f"{row[f'K{k}_speedup_data_length']:.1f}x)" for k in ks) + " |")
     return "\n".join(lines)
 
 
