@@ -280,6 +280,12 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path, capsys):
     assert "no latent_comm_head.pt" in capsys.readouterr().err
     assert train_sender.main(base + ["--actor_dir", actor_dir, "--num_latents", "99"]) == 2
     assert "--num_latents 99" in capsys.readouterr().err
+    # The data are checked before any model is loaded, with train_actor.py's validation.
+    broken = write_jsonl(tmp_path / "broken.jsonl", [{"id": "x", "conversations": [{"from": "gpt", "value": "hi"}]}])
+    broken_args = [a if a != train else broken for a in base] + ["--actor_dir", actor_dir, "--num_latents", str(K)]
+    assert train_sender.main(broken_args + ["--validate_only"]) == 1
+    assert "no_human_turn" in capsys.readouterr().err
+    assert train_sender.main(base + ["--actor_dir", actor_dir, "--num_latents", str(K), "--validate_only"]) == 0
 
 
 def test_collect_compressed_without_a_sender_is_one_line_error(tmp_path, capsys):
