@@ -23,6 +23,9 @@ PANELS = (
     ("delta NLL, wrong vs true latent (bits/token)", "delta_nll_bits", "eval_delta_nll_bits"),
     ("InfoNCE lower bound (nats)", "probe/cInfoNCE_LB", None),
     ("eval CE, shuffled - true latents (bits/token)", None, "cond/delta_bits_shuffled_minus_true"),
+    # train_sender.py (compression stage)
+    ("distillation KL (T^2-scaled, uncertainty-weighted)", "distill_kl", "eval_distill_kl"),
+    ("alignment (1 - cos, after the head)", "alignment", "eval_alignment"),
 )
 
 

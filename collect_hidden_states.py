@@ -11,6 +11,8 @@ Modes:
   generate        the sender writes the plan itself (sampled), then the generated text is
                   re-tokenised and run teacher-forced, so a record's latents are always
                   reproducible from its saved `plan` alone.
+  compressed      a sender trained by train_sender.py (`--sender_dir`) writes its K-latent
+                  message [K, d] directly (no plan text); records keep their `plan`, if any.
 
 Runs resume: ids already in the output file are skipped and new lines are appended.
 """
@@ -53,6 +55,13 @@ def first_human_message(record: dict) -> str:
         if ROLES.get(turn.get("from")) == "user":  # human or user, as in training
             return turn["value"]
     raise ValueError("no human message in `conversations`")
+
+
+def chat_messages(record: dict) -> list[dict[str, str]]:
+    """The record's turns up to its first human message as chat messages (the compressed sender's context)."""
+    turns = record["conversations"]
+    first = next(i for i, t in enumerate(turns) if t.get("from") == "human")
+    return [{"role": ROLES.get(t.get("from"), "user"), "content": t["value"]} for t in turns[:first + 1]]
 
 
 def prompt_text(tokenizer, task: str, instruction: str = PLAN_INSTRUCTION) -> str:
@@ -299,7 +308,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input_file", required=True, help="JSON list, JSONL, or {\"data\": [...]}")
     p.add_argument("--output_file", required=True, help="JSONL in the training format (appended to on resume)")
     p.add_argument("--latent_dir", default=None, help="default: <output_file stem>_latents/ next to output_file")
-    p.add_argument("--mode", choices=("generate", "teacher_forced"), default="teacher_forced")
+    p.add_argument("--mode", choices=("generate", "teacher_forced", "compressed"), default="teacher_forced")
+    p.add_argument("--sender_dir", default=None, help="compressed mode: an output folder of train_sender.py")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="dtype of the saved .npy")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=128)
@@ -312,6 +322,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch_size must be >= 1")
+    if (args.mode == "compressed") != (args.sender_dir is not None):
+        p.error("--sender_dir goes with --mode compressed (and only with it)")
     return args
 
 
@@ -361,11 +373,19 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        model, tokenizer = models.load_model_and_tokenizer(args.model_name_or_path, dtype=model_dtype,
-                                                           trust_remote_code=args.trust_remote_code)
-    except models.ModelNotFoundError as e:
+        if args.mode == "compressed":
+            from sender import LatentSender
+
+            sender = LatentSender.from_pretrained(args.sender_dir, dtype=model_dtype, device=device,
+                                                  trust_remote_code=args.trust_remote_code)
+        else:
+            model, tokenizer = models.load_model_and_tokenizer(args.model_name_or_path, dtype=model_dtype,
+                                                               trust_remote_code=args.trust_remote_code)
+            model.to(device).eval()
+    except (models.ModelNotFoundError, FileNotFoundError) as e:
         raise CollectError(str(e)) from None
-    model.to(device).eval()
+    if args.mode == "compressed":
+        tokenizer = sender.tokenizer
     for job in todo:  # the sender's control tokens in a task or plan: refused before any work, as in training
         try:
             check_plain_text(job.task, tokenizer, f"{args.input_file}: record {job.index} (id {job.record['id']!r}): "
@@ -388,8 +408,11 @@ def run(args: argparse.Namespace) -> int:
                 plans = generate_plans(model, tokenizer, tasks, device, args.max_new_tokens, args.temperature,
                                        args.top_p, args.min_new_tokens)
             else:
-                plans = [j.record["plan"] for j in batch]
-            states = teacher_forced_states(model, tokenizer, tasks, plans, device)
+                plans = [j.record.get("plan") for j in batch]  # compressed mode: kept as it is, maybe absent
+            if args.mode == "compressed":  # the K-latent message itself, without any plan text
+                states = sender.messages([chat_messages(j.record) for j in batch], batch_size=len(batch))
+            else:
+                states = teacher_forced_states(model, tokenizer, tasks, plans, device)
             lines = []
             for job, plan, array in zip(batch, plans, states):
                 if save_dtype == np.float16 and np.abs(array).max(initial=0) > np.finfo(np.float16).max:
@@ -400,7 +423,8 @@ def run(args: argparse.Namespace) -> int:
                 record = {k: v for k, v in job.record.items() if k != "hidden_state"}  # the path replaces inline data
                 if args.mode == "generate" and isinstance(record.get("plan"), str) and record["plan"] != plan:
                     record["reference_plan"] = record["plan"]
-                record["plan"] = plan
+                if plan is not None:
+                    record["plan"] = plan
                 record["hidden_state_path"] = os.path.relpath(path, out_dir)
                 lines.append(json.dumps(record, ensure_ascii=False) + "\n")
             # Arrays first, then lines: a record is only "done" once its array is in place.
