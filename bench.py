@@ -396,6 +396,7 @@ def main(argv=None) -> int:
         "--model_max_length", str(bench.model_max_length),
         "--max_steps", str(total_steps),
         "--save_strategy", "no", "--report_to", "none", "--enable_loss_plot", "False",
+        "--overwrite_output_dir", "True",  # a scratch folder, reused by every benchmark run
         "--disable_tqdm", "True", "--seed", "0",
         # a loss per step (one host sync, where the timer synchronises anyway): configurations that
         # should compute the same thing can be compared on their first steps

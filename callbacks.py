@@ -4,6 +4,8 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import signal
+import threading
 
 import torch
 from transformers import TrainerCallback
@@ -21,6 +23,9 @@ PANELS = (
     ("delta NLL, wrong vs true latent (bits/token)", "delta_nll_bits", "eval_delta_nll_bits"),
     ("InfoNCE lower bound (nats)", "probe/cInfoNCE_LB", None),
     ("eval CE, shuffled - true latents (bits/token)", None, "cond/delta_bits_shuffled_minus_true"),
+    # train_sender.py (compression stage)
+    ("distillation KL (T^2-scaled, uncertainty-weighted)", "distill_kl", "eval_distill_kl"),
+    ("alignment (1 - cos, after the head)", "alignment", "eval_alignment"),
 )
 
 
@@ -209,3 +214,39 @@ class StepsToReadCallback(TrainerCallback):
                         state.global_step, logs["cond/delta_bits_shuffled_minus_true"], logs["cond/true_exact_match"])
             if self.stop:
                 control.should_training_stop = True
+
+
+class InterruptCallback(TrainerCallback):
+    """Ctrl-C (SIGINT) ends training cleanly: the current step finishes, a resumable checkpoint (weights,
+    optimizer, scheduler, RNG states) is saved, and training stops; `interrupted` then says so. A second
+    Ctrl-C stops at once (the last complete checkpoint stays resumable). One process only: under
+    torchrun the ranks could see the signal at different steps and wait for each other forever."""
+
+    def __init__(self):
+        self.interrupted = False
+        self._previous = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.world_size == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame):
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        logger.warning("Ctrl-C: finishing this step, then saving a resumable checkpoint (Ctrl-C again to stop "
+                       "at once)")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.interrupted:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+    def restore(self) -> None:
+        """Give Ctrl-C back to the handler it had (also when training ended on an exception)."""
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None

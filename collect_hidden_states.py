@@ -11,6 +11,8 @@ Modes:
   generate        the sender writes the plan itself (sampled), then the generated text is
                   re-tokenised and run teacher-forced, so a record's latents are always
                   reproducible from its saved `plan` alone.
+  compressed      a sender trained by train_sender.py (`--sender_dir`) writes its K-latent
+                  message [K, d] directly (no plan text); records keep their `plan`, if any.
 
 Runs resume: ids already in the output file are skipped and new lines are appended.
 """
@@ -30,6 +32,8 @@ import numpy as np
 import torch
 
 import models
+from data import ROLES, DataError, check_plain_text, read_records
+from safe_io import check_output_file, remove_quietly, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +52,16 @@ def plan_prompt_messages(task: str, instruction: str = PLAN_INSTRUCTION) -> list
 
 def first_human_message(record: dict) -> str:
     for turn in record.get("conversations") or []:
-        if turn.get("from") == "human":
+        if ROLES.get(turn.get("from")) == "user":  # human or user, as in training
             return turn["value"]
     raise ValueError("no human message in `conversations`")
+
+
+def chat_messages(record: dict) -> list[dict[str, str]]:
+    """The record's turns up to its first human message as chat messages (the compressed sender's context)."""
+    turns = record["conversations"]
+    first = next(i for i, t in enumerate(turns) if t.get("from") == "human")
+    return [{"role": ROLES.get(t.get("from"), "user"), "content": t["value"]} for t in turns[:first + 1]]
 
 
 def prompt_text(tokenizer, task: str, instruction: str = PLAN_INSTRUCTION) -> str:
@@ -178,37 +189,37 @@ def generate_plans(model, tokenizer, tasks: Sequence[str], device: str | torch.d
 
 # -- files -------------------------------------------------------------------------------------
 def load_records(path: str) -> list[dict]:
-    """Records from a JSON list, a {"data": [...]} object, or JSONL."""
-    if not os.path.exists(path):
-        raise CollectError(f"input file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    """Records from a JSON list, a {"data": [...]} object, or JSONL, read and checked as training reads and
+    checks them (`data.read_records`, `validation.validate_files`): errors stop here, before any model work."""
+    from validation import validate_files
+
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        data = None
-    if isinstance(data, list):
-        return data
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        return data["data"]
-    records = []  # JSONL (a one-line JSONL file is a single record object, handled here too)
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise CollectError(f"{path}:{n}: not JSON, a JSON list or JSONL ({e.msg})") from None
+        records = [rec for _, rec in read_records(path)]
+    except DataError as e:
+        raise CollectError(f"--input_file {e}") from None
+    report = validate_files([path], check_values=False)
+    if not report.ok:
+        print(report.format_errors(), file=sys.stderr)
+        raise CollectError(f"{path}: the input file has errors (listed above); nothing was written")
     return records
 
 
 def read_done_ids(output_file: str) -> set[str]:
-    """Ids already written to `output_file`; a trailing partial line (killed run) is cut off the file."""
+    """Ids already written to `output_file`; a trailing partial line (killed run) is cut off the file.
+
+    A last line without its newline that is a complete record (a file written by another tool) is kept,
+    and the newline added, so that appended lines start on a line of their own."""
     if not os.path.exists(output_file):
         return set()
     with open(output_file, "rb") as f:
         data = f.read()
     # Lines are appended whole, so a kill can only leave a partial *last* line: one without its newline.
     end = data.rfind(b"\n") + 1
+    if end < len(data) and _is_record_line(data[end:]):
+        with open(output_file, "ab") as f:
+            f.write(b"\n")
+        data += b"\n"
+        end = len(data)
     done: set[str] = set()
     for n, line in enumerate(data[:end].split(b"\n")[:-1], 1):
         if line.strip():
@@ -225,21 +236,61 @@ def read_done_ids(output_file: str) -> set[str]:
     return done
 
 
+def _is_record_line(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict) and "id" in json.loads(line)
+    except (ValueError, RecursionError):
+        return False
+
+
 def safe_name(record_id: Any) -> str:
-    """A file name for an id; ids that need changing get a hash suffix so names never collide."""
+    """A file name for an id; ids that need changing (or are too long for a file name) get a hash suffix so
+    names never collide."""
     text = str(record_id)
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", text).lstrip(".") or "_"
-    if safe != text:
+    if safe != text or len(safe) > 100:
         safe = f"{safe[:100]}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
     return safe
 
 
 def save_npy(path: str, array: np.ndarray) -> None:
-    """np.save via a temporary file and os.replace: a killed run never leaves half an array."""
+    """np.save via a temporary file and os.replace: a killed run never leaves half an array, a failed
+    write (full disk) no temporary file."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+
+
+OWNER_FILE = ".latents_of.json"  # in a latent folder: the output file whose latents it holds
+
+
+def claim_latent_dir(latent_dir: str, output_file: str) -> None:
+    """Make `latent_dir` this output file's; refuse one that holds another output file's latents
+    (both would write `<id>.npy` there, and one file would end up pointing at the other's latents)."""
+    os.makedirs(latent_dir, exist_ok=True)
+    owner_path = os.path.join(latent_dir, OWNER_FILE)
+    # relative to the folder: a data set moved with its latents keeps its claim
+    me = os.path.relpath(os.path.realpath(output_file), os.path.realpath(latent_dir))
+    if os.path.exists(owner_path):
+        try:
+            with open(owner_path, encoding="utf-8") as f:
+                owner = json.load(f)["output_file"]
+        except (OSError, ValueError, KeyError, TypeError):
+            owner = None
+            logger.warning("%s is unreadable: claiming %s for %s", owner_path, latent_dir, output_file)
+        if owner == me:
+            return
+        if owner is not None:
+            owner = os.path.normpath(os.path.join(os.path.realpath(latent_dir), owner))
+            raise CollectError(f"--latent_dir {latent_dir} holds the latents of {owner}; two output files sharing "
+                               f"one latent folder would overwrite each other's <id>.npy: use another --latent_dir "
+                               f"for {output_file}")
+    write_text_atomic(owner_path, json.dumps({"output_file": me}))
 
 
 # -- CLI -----------------------------------------------------------------------------------------
@@ -257,7 +308,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input_file", required=True, help="JSON list, JSONL, or {\"data\": [...]}")
     p.add_argument("--output_file", required=True, help="JSONL in the training format (appended to on resume)")
     p.add_argument("--latent_dir", default=None, help="default: <output_file stem>_latents/ next to output_file")
-    p.add_argument("--mode", choices=("generate", "teacher_forced"), default="teacher_forced")
+    p.add_argument("--mode", choices=("generate", "teacher_forced", "compressed"), default="teacher_forced")
+    p.add_argument("--sender_dir", default=None, help="compressed mode: an output folder of train_sender.py")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="dtype of the saved .npy")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=128)
@@ -270,6 +322,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch_size must be >= 1")
+    if (args.mode == "compressed") != (args.sender_dir is not None):
+        p.error("--sender_dir goes with --mode compressed (and only with it)")
     return args
 
 
@@ -299,12 +353,16 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
     from transformers import set_seed
 
+    try:
+        check_output_file(args.output_file, "--output_file")
+    except DataError as e:
+        raise CollectError(str(e)) from None
     records = load_records(args.input_file)
     jobs = build_jobs(records, args.input_file, args.mode)
     out_dir = os.path.dirname(os.path.abspath(args.output_file))
     latent_dir = args.latent_dir or os.path.join(out_dir, os.path.splitext(os.path.basename(args.output_file))[0]
                                                  + "_latents")
-    os.makedirs(latent_dir, exist_ok=True)
+    claim_latent_dir(latent_dir, args.output_file)
     done = read_done_ids(args.output_file)
     todo = [j for j in jobs if str(j.record["id"]) not in done]
     logger.info("%d records in %s: %d already in %s (skipped), %d to do", len(jobs), args.input_file,
@@ -315,11 +373,28 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        model, tokenizer = models.load_model_and_tokenizer(args.model_name_or_path, dtype=model_dtype,
-                                                           trust_remote_code=args.trust_remote_code)
-    except models.ModelNotFoundError as e:
+        if args.mode == "compressed":
+            from sender import LatentSender
+
+            sender = LatentSender.from_pretrained(args.sender_dir, dtype=model_dtype, device=device,
+                                                  trust_remote_code=args.trust_remote_code)
+        else:
+            model, tokenizer = models.load_model_and_tokenizer(args.model_name_or_path, dtype=model_dtype,
+                                                               trust_remote_code=args.trust_remote_code)
+            model.to(device).eval()
+    except (models.ModelNotFoundError, FileNotFoundError) as e:
         raise CollectError(str(e)) from None
-    model.to(device).eval()
+    if args.mode == "compressed":
+        tokenizer = sender.tokenizer
+    for job in todo:  # the sender's control tokens in a task or plan: refused before any work, as in training
+        try:
+            check_plain_text(job.task, tokenizer, f"{args.input_file}: record {job.index} (id {job.record['id']!r}): "
+                                                  "first human message")
+            if args.mode == "teacher_forced":
+                check_plain_text(job.record["plan"], tokenizer,
+                                 f"{args.input_file}: record {job.index} (id {job.record['id']!r}): plan")
+        except DataError as e:
+            raise CollectError(str(e)) from None
     set_seed(args.seed)
     save_dtype = np.dtype(args.dtype)
     empty = 0
@@ -333,8 +408,11 @@ def run(args: argparse.Namespace) -> int:
                 plans = generate_plans(model, tokenizer, tasks, device, args.max_new_tokens, args.temperature,
                                        args.top_p, args.min_new_tokens)
             else:
-                plans = [j.record["plan"] for j in batch]
-            states = teacher_forced_states(model, tokenizer, tasks, plans, device)
+                plans = [j.record.get("plan") for j in batch]  # compressed mode: kept as it is, maybe absent
+            if args.mode == "compressed":  # the K-latent message itself, without any plan text
+                states = sender.messages([chat_messages(j.record) for j in batch], batch_size=len(batch))
+            else:
+                states = teacher_forced_states(model, tokenizer, tasks, plans, device)
             lines = []
             for job, plan, array in zip(batch, plans, states):
                 if save_dtype == np.float16 and np.abs(array).max(initial=0) > np.finfo(np.float16).max:
@@ -345,7 +423,8 @@ def run(args: argparse.Namespace) -> int:
                 record = {k: v for k, v in job.record.items() if k != "hidden_state"}  # the path replaces inline data
                 if args.mode == "generate" and isinstance(record.get("plan"), str) and record["plan"] != plan:
                     record["reference_plan"] = record["plan"]
-                record["plan"] = plan
+                if plan is not None:
+                    record["plan"] = plan
                 record["hidden_state_path"] = os.path.relpath(path, out_dir)
                 lines.append(json.dumps(record, ensure_ascii=False) + "\n")
             # Arrays first, then lines: a record is only "done" once its array is in place.
@@ -367,6 +446,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CollectError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a folder that cannot be written
+        print(f"error: writing failed: {e.strerror or str(e) or type(e).__name__}{f' ({e.filename})' if e.filename else ''}; "
+              f"the records already in {args.output_file} are kept: run again to resume", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from latent_head import IGNORE_INDEX, MARKER_TOKEN
+from latent_head import IGNORE_INDEX, MARKER_TOKEN, SPECIAL_TOKENS
+from safe_io import MAX_LINE_BYTES, DataError, check_regular_file, read_npy_header
 
 logger = logging.getLogger(__name__)
 
@@ -27,32 +28,33 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 LATENT_SUFFIXES = (".npy", ".pt", ".pth")
 
 
-class DataError(ValueError):
-    """A problem with the user's data, with its location (file, line or index, sample id, field)."""
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading files
 # ---------------------------------------------------------------------------------------------
 def read_records(path: str) -> Iterator[tuple[str, Any]]:
     """Yield `(where, record)` from a JSON list, a `{"data": [...]}` object, or JSONL.
 
-    `where` is `file:line` for JSONL and `file[index]` for JSON; malformed input raises
-    `DataError` naming the line (and column).
+    `where` is `file:line` for JSONL and `file[index]` for JSON; malformed input (syntax, invalid
+    UTF-8, nesting too deep, numbers too long, a line longer than `MAX_LINE_BYTES`) raises
+    `DataError` naming the line. Only regular files are opened (a FIFO would block forever).
+    JSONL lines end at `\\n` only: U+2028 and other Unicode line breaks inside a string are text.
     """
-    if not os.path.exists(path):
-        raise DataError(f"{path}: file not found")
+    check_regular_file(path)
     with open(path, "rb") as f:
         head = f.read(4096).lstrip()
     first = head[:1]
     if first == b"[" or (first == b"{" and not _is_jsonl(path)):
+        with open(path, "rb") as f:
+            raw = f.read()
         try:
-            with open(path, encoding="utf-8") as f:
-                obj = json.load(f)
+            obj = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+        except (ValueError, RecursionError) as e:  # an integer of thousands of digits; nesting too deep
+            raise DataError(f"{path}: malformed JSON: {_json_limit(e)}") from None
         if isinstance(obj, dict):
             if not isinstance(obj.get("data"), list):
                 raise DataError(f"{path}: a JSON object must hold the records as a list under \"data\"")
@@ -62,27 +64,44 @@ def read_records(path: str) -> Iterator[tuple[str, Any]]:
         for i, rec in enumerate(obj):
             yield f"{path}[{i}]", rec
         return
-    with open(path, encoding="utf-8", errors="strict") as f:
+    with open(path, "rb") as f:
         lineno = 0
-        try:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{lineno}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}:{e.colno}: malformed JSON line: {e.msg}") from None
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{lineno + 1}: not UTF-8 text ({e.reason})") from None
+        while True:
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            lineno += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                raise DataError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES} bytes; refused (store "
+                                "large latents in .npy files via hidden_state_path, or raise "
+                                "INTERLAT_MAX_LINE_BYTES)")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at column {e.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}:{e.colno}: malformed JSON line: {e.msg}") from None
+            except (ValueError, RecursionError) as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON line: {_json_limit(e)}") from None
+
+
+def _json_limit(e: Exception) -> str:
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return str(e).split(";")[0][:120] or type(e).__name__
 
 
 def _is_jsonl(path: str) -> bool:
     """A file starting with `{` is JSONL when its first line is a complete record (not a `{"data": ...}`)."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        first_line = f.readline()
+    with open(path, "rb") as f:
+        first_line = f.readline(MAX_LINE_BYTES + 1).decode("utf-8", errors="replace")
     try:
         first = json.loads(first_line)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return False
     return not (isinstance(first, dict) and isinstance(first.get("data"), list) and "conversations" not in first)
 
@@ -92,42 +111,72 @@ def resolve_path(path: str, base_dir: str) -> str:
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(base_dir, path))
 
 
-def load_latents(source: Any, where: str = "") -> np.ndarray:
+def load_latents(source: Any, where: str = "", max_rows: int | None = None) -> np.ndarray:
     """A latent matrix [K, d] float32 from an inline list or a `.npy`/`.pt`/`.pth` path.
 
-    `.npy` is read without pickles and `.pt` with `weights_only=True` and must hold a plain
-    tensor: a file from elsewhere can never run code here.
+    `.npy` is read without pickles (its header's shape checked against the file's size first) and
+    `.pt` with `weights_only=True` and must hold a plain tensor: a file from elsewhere can never run
+    code here. Only real numbers are accepted (not booleans, complex, strings), all finite. With
+    `max_rows`, only the first rows are read (and checked).
     """
+    field = "hidden_state_path" if isinstance(source, str) else "hidden_state"
     if isinstance(source, str):
         suffix = os.path.splitext(source)[1].lower()
         if suffix not in LATENT_SUFFIXES:
             raise DataError(f"{where}: hidden_state_path {source!r}: unsupported file type {suffix!r} "
                             f"(expected one of {', '.join(LATENT_SUFFIXES)})")
-        if not os.path.exists(source):
-            raise DataError(f"{where}: hidden_state_path {source!r}: file not found")
-        try:
-            if suffix == ".npy":
-                array = np.load(source, allow_pickle=False)
-            else:
-                obj = torch.load(source, map_location="cpu", weights_only=True)
-                if not isinstance(obj, torch.Tensor):
-                    raise DataError(f"{where}: hidden_state_path {source!r}: expected a plain tensor, "
-                                    f"found {type(obj).__name__}")
-                array = obj.float().numpy()
-            array = np.asarray(array, dtype=np.float32)
-        except DataError:
-            raise
-        except Exception as e:  # unreadable, truncated, not numeric, or a pickle that weights_only refused
-            raise DataError(f"{where}: hidden_state_path {source!r}: cannot be read safely as a numeric array "
-                            f"({type(e).__name__}); pickled objects are refused, never unpickled") from None
+        what = f"{where}: hidden_state_path" if where else "hidden_state_path"
+        if suffix == ".npy":
+            _, dtype = read_npy_header(source, what)
+            _check_latent_dtype(dtype, f"{what} {source!r}")
+            try:
+                array = np.load(source, mmap_mode="r", allow_pickle=False)
+            except Exception as e:  # checked above; anything left is a file changed under us
+                raise DataError(f"{what} {source!r}: cannot be read as a .npy array ({type(e).__name__})") from None
+        else:
+            from safe_io import load_torch_file
+
+            obj = load_torch_file(source, what, mmap=True)
+            if not isinstance(obj, torch.Tensor):
+                raise DataError(f"{what} {source!r}: expected a plain tensor, found {type(obj).__name__}")
+            _check_latent_dtype(obj.dtype, f"{what} {source!r}")
+            array = obj
     else:
         try:
-            array = np.asarray(source, dtype=np.float32)
-        except (ValueError, TypeError):
-            raise DataError(f"{where}: hidden_state: expected a 2-D array of numbers [K, d]") from None
+            array = np.asarray(source)
+        except (ValueError, TypeError, RecursionError):
+            raise DataError(f"{_prefix(where)}hidden_state: expected a 2-D array of numbers [K, d]") from None
+        _check_latent_dtype(array.dtype, f"{_prefix(where)}hidden_state")
     if array.ndim != 2:
-        raise DataError(f"{where}: hidden_state: expected a 2-D array [K, d], got shape {tuple(array.shape)}")
-    return np.ascontiguousarray(array, dtype=np.float32)
+        raise DataError(f"{_prefix(where)}{field}: expected a 2-D array [K, d], got shape {tuple(array.shape)}")
+    if max_rows is not None:
+        array = array[:max_rows]
+    if isinstance(array, torch.Tensor):
+        array = array.float().numpy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        array = np.array(array, dtype=np.float32, order="C")  # a copy: never a view of a mapped file
+    bad = ~np.isfinite(array)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        n_nan = int(np.isnan(array).sum())
+        found = ", ".join(f"{n} {what}" for n, what in ((n_nan, "NaN"), (int(bad.sum()) - n_nan, "infinite")) if n)
+        raise DataError(f"{_prefix(where)}{field}: non-finite values: {found} (values beyond float32's range count as "
+                        f"infinite), first at row {r}, column {c}; expected finite numbers")
+    return array
+
+
+def _prefix(where: str) -> str:
+    return f"{where}: " if where else ""
+
+
+def _check_latent_dtype(dtype, what: str) -> None:
+    """Real numbers only: a boolean or complex array is almost surely not hidden states."""
+    if isinstance(dtype, torch.dtype):
+        ok = dtype.is_floating_point or (not dtype.is_complex and dtype != torch.bool)
+    else:
+        ok = np.dtype(dtype).kind in "iuf"
+    if not ok:
+        raise DataError(f"{what}: values of dtype {dtype}; expected real numbers (float or int)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,9 +186,8 @@ def normalise_record(rec: dict, where: str, base_dir: str) -> dict:
     """The fields training needs, with roles mapped to chat roles and paths made absolute."""
     messages = [{"role": ROLES[t["from"]], "content": t["value"]} for t in rec["conversations"]]
     plan = rec.get("plan")
-    if plan is None and rec.get("plan_path"):
-        with open(resolve_path(rec["plan_path"], base_dir), encoding="utf-8") as f:
-            plan = f.read().strip()
+    if plan is None and rec.get("plan_path") is not None:
+        plan = read_plan_file(resolve_path(rec["plan_path"], base_dir), f"{where}: plan_path")
     latent_path = rec.get("hidden_state_path")
     return {
         "id": str(rec.get("id", where)),
@@ -151,12 +199,62 @@ def normalise_record(rec: dict, where: str, base_dir: str) -> dict:
     }
 
 
+def read_plan_file(path: str, what: str = "") -> str:
+    """A plan file's text (stripped); a folder, FIFO, missing or non-UTF-8 file is a `DataError`."""
+    size = check_regular_file(path, what)
+    if size > MAX_LINE_BYTES:
+        raise DataError(f"{what}: {path}: {size} bytes; a plan is text of at most {MAX_LINE_BYTES} bytes")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{what}: {path}:{line}: not UTF-8 text ({e.reason})") from None
+
+
+# Control tokens in data. Decision (the same in training, evaluation, inference and the sender):
+# text that spells a control token is refused, never escaped or tokenized as text. The latent
+# head's own tokens (<FIRST_HUMAN_END>, <bop>, <eop>) would move or duplicate the latent block, and
+# the tokenizer's special tokens (chat control strings such as <|im_end|>, <|im_start|>) inside a
+# message would forge turn boundaries, and the model would be trained on (or answer) a conversation
+# other than the file's. Escaping would silently change the text the user wrote.
+def control_tokens(tokenizer) -> tuple[str, ...]:
+    """Strings that the tokenizer turns into control tokens: the latent head's and its special tokens."""
+    special = set(SPECIAL_TOKENS) | set(getattr(tokenizer, "all_special_tokens", []) or [])
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special |= {t.content for t in decoder.values() if getattr(t, "special", False)}
+    return tuple(sorted(t for t in special if t))
+
+
+def check_plain_text(text: str, tokenizer, field: str) -> None:
+    """Raise `DataError` if `text` holds a control token of `tokenizer` (see `control_tokens`)."""
+    found = [t for t in (control_tokens(tokenizer) if tokenizer is not None else SPECIAL_TOKENS) if t in text]
+    if found:
+        raise DataError(f"{field}: contains the control token(s) {', '.join(found)} as text; control tokens in "
+                        "data are refused (they would change the conversation's structure): remove them")
+
+
+def check_messages_text(messages: list[dict], tokenizer) -> None:
+    for i, m in enumerate(messages):
+        check_plain_text(m["content"], tokenizer, f"message {i} ({m['role']})")
+
+
+def encode_plan(tokenizer, plan: str) -> np.ndarray:
+    """A plan's token ids (no special tokens added); a plan spelling a control token is refused."""
+    if not plan:
+        return np.zeros(0, dtype=np.int64)
+    check_plain_text(plan, tokenizer, "plan")
+    return np.asarray(tokenizer(plan, add_special_tokens=False)["input_ids"], dtype=np.int64)
+
+
 def encode_conversation(tokenizer, messages: list[dict]) -> dict:
     """Token ids with the marker after the first user message, and labels for assistant turns only.
 
     Assistant spans are located in the rendered text by rendering each conversation prefix
     with the same chat template; tokens starting inside a span are supervised.
     """
+    check_messages_text(messages, tokenizer)
     messages = with_marker(messages)
 
     def render(msgs, gen_prompt=False):
@@ -189,6 +287,9 @@ def with_marker(messages: list[dict]) -> list[dict]:
     first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
     if first_user is None:
         raise DataError("the conversation has no user message to carry the latent message")
+    if any(m["role"] == "assistant" for m in messages[:first_user]):
+        raise DataError("the conversation starts with an assistant turn; expected a user turn before the first "
+                        "assistant turn (the latent message goes after the first user message)")
     messages[first_user]["content"] += MARKER_TOKEN
     return messages
 
@@ -205,11 +306,10 @@ def find_marker(ids: np.ndarray, tokenizer) -> int:
 def tokenize_sample(sample: dict, tokenizer, model_max_length: int, prepended_length: int) -> dict:
     """Tokenize one normalised sample; truncate the conversation's end so that every branch fits."""
     enc = encode_conversation(tokenizer, sample["messages"])
-    plan_ids = np.asarray(tokenizer(sample["plan"], add_special_tokens=False)["input_ids"] if sample["plan"] else [],
-                          dtype=np.int64)
+    plan_ids = encode_plan(tokenizer, sample["plan"])
     # The marker becomes <bop> block <eop>; the longest block of any branch is the latents
     # (<= prepended_length rows) or the whole plan. Truncation only ever cuts the end.
-    budget = model_max_length - 1 - max(prepended_length, len(plan_ids))
+    budget = max(0, model_max_length - 1 - max(prepended_length, len(plan_ids)))
     ids, labels = enc["input_ids"], enc["labels"]
     truncated = max(0, len(ids) - budget)
     if truncated:
@@ -234,13 +334,34 @@ def load_samples(path: str) -> list[dict]:
     return samples
 
 
+def plan_files_key(path: str) -> str:
+    """A digest of the (path, size, mtime) of every `plan_path` file a data file names: plans are read
+    into the cached dataset, so an edited plan file must key a new cache entry."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    base_dir = os.path.dirname(os.path.abspath(path))
+    for _, rec in read_records(path):
+        plan_path = rec.get("plan_path") if isinstance(rec, dict) and rec.get("plan") is None else None
+        if isinstance(plan_path, str) and plan_path:
+            full = resolve_path(plan_path, base_dir)
+            try:
+                st = os.stat(full)
+                digest.update(f"{full}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                digest.update(f"{full}\0missing\n".encode())
+    return digest.hexdigest()
+
+
 def build_hf_dataset(path: str):
-    """A memory-mapped `datasets.Dataset` of normalised records, cached by file path and mtime."""
+    """A memory-mapped `datasets.Dataset` of normalised records, cached by the data file's and its plan
+    files' paths, sizes and mtimes."""
     import datasets
 
     stat = os.stat(path)
+    plans = plan_files_key(path)
 
-    def generate(path, mtime, size):  # mtime/size only key the cache
+    def generate(path, mtime, size, plans):  # mtime/size/plans only key the cache
         for s in load_samples(path):
             s = dict(s)
             s["messages"] = json.dumps(s["messages"])
@@ -251,7 +372,7 @@ def build_hf_dataset(path: str):
                                   ("id", "where", "messages", "plan", "hidden_state_path", "hidden_state")})
     return datasets.Dataset.from_generator(generate, features=features,
                                            gen_kwargs={"path": os.path.abspath(path), "mtime": stat.st_mtime_ns,
-                                                       "size": stat.st_size})
+                                                       "size": stat.st_size, "plans": plans})
 
 
 class ActorDataset(torch.utils.data.Dataset):
@@ -271,6 +392,11 @@ class ActorDataset(torch.utils.data.Dataset):
                                self.rows[dropped[0]]["where"])
                 skip = set(dropped)
                 self.rows = self.rows.select([i for i in range(len(self.rows)) if i not in skip])
+            if len(hf_dataset) and not len(self.rows):
+                raise DataError(f"{hf_dataset[0]['where'].rsplit(':', 1)[0].split('[')[0]}: no sample has an "
+                                f"assistant token left after truncation to model_max_length {model_max_length} "
+                                f"(room for the latent block or the plan text, whichever is longer, is kept free in each sample); "
+                                "raise --model_max_length")
 
     def _tokenize_row(self, row: dict) -> dict:
         sample = dict(row, messages=json.loads(row["messages"]))
@@ -293,10 +419,11 @@ class ActorDataset(torch.utils.data.Dataset):
         row = self.rows[int(i)]
         tokens = self._tokenize_row(row) if self.lazy else row
         latent_source = row["hidden_state_path"] or (json.loads(row["hidden_state"]) if row["hidden_state"] else None)
-        latents = None if latent_source is None else load_latents(latent_source, f"{row['where']}: id {row['id']!r}")
+        latents = None if latent_source is None else load_latents(latent_source, f"{row['where']}: id {row['id']!r}",
+                                                                   max_rows=self.prepended_length)
         return {"index": int(i), "input_ids": np.asarray(tokens["input_ids"]), "labels": np.asarray(tokens["labels"]),
                 "marker_index": int(tokens["marker_index"]), "plan_ids": np.asarray(tokens["plan_ids"]),
-                "latents": None if latents is None else latents[: self.prepended_length]}
+                "latents": latents}
 
 
 @dataclass

@@ -38,8 +38,9 @@ import torch
 
 from data import ActorDataset, DataError, LatentCollator, build_hf_dataset, read_records
 from inference import build_prompt_batch, encode_prompt, generate_token_ids, prompt_messages
-from latent_head import HEAD_FILE, LatentActor
+from latent_head import HEAD_FILE, LatentActor, load_head_file
 from losses import LN2, token_ce
+from safe_io import check_model_folder, check_output_file, remove_quietly, write_text_atomic
 
 CONDITIONS = ("true", "shuffled", "none", "plan_text")
 TEXT_KEYS = ("input_ids", "labels", "attention_mask", "marker_index")
@@ -282,8 +283,13 @@ def plot_report(report: dict, path: str) -> None:
             ax.set_ylim(0, 1.05)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        remove_quietly(tmp)
 
 
 def _str2bool(v: str) -> bool:
@@ -309,38 +315,73 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_inputs(args: argparse.Namespace) -> tuple[dict, object]:
+    """Everything checkable before the model loads: the output paths, the model folder's files, and every
+    record of the eval file (as training checks them, against the head's latent width). Returns the head
+    file and the tokenizer."""
+    from transformers import AutoTokenizer
+
+    from validation import validate_files
+
+    if args.batch_size < 1 or (args.max_samples is not None and args.max_samples < 1):
+        raise DataError("--batch_size and --max_samples must be positive")
+    check_output_file(args.output, "--output")
+    check_output_file(args.plot or os.path.splitext(args.output)[0] + ".png", "--plot")
+    check_model_folder(args.model_dir, "--model_dir")
+    head = load_head_file(os.path.join(args.model_dir, HEAD_FILE))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    except (OSError, ValueError) as e:
+        raise DataError(f"--model_dir {args.model_dir}: cannot load its tokenizer ({type(e).__name__})") from None
+    report = validate_files([args.eval_file], tokenizer=tokenizer, model_max_length=args.model_max_length,
+                            prepended_length=head["config"]["prepended_length"],
+                            expected_latent_dim=head["config"]["latent_dim"])
+    if not report.ok:
+        print(report.format_errors(), file=sys.stderr)
+        raise DataError(f"{args.eval_file}: the eval file has errors (listed above); nothing was evaluated")
+    return head, tokenizer
+
+
+def finite_or_none(obj):
+    """The report with NaN/inf numbers as null: the report is always valid JSON."""
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if not os.path.exists(os.path.join(args.model_dir, HEAD_FILE)):
-            raise DataError(f"{args.model_dir}: no {HEAD_FILE} here; is this an output folder of train_actor.py?")
-        if not os.path.exists(args.eval_file):
-            raise DataError(f"{args.eval_file}: file not found")
-        if args.batch_size < 1 or (args.max_samples is not None and args.max_samples < 1):
-            raise DataError("--batch_size and --max_samples must be positive")
+        check_inputs(args)
         # keyed like the dataset's rows, which name the file by its absolute path
         answers_by_where = {where: rec.get("answer") if isinstance(rec, dict) else None
                             for where, rec in read_records(os.path.abspath(args.eval_file))}
         rows = build_hf_dataset(args.eval_file)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    actor = LatentActor.from_pretrained(args.model_dir, device=args.device)
-    dataset = ActorDataset(rows, actor.tokenizer, args.model_max_length, actor.head.config.prepended_length)
-    collator = LatentCollator(actor.pad_id, actor.head.config.latent_dim)
-    answers = [answers_by_where.get(w) for w in dataset.rows["where"]] if args.generate else None
-    try:
+        actor = LatentActor.from_pretrained(args.model_dir, device=args.device)
+        dataset = ActorDataset(rows, actor.tokenizer, args.model_max_length, actor.head.config.prepended_length)
+        collator = LatentCollator(actor.pad_id, actor.head.config.latent_dim)
+        answers = [answers_by_where.get(w) for w in dataset.rows["where"]] if args.generate else None
         report = evaluate(actor, dataset, collator, args.batch_size, args.device, args.max_samples, answers,
                           args.max_new_tokens)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report = {"model_dir": args.model_dir, "eval_file": args.eval_file, **report}
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
+    report = finite_or_none({"model_dir": args.model_dir, "eval_file": args.eval_file, **report})
     plot_path = args.plot or os.path.splitext(args.output)[0] + ".png"
-    plot_report(report, plot_path)
+    for what, path, write in (("report", args.output,
+                               lambda: write_text_atomic(args.output, json.dumps(report, indent=1, allow_nan=False))),
+                              ("plot", plot_path, lambda: plot_report(report, plot_path))):
+        try:
+            write()
+        except OSError as e:
+            done = f"; the report {args.output} was written" if what == "plot" else ""
+            print(f"error: writing the {what} {path} failed: {e.strerror or type(e).__name__}; no partial file "
+                  f"was left{done}", file=sys.stderr)
+            return 1
     print(format_table(report))
     print(f"wrote {args.output} and {plot_path}")
     return 0

@@ -21,8 +21,10 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from data import ROLES, DataError, find_marker, load_latents, normalise_record, read_records, with_marker
-from latent_head import HEAD_FILE, IGNORE_INDEX, LatentActor, assemble_inputs
+from data import (ROLES, DataError, check_messages_text, encode_plan, find_marker, load_latents, normalise_record,
+                  read_records, with_marker)
+from latent_head import HEAD_FILE, IGNORE_INDEX, LatentActor, assemble_inputs, load_head_file
+from safe_io import check_model_folder
 
 LatentLike = np.ndarray | torch.Tensor | None
 
@@ -58,6 +60,7 @@ def encode_prompt(tokenizer, messages: Sequence[dict]) -> tuple[np.ndarray, int]
     messages = to_chat_messages(messages)
     if not messages or messages[-1]["role"] == "assistant":
         raise ValueError("the conversation must end with a user (or system) turn: the reply to generate is next")
+    check_messages_text(messages, tokenizer)  # control tokens in data are refused, as in training
     text = tokenizer.apply_chat_template(with_marker(messages), tokenize=False, add_generation_prompt=True)
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
     return ids, find_marker(ids, tokenizer)
@@ -174,8 +177,7 @@ def generate_replies(actor: LatentActor, conversations: Sequence[Sequence[dict]]
     """Batched `generate_reply`: one reply per conversation, each with its own latents / plan text."""
     tok = actor.tokenizer
     prompts = [encode_prompt(tok, messages) for messages in conversations]
-    plan_ids = None if plan_texts is None else \
-        [tok(p, add_special_tokens=False)["input_ids"] if p else None for p in plan_texts]
+    plan_ids = None if plan_texts is None else [encode_plan(tok, p) if p else None for p in plan_texts]
     batch = build_prompt_batch(actor, prompts, latents, plan_ids)
     ids = generate_token_ids(actor, batch, max_new_tokens, do_sample, temperature, top_p, **generate_kwargs)
     return [text.strip() for text in tok.batch_decode(ids, skip_special_tokens=True)]
@@ -196,8 +198,11 @@ def generate_reply(actor: LatentActor, messages: Sequence[dict], latents: Latent
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
-def find_record(spec: str) -> dict:
-    """`FILE`, `FILE:INDEX` (0-based) or `FILE:ID` -> the normalised record (see `data.normalise_record`)."""
+def find_record(spec: str, expected_latent_dim: int | None = None, prepended_length: int = 256) -> dict:
+    """`FILE`, `FILE:INDEX` (0-based) or `FILE:ID` -> the normalised record (see `data.normalise_record`),
+    checked as training checks it (`validation.validate_record`) first."""
+    from validation import validate_record
+
     path, selector = spec, None
     if not os.path.exists(spec) and ":" in spec:
         path, selector = spec.rsplit(":", 1)
@@ -206,6 +211,10 @@ def find_record(spec: str) -> dict:
     base_dir = os.path.dirname(os.path.abspath(path))
     for i, (where, rec) in enumerate(read_records(path)):
         if selector is None or selector == str(i) or (isinstance(rec, dict) and str(rec.get("id")) == selector):
+            report = validate_record(where, rec, base_dir, expected_latent_dim=expected_latent_dim,
+                                     prepended_length=prepended_length)
+            if not report.ok:
+                raise DataError(report.errors[0].format().removeprefix("error: "))
             try:
                 return normalise_record(rec, where, base_dir)
             except (KeyError, TypeError, AttributeError, OSError) as e:
@@ -233,19 +242,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_model_dir(model_dir: str) -> None:
-    if not os.path.isdir(model_dir):
-        raise DataError(f"{model_dir}: no such folder")
-    if not os.path.exists(os.path.join(model_dir, HEAD_FILE)):
-        raise DataError(f"{model_dir}: no {HEAD_FILE} here; is this an output folder of train_actor.py?")
+def check_model_dir(model_dir: str) -> dict:
+    """The model folder's artifacts read safely; returns its head file (config and weights)."""
+    check_model_folder(model_dir, "--model_dir")
+    return load_head_file(os.path.join(model_dir, HEAD_FILE))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        check_model_dir(args.model_dir)
+        head = check_model_dir(args.model_dir)["config"]
+        if args.max_new_tokens < 1:
+            raise DataError("--max_new_tokens must be at least 1")
         if args.record:
-            record = find_record(args.record)
+            record = find_record(args.record, head["latent_dim"], head["prepended_length"])
             messages = prompt_messages(record["messages"])
             source = record["hidden_state_path"] or record["hidden_state"]
             plan = args.plan if args.plan is not None else (record["plan"] if args.with_plan else None)
@@ -255,20 +265,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             messages, source, plan = [{"role": "user", "content": args.prompt}], None, args.plan
         if args.latents:
             source = args.latents
-        latents = None if args.no_latents or source is None else load_latents(source, args.latents or args.record)
+        latents = None if args.no_latents or source is None else \
+            load_latents(source, "--latents" if args.latents else args.record, max_rows=head["prepended_length"])
         if not messages:
             raise DataError("the record has no user turn before its first reply")
+        if latents is not None and latents.shape[1] != head["latent_dim"]:
+            raise DataError(f"latents have width {latents.shape[1]}, the actor's head expects {head['latent_dim']}")
+        actor = LatentActor.from_pretrained(args.model_dir, device=args.device)
+        torch.manual_seed(args.seed)
+        reply = generate_reply(actor, messages, latents, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                               temperature=args.temperature, top_p=args.top_p, plan_text=plan)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    actor = LatentActor.from_pretrained(args.model_dir, device=args.device)
-    if latents is not None and latents.shape[1] != actor.head.config.latent_dim:
-        print(f"error: latents have width {latents.shape[1]}, the actor's head expects "
-              f"{actor.head.config.latent_dim}", file=sys.stderr)
-        return 2
-    torch.manual_seed(args.seed)
-    print(generate_reply(actor, messages, latents, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                         temperature=args.temperature, top_p=args.top_p, plan_text=plan))
+    print(reply)
     return 0
 
 

@@ -415,18 +415,28 @@ class LatentActor(nn.Module):
                         state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write the base model (`save_pretrained`), the tokenizer and `latent_comm_head.pt`.
 
-        `state_dict`: this actor's full weights when its own are sharded (gathered by FSDP on one rank)."""
-        os.makedirs(output_dir, exist_ok=True)
+        `state_dict`: this actor's full weights when its own are sharded (gathered by FSDP on one rank).
+
+        Written whole or not at all (`safe_io.staged_folder`): a failed save (full disk) leaves the folder's
+        earlier model as it was; a kill while the files are moved in leaves a marker that loading refuses,
+        so weights of one run never pass with the head of another."""
+        from safe_io import staged_folder
+
         part = lambda prefix: None if state_dict is None else {
             k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        self.base_model.save_pretrained(output_dir, state_dict=part("base_model."))
-        if save_tokenizer:
-            self.tokenizer.save_pretrained(output_dir)
-        save_head(self.head.config, part("head.") or self.head.state_dict(), os.path.join(output_dir, HEAD_FILE))
+        with staged_folder(output_dir, replaces=("model", "adapter_model", "pytorch_model")) as stage:
+            self.base_model.save_pretrained(stage, state_dict=part("base_model."))
+            if save_tokenizer:
+                self.tokenizer.save_pretrained(stage)
+            save_head(self.head.config, part("head.") or self.head.state_dict(), os.path.join(stage, HEAD_FILE))
 
     def load_weights(self, checkpoint_dir: str) -> None:
         """Load base-model and head weights saved by `save_pretrained` into this actor (resume, best model)."""
         from safetensors.torch import load_file
+
+        from safe_io import check_model_folder
+
+        check_model_folder(checkpoint_dir)  # a corrupt, truncated or half-replaced file: one line, before any load
 
         if self.is_lora:  # a LoRA checkpoint holds the adapters (and new token rows) only
             from peft import set_peft_model_state_dict
@@ -460,11 +470,18 @@ class LatentActor(nn.Module):
         """Restore an actor saved by `save_pretrained`: base model + head + tokenizer."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+        from safe_io import DataError, check_model_folder
+
+        check_model_folder(path)  # every artifact reads safely and no save was cut short
         state = load_head_file(os.path.join(path, HEAD_FILE))
-        head = LatentCommHead(HeadConfig(**state["config"]))
-        head.load_state_dict(state["state_dict"])
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+            head = LatentCommHead(HeadConfig(**state["config"]))
+            head.load_state_dict(state["state_dict"])
+        except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
+            detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise DataError(f"{path}: cannot be loaded as an actor ({type(e).__name__}: {detail})") from None
         actor = cls(base, head, tokenizer)
         if device is not None:
             actor.to(device)
@@ -489,6 +506,21 @@ def save_head(config: HeadConfig, state_dict: dict[str, torch.Tensor], path: str
 
 
 def load_head_file(path: str) -> dict:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no latent head here; is this an output folder of train_actor.py?")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """`latent_comm_head.pt` read with `weights_only=True`; a missing, corrupt or foreign file is a `DataError`."""
+    from safe_io import DataError, load_torch_file
+
+    if not os.path.lexists(path):
+        raise DataError(f"{path}: no latent head here; is this an output folder of train_actor.py?")
+    state = load_torch_file(path)
+    if not (isinstance(state, dict) and isinstance(state.get("config"), dict)
+            and isinstance(state.get("state_dict"), dict)
+            and all(isinstance(v, torch.Tensor) for v in state["state_dict"].values())):
+        raise DataError(f"{path}: not a latent head file (expected a dict with 'config' and 'state_dict' of tensors)")
+    try:
+        config = HeadConfig(**state["config"])
+    except TypeError as e:
+        raise DataError(f"{path}: the head's config is not valid ({e})") from None
+    if not all(isinstance(v, int) and v > 0 for v in (config.latent_dim, config.hidden_size, config.num_heads,
+                                                      config.prepended_length)):
+        raise DataError(f"{path}: the head's config is not valid ({state['config']})")
+    return state

@@ -386,3 +386,63 @@ def infonce_from_scores(scores: torch.Tensor, tau: float = 1.0) -> tuple[torch.T
     k = scores.shape[0]
     loss = -(scores.diagonal() - torch.logsumexp(scores, dim=1)).mean() / tau
     return loss, math.log(k) - loss
+
+
+# -- the compression stage (train_sender.py): the sender learns to speak in K latents -----------------
+COMPRESSION_KL_WEIGHT, COMPRESSION_ALIGN_WEIGHT = 0.1, 0.1
+DISTILL_TEMPERATURE = 4.0
+DISTILL_WINDOW = 64  # supervised tokens per sample that the distillation term looks at
+UNCERTAINTY_QUANTILE = 0.95
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats per row: `logits` [N, V] -> [N]."""
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+def first_rows_per_sample(sample_index: torch.Tensor, window: int) -> torch.Tensor:
+    """[N] bool: the first `window` rows of each sample, for rows grouped by sample in batch order
+    (as `LatentActor.branch` returns supervised positions)."""
+    n = sample_index.shape[0]
+    counts = torch.bincount(sample_index, minlength=int(sample_index.max()) + 1 if n else 0)
+    starts = counts.cumsum(0) - counts
+    rank = torch.arange(n, device=sample_index.device) - starts[sample_index]
+    return rank < window
+
+
+def uncertainty_weights(entropy_none: torch.Tensor, entropy_data: torch.Tensor,
+                        quantile: float = UNCERTAINTY_QUANTILE) -> torch.Tensor:
+    """Per-token distillation weights [N], detached: `relu(H_none - H_data)`, how much the real latents
+    lower the actor's entropy versus no message, clipped at the `quantile` of the positive values (as
+    published) and normalised to mean 1. All zero when the latents lower no token's entropy."""
+    w = (entropy_none - entropy_data).detach().float().clamp_min(0.0)
+    # nanquantile over the positive values: no boolean indexing, so no wait for the device.
+    cap = torch.nanquantile(torch.where(w > 0, w, torch.nan), quantile) if w.numel() else w.new_tensor(torch.nan)
+    w = torch.where(torch.isnan(cap), w, torch.minimum(w, cap))
+    return w / w.mean().clamp_min(1e-6) if w.numel() else w
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, weights: torch.Tensor,
+                    temperature: float = DISTILL_TEMPERATURE) -> torch.Tensor:
+    """`T^2 * KL(P_teacher^T || P_student^T)` per row, averaged with `weights` [N] (0 for no rows):
+    the softened teacher distribution is the target (detached)."""
+    log_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1) * temperature ** 2
+    return (weights * kl).sum() / (weights.sum() + 1e-6)
+
+
+def alignment_loss(student_pooled: torch.Tensor, data_pooled: torch.Tensor) -> torch.Tensor:
+    """`1 - cos` between each sample's mean-pooled student and data messages [B, H], averaged (0 for B = 0)."""
+    if not student_pooled.shape[0]:
+        return student_pooled.new_zeros(())
+    cos = F.cosine_similarity(student_pooled.float(), data_pooled.detach().float(), dim=-1)
+    return (1.0 - cos).mean()
+
+
+def compression_loss(ce: torch.Tensor, distill: torch.Tensor, align: torch.Tensor,
+                     kl_weight: float = COMPRESSION_KL_WEIGHT,
+                     align_weight: float = COMPRESSION_ALIGN_WEIGHT) -> torch.Tensor:
+    """The compression stage's total: `CE + kl_weight * distillation + align_weight * alignment`."""
+    return ce + kl_weight * distill + align_weight * align

@@ -8,6 +8,7 @@ See README.md for the data format, the flags and the outputs.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -18,11 +19,13 @@ import transformers
 from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 from transformers.training_args import ParallelMode
 
-from callbacks import (InfoNCEProbeCallback, LatentConditionsCallback, LossLogCallback, NonFiniteGuardCallback,
-                       StepsToReadCallback)
-from data import ActorDataset, DataError, LatentCollator, build_hf_dataset, split_train_eval
+from callbacks import (InfoNCEProbeCallback, InterruptCallback, LatentConditionsCallback, LossLogCallback,
+                       NonFiniteGuardCallback, StepsToReadCallback)
+from data import ActorDataset, DataError, LatentCollator, build_hf_dataset, control_tokens, split_train_eval
 from latent_head import HEAD_FILE, LatentActor, load_head_file, packed_sequences_available
 from models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
+from runs import check_output_dir, check_resume_matches, run_fingerprint
+from safe_io import check_model_folder
 from trainer import LatentActorTrainer, LossConfig, resolve_loss_kernel, resolve_resume
 from validation import validate_files
 
@@ -119,6 +122,9 @@ class ActorTrainingArguments(TrainingArguments):
         "help": "Processes that collate batches (default: 2 when training on a GPU, else 0)."})
     dataloader_persistent_workers: bool | None = field(default=None, metadata={
         "help": "Keep the workers across epochs (default: on when there are workers)."})
+    dataloader_pin_memory: bool | None = field(default=None, metadata={
+        "help": "Page-locked batches for faster copies to the GPU (default: on when training on a GPU; "
+                "without one torch warns at every data loader it builds)."})
     remove_unused_columns: bool = False  # the batch carries latents and plans, not forward's named inputs
     label_names: list[str] | None = field(default_factory=lambda: ["labels"])
     train_sampling_strategy: str = field(default="group_by_length", metadata={
@@ -138,6 +144,9 @@ class ActorTrainingArguments(TrainingArguments):
     nonfinite_policy: str = field(default="skip", metadata={
         "help": "On a NaN/inf gradient: 'skip' drops that step's update, 'stop' ends training; both report it."})
     validate_only: bool = field(default=False, metadata={"help": "Check the data files and exit."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Train into an --output_dir that holds another run (its files are replaced); without it such a "
+                "folder is refused."})
 
     @property
     def trains_on_gpu(self) -> bool:
@@ -156,6 +165,8 @@ class ActorTrainingArguments(TrainingArguments):
             self.dataloader_num_workers = 2 if on_gpu else 0
         if self.dataloader_persistent_workers is None:
             self.dataloader_persistent_workers = self.dataloader_num_workers > 0
+        if self.dataloader_pin_memory is None:
+            self.dataloader_pin_memory = on_gpu
         if self.bf16 is None and self.fp16 is None:
             self.bf16 = on_gpu and torch.cuda.is_bf16_supported()
             self.fp16 = on_gpu and not self.bf16
@@ -213,10 +224,71 @@ class UserError(Exception):
         self.status = status
 
 
-def check_data(model_args: ModelArguments, data_args: DataArguments, args: ActorTrainingArguments):
-    """Validate every record before any model is loaded; returns (report, checkpoint to resume or None)."""
+def parse_mix_ratios(text: str) -> tuple[float, ...]:
+    """`--mix_ratios` as numbers in [0, 1]; a `ValueError` saying what is wrong otherwise."""
+    try:
+        ratios = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--mix_ratios {text!r}: expected comma-separated numbers in [0, 1], e.g. 0.2,0.5,0.8") \
+            from None
+    if not ratios or not all(0 <= r <= 1 for r in ratios):
+        raise ValueError(f"--mix_ratios {text!r}: expected comma-separated numbers in [0, 1], e.g. 0.2,0.5,0.8")
+    return ratios
+
+
+def check_arguments(model_args: ModelArguments, data_args: DataArguments, args: ActorTrainingArguments) -> None:
+    """Argument errors found from the flags alone, before any file is read."""
     if not data_args.train_file:
         raise UserError("--train_file is required")
+    try:
+        parse_mix_ratios(model_args.mix_ratios)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if args.nonfinite_policy not in ("skip", "stop"):
+        raise UserError(f"--nonfinite_policy {args.nonfinite_policy!r}: expected skip or stop")
+    for name, value, ok, expected in (
+            ("pure_latent_prob", model_args.pure_latent_prob, 0 <= model_args.pure_latent_prob <= 1, "[0, 1]"),
+            ("head_dropout", model_args.head_dropout, 0 <= model_args.head_dropout < 1, "[0, 1)"),
+            ("eval_ratio", data_args.eval_ratio, 0 <= data_args.eval_ratio < 1, "[0, 1)")):
+        if not ok:
+            raise UserError(f"--{name} {value}: expected a number in {expected}")
+    for name in ("plan_similarity_weight", "random_contrast_weight"):
+        value = getattr(model_args, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise UserError(f"--{name} {value}: expected a finite number >= 0")
+    if model_args.prepended_length < 1 or model_args.num_heads < 1:
+        raise UserError("--prepended_length and --num_heads must be at least 1")
+    if data_args.model_max_length <= model_args.prepended_length + 1:
+        raise UserError(f"--model_max_length {data_args.model_max_length} leaves no room for a conversation: the "
+                        f"latent block takes prepended_length {model_args.prepended_length} + 2 of it; raise it")
+    if not isinstance(getattr(torch, model_args.base_dtype, None), torch.dtype):
+        raise UserError(f"--base_dtype {model_args.base_dtype!r}: expected a torch dtype such as float32 or bfloat16")
+
+
+def check_model_width(model_args: ModelArguments) -> None:
+    """`--num_heads` divides the model's width, read from its config file (no weights loaded)."""
+    try:
+        from transformers import AutoConfig
+
+        from models import resolve_model
+
+        config = AutoConfig.from_pretrained(resolve_model(model_args.model_name_or_path),
+                                            trust_remote_code=model_args.trust_remote_code)
+    except ModelNotFoundError as e:
+        raise UserError(str(e)) from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model_name_or_path {model_args.model_name_or_path}: cannot read its config "
+                        f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") \
+            from None
+    width = getattr(config.get_text_config(), "hidden_size", None)
+    if width and width % model_args.num_heads:
+        raise UserError(f"--num_heads {model_args.num_heads} must divide the model's hidden size {width}")
+
+
+def check_data(model_args: ModelArguments, data_args: DataArguments, args: ActorTrainingArguments):
+    """Validate arguments and every record before any model is loaded; returns (report, checkpoint to
+    resume or None)."""
+    check_arguments(model_args, data_args, args)
     try:
         resolve_loss_kernel(model_args.loss_kernel, "cuda" if args.trains_on_gpu else "cpu")
         loss_config(model_args).check_loss_path()
@@ -232,14 +304,27 @@ def check_data(model_args: ModelArguments, data_args: DataArguments, args: Actor
         if "SHARDED_STATE_DICT" in str(args.fsdp_config.get("state_dict_type", "")):
             raise UserError("--fsdp_config state_dict_type SHARDED_STATE_DICT is not supported: the output folder "
                             "must reload on one process; use FULL_STATE_DICT (the default)")
+    check_model_width(model_args)
     try:
+        if not args.validate_only:  # never mix two runs in one folder (runs.py)
+            check_output_dir(args.output_dir, resuming=bool(args.resume_from_checkpoint) and
+                             args.resume_from_checkpoint.lower() not in ("false", "none"),
+                             overwrite=args.overwrite_output_dir)
         resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-        check_tokenizer = _tokenizer_for_checks(model_args) if args.validate_only else None
-    except (FileNotFoundError, ModelNotFoundError) as e:
+        tokenizer = _tokenizer_for_checks(model_args)
+        resumed_width = None
+        if resume:
+            check_model_folder(resume, "--resume_from_checkpoint")  # every artifact reads safely, up front
+            check_resume_matches(resume, run_fingerprint(model_args, data_args, args))
+            # A resumed head was built for one latent width: data of another width is an error up front.
+            resumed_width = load_head_file(os.path.join(resume, HEAD_FILE))["config"]["latent_dim"]
+    except (FileNotFoundError, ModelNotFoundError, ValueError, OSError) as e:  # DataError is a ValueError
         raise UserError(str(e)) from None
-    # A resumed head was built for one latent width: data of another width is an error up front.
-    resumed_width = load_head_file(os.path.join(resume, HEAD_FILE))["config"]["latent_dim"] if resume else None
-    report = validate_files([f for f in (data_args.train_file, data_args.eval_file) if f], tokenizer=check_tokenizer,
+    # Full tokenization checks with --validate_only; training refuses control tokens in the data up front and
+    # tokenizes (cached) while building its datasets.
+    report = validate_files([f for f in (data_args.train_file, data_args.eval_file) if f],
+                            tokenizer=tokenizer if args.validate_only else None,
+                            control_strings=control_tokens(tokenizer),
                             model_max_length=data_args.model_max_length,
                             prepended_length=model_args.prepended_length, expected_latent_dim=resumed_width)
     if args.should_log or args.validate_only:  # every rank validates (and stops together); one prints
@@ -254,7 +339,7 @@ def loss_config(model_args: ModelArguments) -> LossConfig:
     return LossConfig(
         plan_similarity_weight=model_args.plan_similarity_weight,
         random_contrast_weight=model_args.random_contrast_weight,
-        mix_ratios=tuple(float(x) for x in model_args.mix_ratios.split(",") if x.strip()),
+        mix_ratios=parse_mix_ratios(model_args.mix_ratios),
         pure_latent_prob=model_args.pure_latent_prob, loss_chunk_size=model_args.loss_chunk_size or None,
         fused_loss=model_args.fused_loss, loss_kernel=model_args.loss_kernel,
         loss_matmul_dtype=model_args.loss_matmul_dtype, negative_form=model_args.negative_form,
@@ -347,9 +432,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
     if model_args.compile_layers is None:  # not under FSDP: its hooks around each layer are not compiled with it
         model_args.compile_layers = torch.cuda.is_available() and not args.fsdp
     actor = build_actor(model_args, report.latent_dim, args.seed)
-    trainer = build_trainer(actor, model_args, data_args, args)
+    try:
+        trainer = build_trainer(actor, model_args, data_args, args)
+    except DataError as e:  # found while tokenizing: e.g. no sample fits --model_max_length
+        raise UserError(str(e), status=1) from None
+    trainer.run_fingerprint = run_fingerprint(model_args, data_args, args)  # into every checkpoint (runs.py)
     if model_args.head_warm_start_steps > 0 and resume is None:
         warm_start(trainer, model_args, args)
+    interrupt = InterruptCallback()
+    trainer.add_callback(interrupt)
     try:
         trainer.train(resume_from_checkpoint=resume)
     except DataError as e:  # a latent file that broke mid-run: keep what was trained
@@ -358,11 +449,27 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
         if "Original Traceback" in message:  # raised in a data loader worker: the message carries its traceback
             message = message.rsplit("DataError: ", 1)[-1].rstrip()
         raise UserError(f"{message} (the model so far is in {args.output_dir}/interrupted)", status=1) from None
+    except Exception as e:  # a checkpoint or log that could not be written (full disk, permissions)
+        if not write_failure(e):
+            raise
+        raise UserError(f"training stopped at step {trainer.state.global_step}: writing failed: {write_failure(e)}; "
+                        f"{last_checkpoint_note(args.output_dir)}", status=1) from None
+    finally:
+        interrupt.restore()
+    if interrupt.interrupted:
+        raise UserError(f"interrupted (Ctrl-C) after step {trainer.state.global_step}: "
+                        f"{last_checkpoint_note(args.output_dir)}", status=130)
     actor.merge_lora()  # the final folder is a plain HF model + head, whatever the training mode
-    trainer.save_model(args.output_dir)
-    trainer.save_state()
-    if trainer.is_world_process_zero():
-        actor.tokenizer.save_pretrained(os.path.join(args.output_dir, "tokenizer"))
+    try:
+        trainer.save_model(args.output_dir)  # staged: on failure the folder's earlier model is untouched
+        trainer.save_state()
+        if trainer.is_world_process_zero():
+            actor.tokenizer.save_pretrained(os.path.join(args.output_dir, "tokenizer"))
+    except Exception as e:
+        if not write_failure(e):
+            raise
+        raise UserError(f"saving the final model into {args.output_dir} failed: {write_failure(e)}; the model the "
+                        f"folder held before is unchanged; {last_checkpoint_note(args.output_dir)}", status=1) from None
     if trainer.nonfinite_guard.stopped:
         raise UserError(f"training stopped at step {trainer.state.global_step} on a non-finite gradient (see the "
                         f"log); the weights saved in {args.output_dir} never received it", status=1)
@@ -371,8 +478,32 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
     return 0
 
 
+def write_failure(e: BaseException) -> str | None:
+    """What went wrong, when `e` is a failed write: an OSError, or the same from a Rust library (tokenizers,
+    safetensors) that reports it as '... (os error N)'; None for anything else (a bug: its traceback helps)."""
+    if isinstance(e, OSError):
+        return f"{e.strerror or type(e).__name__}{f' ({e.filename})' if e.filename else ''}"
+    text = str(e).strip()
+    if "(os error " in text:
+        return text.splitlines()[0][:200]
+    return None
+
+
+def last_checkpoint_note(output_dir: str) -> str:
+    """Where training can go on from: the newest complete checkpoint, said in words."""
+    try:
+        last = resolve_resume("latest", output_dir)
+    except (FileNotFoundError, OSError):
+        return "no complete checkpoint was saved"
+    return f"the last complete checkpoint is {last} (continue with --resume_from_checkpoint latest)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    model_args, data_args, args = parse_args(argv)
+    try:
+        model_args, data_args, args = parse_args(argv)
+    except ValueError as e:  # raised by an argument dataclass's checks
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if args.should_log else logging.WARNING)
     transformers.utils.logging.set_verbosity_warning()
@@ -381,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.status
+    except KeyboardInterrupt:
+        print(f"error: interrupted (Ctrl-C); {last_checkpoint_note(args.output_dir)}", file=sys.stderr)
+        return 130
 
 
 def exit_process(status: int) -> None:

@@ -22,6 +22,7 @@ import loss_kernel
 from data import RankBalancedLengthSampler
 from latent_head import LatentActor
 from losses import LN2, chunk_values_and_grad, fused_latent_comm_loss_sums, latent_comm_loss_sums
+from safe_io import INCOMPLETE_MARKER
 
 logger = logging.getLogger(__name__)
 
@@ -136,17 +137,21 @@ def resolve_loss_kernel(choice: str, device_type: str) -> str:
     return choice
 
 
-def checkpoint_is_complete(path: str) -> bool:
-    """The Trainer writes `trainer_state.json` last: a checkpoint whose state parses was fully written."""
+def checkpoint_is_complete(path: str, weights_file: str = "latent_comm_head.pt") -> bool:
+    """The Trainer writes `trainer_state.json` last: a checkpoint whose state parses was fully written
+    (`weights_file`: the file of our own that it must hold too), and no save into it was cut short
+    (`safe_io.INCOMPLETE_MARKER`)."""
+    if os.path.exists(os.path.join(path, INCOMPLETE_MARKER)):
+        return False
     try:
         with open(os.path.join(path, "trainer_state.json")) as f:
             json.load(f)
-        return os.path.exists(os.path.join(path, "latent_comm_head.pt"))
+        return os.path.exists(os.path.join(path, weights_file))
     except (OSError, ValueError):
         return False
 
 
-def resolve_resume(value: str | None, output_dir: str) -> str | None:
+def resolve_resume(value: str | None, output_dir: str, weights_file: str = "latent_comm_head.pt") -> str | None:
     """`--resume_from_checkpoint` as a folder: `true`/`latest` pick the newest *complete* checkpoint.
 
     A checkpoint left half-written by a killed process is never picked, and naming one is an error.
@@ -157,16 +162,16 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
         steps = sorted((int(m.group(1)), name) for name in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
                        if (m := re.fullmatch(r"checkpoint-(\d+)", name)))
         complete = [os.path.join(output_dir, name) for _, name in steps
-                    if checkpoint_is_complete(os.path.join(output_dir, name))]
+                    if checkpoint_is_complete(os.path.join(output_dir, name), weights_file)]
         for _, name in steps:
             if os.path.join(output_dir, name) not in complete:
                 logger.warning("Ignoring %s: it was not completely written", os.path.join(output_dir, name))
         if not complete:
             raise FileNotFoundError(f"--resume_from_checkpoint {value}: no complete checkpoint in {output_dir}")
         return complete[-1]
-    if not checkpoint_is_complete(value):
+    if not checkpoint_is_complete(value, weights_file):
         raise FileNotFoundError(f"--resume_from_checkpoint {value}: not a complete checkpoint (missing or "
-                                "half-written trainer_state.json / latent_comm_head.pt)")
+                                f"half-written trainer_state.json / {weights_file})")
     return value
 
 
@@ -429,6 +434,9 @@ class LatentActorTrainer(Trainer):
         # Under FSDP, `state_dict` holds the full weights gathered on this rank (the module's own are shards).
         actor.save_pretrained(output_dir, state_dict=state_dict)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        if getattr(self, "run_fingerprint", None) is not None:  # which run wrote this (runs.py); before trainer_state
+            with open(os.path.join(output_dir, "run_fingerprint.json"), "w", encoding="utf-8") as f:
+                json.dump(self.run_fingerprint, f, indent=1)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.is_fsdp_enabled:  # the Trainer's FSDP loader: every rank takes its shard of the full weights

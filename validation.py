@@ -27,18 +27,19 @@ learns less than the file suggests. Training should refuse to start on any error
 | turn_not_object | error | a turn that is not an object |
 | unknown_role | error | `from` missing or not one of human, user, gpt, assistant, model, system |
 | value_not_string | error | `value` missing or not a string |
-| reserved_token | error | a message holding `<FIRST_HUMAN_END>`, `<bop>` or `<eop>` as text |
+| reserved_token | error | a message or plan spelling a control token: `<FIRST_HUMAN_END>`, `<bop>`, `<eop>`, or (with a tokenizer or `control_strings`) its special tokens (chat control strings, e.g. ChatML's end of turn); refused, see `data.control_tokens` |
 | no_human_turn | error | no human/user turn (the latent message goes after the first one) |
+| assistant_first | error | an assistant turn before the first human/user turn (training cannot place the latent message) |
 | no_assistant_turn | warning | no assistant turn: nothing to learn, the sample is skipped |
 | plan_not_string | error | `plan` is not a string |
-| plan_file_missing | error | `plan_path` not found (or not a string) |
-| plan_file_unreadable | error | `plan_path` cannot be read as UTF-8 text |
+| plan_file_missing | error | `plan_path` not found (or not a non-empty string) |
+| plan_file_unreadable | error | `plan_path` is a folder or not a regular file, or cannot be read as UTF-8 text |
 | plan_path_ignored | warning | both `plan` and `plan_path`: `plan` is used |
-| latent_path_not_string | error | `hidden_state_path` is not a string |
+| latent_path_not_string | error | `hidden_state_path` is not a non-empty string (e.g. `0`, `false`, `""`) |
 | latent_unsupported_type | error | `hidden_state_path` is not `.npy`, `.pt` or `.pth` |
 | latent_file_missing | error | `hidden_state_path` not found |
-| latent_unreadable | error | corrupt; pickled objects or a `.pt` not a plain tensor (refused, never unpickled) |
-| latent_not_numeric | error | values that are not numbers: strings, null, booleans, ragged rows, complex |
+| latent_unreadable | error | corrupt, truncated, not a .npy/torch file, a folder or FIFO; pickled objects or a `.pt` not a plain tensor (refused, never unpickled) |
+| latent_not_numeric | error | values that are not real numbers: strings, null, booleans, ragged rows, complex |
 | latent_not_2d | error | not a 2-D array `[K, d]`, or `d` = 0 |
 | latent_not_finite | error | NaN or ±inf values (also values beyond float32's range) |
 | latent_width_mismatch | error | `d` differs from `expected_latent_dim` (a loaded head) or else the majority width |
@@ -72,14 +73,16 @@ from typing import Any
 
 import numpy as np
 
-from data import LATENT_SUFFIXES, ROLES, DataError, load_latents, read_records, resolve_path
+from data import (LATENT_SUFFIXES, ROLES, DataError, control_tokens, load_latents, read_plan_file, read_records,
+                  resolve_path)
 from latent_head import SPECIAL_TOKENS
+from safe_io import read_npy_header
 
 SEVERITY = {
     "unreadable_file": "error", "malformed_json": "error", "empty_file": "error", "record_not_object": "error",
     "missing_conversations": "error", "conversations_not_list": "error", "empty_conversations": "error",
     "turn_not_object": "error", "unknown_role": "error", "value_not_string": "error", "reserved_token": "error",
-    "no_human_turn": "error", "no_assistant_turn": "warning",
+    "no_human_turn": "error", "assistant_first": "error", "no_assistant_turn": "warning",
     "plan_not_string": "error", "plan_file_missing": "error", "plan_file_unreadable": "error",
     "plan_path_ignored": "warning",
     "latent_path_not_string": "error", "latent_unsupported_type": "error", "latent_file_missing": "error",
@@ -92,7 +95,6 @@ SEVERITY = {
     "check_failed": "error",
 }
 _CHUNK_BYTES = 16 << 20  # latent values are checked this many bytes at a time
-_REFUSED = "refused, never unpickled: it holds pickled Python objects, which could run code"
 
 
 @dataclass
@@ -135,6 +137,12 @@ class Report:
     def counts(self, severity: str) -> Counter:
         return Counter(p.kind for p in self.problems if p.severity == severity)
 
+    def format_errors(self, limit: int = 50) -> str:
+        """The errors only, one line each (at most `limit`): what a tool that refuses bad input prints."""
+        lines = [p.format() for p in self.errors[:limit]]
+        more = len(self.errors) - len(lines)
+        return "\n".join(lines + ([f"... and {more} more error(s)"] if more > 0 else []))
+
     def format(self, max_per_kind: int | None = None) -> str:
         """One line per problem (at most `max_per_kind` of each kind), then counts per kind."""
         lines, shown = [], Counter()
@@ -154,9 +162,12 @@ class Report:
 
 
 class _Checker:
-    def __init__(self, tokenizer, model_max_length, prepended_length, expected_latent_dim, check_values):
+    def __init__(self, tokenizer, model_max_length, prepended_length, expected_latent_dim, check_values,
+                 control_strings=None):
         self.report = Report()
         self.tokenizer = _prepared_tokenizer(tokenizer) if tokenizer is not None else None
+        self.control_strings = tuple(sorted(set(SPECIAL_TOKENS) | set(control_strings or ()) |
+                                            set(control_tokens(self.tokenizer) if self.tokenizer is not None else ())))
         self.model_max_length, self.prepended_length = model_max_length, prepended_length
         self.expected_latent_dim, self.check_values = expected_latent_dim, check_values
         self.first_seen: dict[str, str] = {}  # id -> location
@@ -272,11 +283,7 @@ class _Checker:
                 self.add("value_not_string", where, sid, f + ".value", f"{found}; expected a string")
                 ok = False
             else:
-                reserved = [t for t in SPECIAL_TOKENS if t in value]
-                if reserved:
-                    self.add("reserved_token", where, sid, f + ".value",
-                             f"contains {', '.join(reserved)} as text; these are reserved control tokens "
-                             "of the latent head (remove or escape them)")
+                if not self.check_control_strings(where, sid, f + ".value", value):
                     ok = False
         if len(roles) == len(conv):  # every role known: else the unknown one may be the missing side
             if "user" not in roles:
@@ -284,10 +291,25 @@ class _Checker:
                          f"no human/user turn (roles: {', '.join(t['from'] for t in conv)}); expected one: "
                          "the latent message goes after the first")
                 ok = False
+            elif "assistant" in roles[:roles.index("user")]:
+                i = roles.index("assistant")
+                self.add("assistant_first", where, sid, f"conversations[{i}].from",
+                         f"an assistant turn ({conv[i]['from']!r}) before the first human/user turn; expected the "
+                         "conversation to start with a human turn (after an optional system turn)")
+                ok = False
             elif "assistant" not in roles:
                 self.add("no_assistant_turn", where, sid, "conversations",
                          "no assistant (gpt) turn: nothing to learn, the sample is skipped")
         return ok
+
+    def check_control_strings(self, where, sid, field_name: str, text: str) -> bool:
+        """False (and an error) if `text` spells a control token; see `data.control_tokens` for why."""
+        found = [t for t in self.control_strings if t in text]
+        if found:
+            self.add("reserved_token", where, sid, field_name,
+                     f"contains {', '.join(found)} as text; control tokens in data are refused (they would change "
+                     "the conversation's structure or the latent block): remove them")
+        return not found
 
     def check_plan(self, where, sid, rec, base_dir) -> tuple[str, bool]:
         """(the plan text training will use, whether the plan fields are usable)."""
@@ -299,38 +321,39 @@ class _Checker:
             if plan_path:
                 self.add("plan_path_ignored", where, sid, "plan_path",
                          "both plan and plan_path are given; plan is used, plan_path ignored")
-            return plan, True  # as training uses it (unstripped)
-        if not plan_path:
+            return plan, self.check_control_strings(where, sid, "plan", plan)  # as training uses it (unstripped)
+        if plan_path is None:
             return "", True
-        if not isinstance(plan_path, str):
+        if not isinstance(plan_path, str) or not plan_path:
             self.add("plan_file_missing", where, sid, "plan_path",
-                     f"found a {_json_type(plan_path)}; expected a path to a text file")
+                     f"found {_json_value(plan_path)}; expected a path to a text file")
             return "", False
         full = resolve_path(plan_path, base_dir)
-        if not os.path.isfile(full):
+        if not os.path.lexists(full):
             self.add("plan_file_missing", where, sid, "plan_path",
                      f"{plan_path!r}: file not found (looked for {full}; relative paths are relative to the "
                      "data file's folder)")
             return "", False
         try:
-            with open(full, encoding="utf-8") as fh:
-                return fh.read().strip(), True
-        except (OSError, UnicodeDecodeError) as e:
-            self.add("plan_file_unreadable", where, sid, "plan_path",
-                     f"{plan_path!r}: cannot be read as UTF-8 text ({type(e).__name__}: {e})")
+            plan = read_plan_file(full)
+        except (DataError, OSError) as e:
+            text = str(e)[len(full) + 2:] if str(e).startswith(full + ": ") else str(e)
+            self.add("plan_file_unreadable", where, sid, "plan_path", f"{plan_path!r}: {text}")
             return "", False
+        return plan, self.check_control_strings(where, sid, "plan_path", plan)
 
     # -- latents -----------------------------------------------------------------------------------
     def check_latents(self, where, sid, rec, base_dir) -> bool:
         """Checks the latents; returns whether the record declares (non-empty) latents."""
         path, inline = rec.get("hidden_state_path"), rec.get("hidden_state")
-        if path:
-            if inline is not None:
+        if path is not None:
+            if inline is not None and path:
                 self.add("hidden_state_ignored", where, sid, "hidden_state",
                          "both hidden_state_path and hidden_state are given; the path is used")
-            if not isinstance(path, str):
+            if not isinstance(path, str) or not path:
                 self.add("latent_path_not_string", where, sid, "hidden_state_path",
-                         f"found a {_json_type(path)}; expected a path to a .npy/.pt/.pth file")
+                         f"found {_json_value(path)}; expected a path to a .npy/.pt/.pth file (or leave the field "
+                         "out, or null, for a sample without latents)")
                 return True
             return self._check_latent_file(where, sid, path, resolve_path(path, base_dir))
         if inline is None:
@@ -341,7 +364,7 @@ class _Checker:
             return True
         try:
             array = np.asarray(inline)
-        except ValueError:
+        except (ValueError, TypeError, RecursionError, OverflowError):
             self.add("latent_not_numeric", where, sid, f,
                      "rows of different lengths (ragged); expected a 2-D list of numbers [K, d]")
             return True
@@ -359,28 +382,29 @@ class _Checker:
                      f"{path!r}: unsupported file type {suffix or '(none)'!r}; expected one of "
                      f"{', '.join(LATENT_SUFFIXES)}")
             return True
-        if not os.path.exists(full):
+        if not os.path.lexists(full):
             self.add("latent_file_missing", where, sid, f,
                      f"{path!r}: file not found (looked for {full}; relative paths are relative to the data "
                      "file's folder)")
             return True
         if suffix == ".npy":
             try:
+                read_npy_header(full)  # a folder, FIFO, non-NumPy, pickled or truncated file; never allocates
                 array = np.load(full, mmap_mode="r", allow_pickle=False)
-            except Exception as e:  # truncated, a pickle (refused), a folder, no permission
-                text = _first_line(e)
-                if "Python objects" in text or "pickle" in text:
-                    text = _REFUSED + "; expected a numeric array saved with np.save"
-                else:
-                    text = f"{type(e).__name__}: {text}"
-                self.add("latent_unreadable", where, sid, f, f"{path!r}: cannot be read safely as a .npy array: {text}")
+            except DataError as e:
+                text = str(e)[len(full) + 2:] if str(e).startswith(full + ": ") else str(e)
+                self.add("latent_unreadable", where, sid, f, f"{path!r}: {text}")
+                return True
+            except Exception as e:  # no permission, changed under us
+                self.add("latent_unreadable", where, sid, f,
+                         f"{path!r}: cannot be read as a .npy array: {type(e).__name__}: {_first_line(e)}")
                 return True
             if not isinstance(array, np.ndarray):  # e.g. an .npz archive named .npy
                 self.add("latent_unreadable", where, sid, f,
                          f"{path!r}: holds a {type(array).__name__}, not a single array (an .npz archive?); "
                          "expected one array saved with np.save")
                 return True
-            if array.dtype.kind not in "iufb":
+            if array.dtype.kind not in "iuf":
                 self.add("latent_not_numeric", where, sid, f,
                          f"{path!r}: found {_describe_kind(array.dtype)} values (dtype {array.dtype}); "
                          "expected numbers")
@@ -391,12 +415,12 @@ class _Checker:
             except DataError as e:
                 msg = str(e)
                 msg = msg[len(where) + 2:] if msg.startswith(where + ": ") else msg
-                for prefix in (f"hidden_state_path {full!r}: ", "hidden_state: "):
+                for prefix in (f"hidden_state_path {full!r}: ", f"hidden_state_path: {full}: ", "hidden_state_path: ",
+                               "hidden_state: "):
                     msg = msg[len(prefix):] if msg.startswith(prefix) else msg
-                if "Weights only load failed" in msg:  # don't relay torch's advice on loading it unsafely
-                    msg = (f"cannot be read safely: {_REFUSED} (torch.load weights_only=True); expected a plain "
-                           "tensor saved with torch.save(tensor, path)")
-                self.add("latent_not_2d" if "2-D" in msg else "latent_unreadable", where, sid, f, f"{path!r}: {msg}")
+                kind = "latent_not_2d" if "2-D" in msg else "latent_not_finite" if "non-finite" in msg else \
+                    "latent_not_numeric" if "dtype" in msg else "latent_unreadable"
+                self.add(kind, where, sid, f, f"{path!r}: {msg}")
                 return True
         return self._check_array(where, sid, f, array, name=f"{path!r}: ")
 
@@ -496,18 +520,32 @@ class _Checker:
 
 def validate_files(paths: list[str], tokenizer=None, model_max_length: int | None = None,
                    prepended_length: int = 256, expected_latent_dim: int | None = None,
-                   check_values: bool = True) -> Report:
+                   check_values: bool = True, control_strings: tuple[str, ...] | None = None) -> Report:
     """Check every record of every file; return all problems found (never raises for bad data).
 
     `tokenizer` (left unchanged: the special tokens are added to a copy) enables the
     chat-template and length checks; `model_max_length` the truncation warnings.
     `expected_latent_dim` is the width a loaded latent head was built for; without it every
     sample's width is compared to the majority. `check_values=False` skips reading latent
-    values (NaN/inf), keeping only the header/shape checks of `.npy` files.
+    values (NaN/inf), keeping only the header/shape checks of `.npy` files. `control_strings` (e.g.
+    `data.control_tokens(tokenizer)`) are refused in messages and plans without a full tokenization.
     """
-    checker = _Checker(tokenizer, model_max_length, prepended_length, expected_latent_dim, check_values)
+    checker = _Checker(tokenizer, model_max_length, prepended_length, expected_latent_dim, check_values,
+                       control_strings)
     for path in paths:
         checker.check_file(path)
+    return checker.finish()
+
+
+def validate_record(where: str, record: Any, base_dir: str, tokenizer=None, expected_latent_dim: int | None = None,
+                    prepended_length: int = 256) -> Report:
+    """The checks of `validate_files` for one record (e.g. the one `inference.py --record` replies to)."""
+    checker = _Checker(tokenizer, None, prepended_length, expected_latent_dim, True)
+    checker.report.files = checker.report.records = 1
+    try:
+        checker.check_record(where, record, base_dir)
+    except Exception as e:  # never a traceback for bad data
+        checker.add("check_failed", where, _sample_id(record), None, f"could not be checked: {type(e).__name__}: {e}")
     return checker.finish()
 
 
@@ -533,6 +571,17 @@ def _sample_id(rec: Any) -> str | None:
 def _declares_plan(rec: dict) -> bool:
     plan = rec.get("plan")
     return bool(plan) if plan is not None else bool(rec.get("plan_path"))
+
+
+def _json_value(x: Any) -> str:
+    """How a JSON value reads in a message: `0`, `false`, `an empty string`, `a list`."""
+    if x == "" and isinstance(x, str):
+        return "an empty string"
+    if isinstance(x, bool) or x is None:
+        return {True: "true", False: "false", None: "null"}[x]
+    if isinstance(x, (int, float)):
+        return f"the number {x}"
+    return f"a {_json_type(x)}"
 
 
 def _json_type(x: Any) -> str:

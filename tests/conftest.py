@@ -93,7 +93,7 @@ def sharpen_(actor: LatentActor, std: float = 0.3, seed: int = 0) -> LatentActor
     return actor
 
 
-def save_tiny_actor(tiny_model_dir: str, out: str) -> str:
+def save_tiny_actor(tiny_model_dir: str, out: str, latent_dim: int = LATENT_DIM) -> str:
     """An untrained actor on the tiny model, saved like train_actor.py's output.
 
     Weights are re-drawn larger than the default init (`sharpen_`) so that greedy generation is not
@@ -104,7 +104,7 @@ def save_tiny_actor(tiny_model_dir: str, out: str) -> str:
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
-    actor = LatentActor.from_base(base, tok, latent_dim=LATENT_DIM, num_heads=4, prepended_length=PREPENDED)
+    actor = LatentActor.from_base(base, tok, latent_dim=latent_dim, num_heads=4, prepended_length=PREPENDED)
     sharpen_(actor)
     actor.save_pretrained(out)
     return out

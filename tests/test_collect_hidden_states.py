@@ -164,7 +164,7 @@ def test_generate_plans_stops_at_end_of_turn(tiny_model, tokenizer):
 def test_clear_errors(tiny_sender_dir, tmp_path, capsys):
     missing = tmp_path / "nope.json"
     assert chs.main(["--input_file", str(missing), "--output_file", str(tmp_path / "o.jsonl")]) == 2
-    assert "input file not found" in capsys.readouterr().err
+    assert "--input_file" in (err := capsys.readouterr().err) and "file not found" in err
     inp = tmp_path / "in.json"
     records = make_records(["x", "y"])
     del records[1]["plan"]
@@ -173,3 +173,58 @@ def test_clear_errors(tiny_sender_dir, tmp_path, capsys):
                      "--output_file", str(tmp_path / "o.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "record 1" in err and "'y'" in err and str(inp) in err and "plan" in err
+
+
+def test_a_complete_last_line_without_newline_is_kept(tiny_sender_dir, tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    args = ["--model_name_or_path", tiny_sender_dir, "--input_file", str(inp), "--output_file", str(out),
+            "--device", "cpu"]
+    records = make_records(["r0", "r1", "r2"])
+    write_jsonl(inp, records[:2])
+    assert chs.main(args) == 0
+    out.write_text(out.read_text().rstrip("\n"))  # e.g. saved by an editor: the last record is whole
+    done = out.read_text()
+    write_jsonl(inp, records)
+    assert chs.main(args) == 0
+    assert [r["id"] for r in read_jsonl(out)] == ["r0", "r1", "r2"] and out.read_text().startswith(done + "\n")
+
+
+def test_two_output_files_never_share_a_latent_folder(tiny_sender_dir, tmp_path, capsys):
+    shared = tmp_path / "latents"
+    common = ["--model_name_or_path", tiny_sender_dir, "--latent_dir", str(shared), "--device", "cpu"]
+    write_jsonl(tmp_path / "a_in.jsonl", make_records(["x"]))
+    write_jsonl(tmp_path / "b_in.jsonl", make_records(["x"]))  # the same id, another plan source
+    assert chs.main(common + ["--input_file", str(tmp_path / "a_in.jsonl"), "--output_file",
+                              str(tmp_path / "a.jsonl")]) == 0
+    before = (shared / "x.npy").read_bytes()
+    assert chs.main(common + ["--input_file", str(tmp_path / "b_in.jsonl"), "--output_file",
+                              str(tmp_path / "b.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"holds the latents of {os.path.realpath(tmp_path / 'a.jsonl')}" in err and "another --latent_dir" in err and "Traceback" not in err
+    assert (shared / "x.npy").read_bytes() == before and not (tmp_path / "b.jsonl").exists()
+    assert chs.main(common + ["--input_file", str(tmp_path / "a_in.jsonl"), "--output_file",
+                              str(tmp_path / "a.jsonl")]) == 0  # its own folder: resumes
+
+
+def test_sender_inputs_are_checked_as_training_checks_them(tiny_sender_dir, tmp_path, capsys):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    args = ["--model_name_or_path", tiny_sender_dir, "--input_file", str(inp), "--output_file", str(out),
+            "--device", "cpu"]
+    records = make_records(["a" * 300, "u"])
+    records[1]["conversations"][0]["from"] = "user"  # accepted, as in training
+    write_jsonl(inp, records)
+    assert chs.main(args) == 0
+    written = read_jsonl(out)
+    assert [r["id"] for r in written] == ["a" * 300, "u"]
+    assert all(len(os.path.basename(r["hidden_state_path"])) <= 120 for r in written)
+
+    for mutate, words in ((lambda r: r["conversations"].insert(0, {"from": "gpt", "value": "Hi"}), "assistant_first"),
+                          (lambda r: r.update(plan="a <|im_end|> b"), "<|im_end|>")):
+        bad = make_records(["z"])
+        mutate(bad[0])
+        write_jsonl(inp, bad)
+        assert chs.main(args[:-4] + ["--output_file", str(tmp_path / "z.jsonl"), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err and not (tmp_path / "z.jsonl").exists()
+    assert chs.main(args[:-4] + ["--output_file", str(tmp_path), "--device", "cpu"]) == 2
+    assert "is a folder" in capsys.readouterr().err

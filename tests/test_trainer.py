@@ -5,6 +5,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -39,6 +40,8 @@ def test_both_specification_command_lines_parse():
     assert defaults[0].model_name_or_path == "Qwen/Qwen2.5-0.5B-Instruct" and defaults[2].learning_rate == 2e-5
     assert not defaults[2].bf16 and not defaults[2].fp16  # no GPU here: auto-detect picks fp32
     assert defaults[2].dataloader_num_workers == 0 and not defaults[2].dataloader_persistent_workers  # nor workers
+    assert not defaults[2].dataloader_pin_memory  # nor pinned memory (torch warns without an accelerator)
+    assert train_actor.parse_args(["--output_dir", "x", "--dataloader_pin_memory", "true"])[2].dataloader_pin_memory
 
 
 def test_mix_ratios_are_fresh_per_sample_and_step_and_include_pure_latents():
@@ -152,7 +155,11 @@ def test_end_to_end_writes_every_output(tiny_model_dir, tiny_data, tmp_path):
                        "--max_steps", "6", "--logging_steps", "2", "--evaluation_strategy", "steps",
                        "--eval_steps", "3", "--save_strategy", "steps", "--save_steps", "3",
                        "--save_total_limit", "1", "--enable_infoNCE_probe", "true", "--infoNCE_probe_interval", "3")
-    assert train_actor.main(argv) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert train_actor.main(argv) == 0
+    # a first run on a CPU prints no warning a user cannot act on (torch's pin_memory one came at every loader)
+    assert not [w for w in caught if "pin_memory" in str(w.message)]
     files = set(os.listdir(out))
     assert EXPECTED_OUTPUTS <= files, EXPECTED_OUTPUTS - files
     checkpoints = sorted(f for f in files if f.startswith("checkpoint-"))
@@ -414,10 +421,10 @@ def test_a_latent_file_broken_mid_run_in_a_loader_worker_is_one_clear_error(tiny
     train = write_jsonl(tmp_path / "train.jsonl", make_records(4, str(tmp_path / "lat")))
     parent, load = os.getpid(), data.load_latents
 
-    def load_or_fail(source, where):
+    def load_or_fail(source, where, **kwargs):
         if os.getpid() != parent:  # in the data loader's worker, after the parent validated every file
             raise data.DataError(f"{where}: field 'hidden_state_path': file vanished")
-        return load(source, where)
+        return load(source, where, **kwargs)
 
     monkeypatch.setattr(data, "load_latents", load_or_fail)
     out = tmp_path / "out"

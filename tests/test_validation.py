@@ -96,7 +96,7 @@ def test_missing_file_and_folder_are_errors_and_other_files_still_checked(tmp_pa
     report = validate_files([missing, folder, good])
     assert [(p.kind, p.location) for p in report.problems] == [("unreadable_file", missing),
                                                                 ("unreadable_file", folder)]
-    assert "not found" in report.problems[0].message and "directory" in report.problems[1].message
+    assert "not found" in report.problems[0].message and "folder" in report.problems[1].message
     assert report.records == 2 and report.files == 3
 
 
@@ -334,10 +334,10 @@ def test_more_rows_than_prepended_length_is_a_warning(tmp_path):
     ("missing", "latent_file_missing", "file not found"),
     ("suffix", "latent_unsupported_type", "unsupported file type '.txt'"),
     ("no_suffix", "latent_unsupported_type", "'(none)'"),
-    ("truncated_npy", "latent_unreadable", "cannot be read safely"),
-    ("garbage_pt", "latent_unreadable", "cannot be read safely"),
+    ("truncated_npy", "latent_unreadable", "truncated"),
+    ("garbage_pt", "latent_unreadable", "not a file written by torch.save"),
     ("dict_pt", "latent_unreadable", "expected a plain tensor, found dict"),
-    ("npz_named_npy", "latent_unreadable", "not a single array"),
+    ("npz_named_npy", "latent_unreadable", "not a .npy file"),
     ("string_npy", "latent_not_numeric", "string"),
     ("3d_npy", "latent_not_2d", "shape (2, 3, 4)"),
     ("3d_pt", "latent_not_2d", "2-D"),
@@ -406,7 +406,7 @@ def test_absolute_latent_paths_work_and_relative_ones_follow_the_data_file(tmp_p
 @pytest.mark.parametrize("case,kind,field,words", [
     ("missing", "plan_file_missing", "plan_path", "file not found"),
     ("not_utf8", "plan_file_unreadable", "plan_path", "UTF-8"),
-    ("folder", "plan_file_missing", "plan_path", "file not found"),
+    ("folder", "plan_file_unreadable", "plan_path", "is a folder, not a file"),
     ("not_string", "plan_not_string", "plan", "found a list; expected a string"),
     ("both", "plan_path_ignored", "plan_path", "plan is used"),
 ])
@@ -520,9 +520,10 @@ def test_a_latent_file_that_would_run_code_is_refused_and_never_unpickled(tmp_pa
     report, path = validate(tmp_path, recs)
     p = one(report, "latent_unreadable")
     assert (p.location, p.sample_id, p.field) == (f"{path}:2", "s001", "hidden_state_path")
-    assert "cannot be read safely" in p.message and not report.ok
-    with pytest.raises(DataError, match="cannot be read safely"):
+    assert "refused, never unpickled" in p.message and "weights_only" not in p.message and not report.ok
+    with pytest.raises(DataError, match="refused, never unpickled") as e:
         load_latents(str(evil), "here")
+    assert "weights_only" not in str(e.value)
     assert not marker.exists()
 
     # control: the file really is hostile; an unsafe load runs its code

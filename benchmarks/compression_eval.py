@@ -1,0 +1,209 @@
+"""Compression, measured: answer accuracy / CE with full latents vs K-latent messages, and the latency
+of producing one message (K latent steps vs generating the plan text), as one JSON file.
+
+    python benchmarks/compression_eval.py --actor_dir checkpoints/demo \
+        --train_file checkpoints/demo_data/train.jsonl --eval_file checkpoints/demo_data/eval.jsonl \
+        --out_dir benchmarks/results/compression_demo --ks 32,16,8,4 --seeds 0,1 \
+        --train_flags "--max_steps 300 --per_device_train_batch_size 32 --learning_rate 1e-4"
+
+For each K and seed: `train_sender.py` (a subprocess; `--nproc N` runs it under torchrun), then
+`collect_hidden_states.py --mode compressed` on the eval file and `evaluate_actor.py` on the
+result; the same evaluation on the eval file's own (full) latents is the reference row. Latency:
+the sender of each K (`LatentSender.rollout`, no gradient) and the same sender model writing the
+plan greedily (`collect_hidden_states.generate_plans`: until its end of turn, up to `--max_plan_tokens`,
+and forced to the mean length of the eval file's plans, those the full latents come from), at each batch size
+of `--latency_batches`, median of `--reps` timed runs after `--warmup` (CUDA synchronised), in the
+dtype collect_hidden_states.py uses (bf16 on a GPU). Writes `<out_dir>/compression.json` and prints
+the two tables. Runs resume: a K/seed whose report exists is not trained again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run(cmd: list[str], log: str) -> None:
+    """A step as a subprocess (its GPU memory is freed when it ends), its output in `log`."""
+    print("$", shlex.join(cmd), flush=True)
+    with open(log, "w") as f:
+        done = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        sys.exit(f"failed ({done.returncode}): {shlex.join(cmd)}; see {log}")
+
+
+def evaluate(args, eval_file: str, out: str) -> dict:
+    if not os.path.exists(out):
+        run([sys.executable, "evaluate_actor.py", "--model_dir", args.actor_dir, "--eval_file", eval_file,
+             "--output", out, "--batch_size", str(args.eval_batch_size), "--model_max_length", str(args.model_max_length)],
+            out + ".log")
+    report = json.load(open(out))
+    return {c: {"ce_bits": v["ce_bits"], "accuracy": v.get("accuracy"), "samples": v["samples"]}
+            for c, v in report["conditions"].items()}
+
+
+def train_and_evaluate(args, k: int, seed: int) -> dict:
+    folder = os.path.join(args.out_dir, f"K{k}_seed{seed}")
+    sender_dir, report = os.path.join(folder, "sender"), os.path.join(folder, "eval_report.json")
+    os.makedirs(folder, exist_ok=True)
+    if not os.path.exists(os.path.join(sender_dir, "latent_sender.pt")):
+        launcher = [sys.executable] if args.nproc == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc)]
+        run(launcher + ["train_sender.py", "--actor_dir", args.actor_dir, "--model_name_or_path", args.sender_model,
+                        "--train_file", args.train_file, "--output_dir", sender_dir, "--num_latents", str(k),
+                        "--seed", str(seed), "--model_max_length", str(args.model_max_length), "--report_to", "none",
+                        "--save_strategy", "no", *shlex.split(args.train_flags)], os.path.join(folder, "train.log"))
+    compressed = os.path.join(folder, "eval_compressed.jsonl")
+    if not os.path.exists(report):
+        if os.path.exists(compressed):
+            os.remove(compressed)  # a complete file or none: its latents are cheap to write again
+        run([sys.executable, "collect_hidden_states.py", "--mode", "compressed", "--sender_dir", sender_dir,
+             "--input_file", args.eval_file, "--output_file", compressed, "--dtype", "float32",
+             "--batch_size", str(args.eval_batch_size)], os.path.join(folder, "collect.log"))
+    return evaluate(args, compressed, report)
+
+
+def timed(fn, reps: int, warmup: int) -> float:
+    """Median seconds of `fn()` over `reps` runs after `warmup` runs."""
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def latency(args, sender_dirs: dict[int, str]) -> dict:
+    import torch
+
+    import models
+    from collect_hidden_states import chat_messages, first_human_message, generate_plans, load_records
+    from sender import LatentSender
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    records = load_records(args.eval_file)
+    model, tokenizer = models.load_model_and_tokenizer(args.sender_model, dtype=dtype)
+    model.to(device).eval()
+    out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype),
+           "batches": {}}
+    # The plans the full latents were taken from: writing one as long is what a full message costs.
+    plans = [r["plan"] for r in records if isinstance(r.get("plan"), str) and r["plan"]]
+    data_tokens = round(statistics.mean(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in plans)) \
+        if plans else args.max_plan_tokens
+    out["data_plan_tokens"] = data_tokens
+    for b in args.latency_batches:
+        batch = [records[i % len(records)] for i in range(b)]
+        tasks = [first_human_message(r) for r in batch]
+        lengths = []
+
+        def write_plans(forced: int | None = None):
+            plans = generate_plans(model, tokenizer, tasks, device, max_new_tokens=forced or args.max_plan_tokens,
+                                   min_new_tokens=forced or 0, temperature=0)
+            lengths[:] = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in plans]
+
+        # As the sender writes it (greedy, until its end of turn), and forced to the data plans' length.
+        row = {"plan_text_s": timed(write_plans, args.reps, args.warmup)}
+        row["plan_tokens_mean"] = sum(lengths) / len(lengths)
+        row["data_length_plan_s"] = timed(lambda: write_plans(data_tokens), args.reps, args.warmup)
+        for k, sender_dir in sender_dirs.items():
+            sender = LatentSender.from_pretrained(sender_dir, dtype=dtype, device=device)
+            ids, mask = sender.encode_contexts([chat_messages(r) for r in batch])
+            ids, mask = ids.to(device), mask.to(device)
+            with torch.inference_mode():
+                row[f"K{k}_s"] = timed(lambda: sender.rollout(ids, mask), args.reps, args.warmup)
+            row[f"K{k}_speedup"] = row["plan_text_s"] / row[f"K{k}_s"]
+            row[f"K{k}_speedup_data_length"] = row["data_length_plan_s"] / row[f"K{k}_s"]
+            del sender
+        out["batches"][str(b)] = row
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--actor_dir", required=True, help="an output folder of train_actor.py")
+    p.add_argument("--sender_model", default="HuggingFaceTB/SmolLM2-135M-Instruct",
+                   help="the sender whose hidden states the actor was trained on")
+    p.add_argument("--train_file", required=True)
+    p.add_argument("--eval_file", required=True, help="records with full latents (and `answer` for accuracy)")
+    p.add_argument("--out_dir", required=True)
+    p.add_argument("--ks", default="32,16,8,4")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--train_flags", default="", help="more train_sender.py flags, one string")
+    p.add_argument("--nproc", type=int, default=1, help="GPUs for train_sender.py (torchrun)")
+    p.add_argument("--model_max_length", type=int, default=512)
+    p.add_argument("--eval_batch_size", type=int, default=16)
+    p.add_argument("--latency_batches", default="1,32")
+    p.add_argument("--max_plan_tokens", type=int, default=128)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--skip_latency", action="store_true")
+    args = p.parse_args(argv)
+    args.ks = [int(x) for x in args.ks.split(",")]
+    args.seeds = [int(x) for x in args.seeds.split(",")]
+    args.latency_batches = [int(x) for x in args.latency_batches.split(",")]
+    return args
+
+
+def tables(result: dict) -> str:
+    lines = ["| message | seeds | CE true (bits/token) | accuracy true | accuracy shuffled | accuracy none |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    fmt = lambda values: "-" if not values or None in values else (
+        f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""))
+    full = result["full"]
+    lines.append(f"| full latents | - | {fmt([full['true']['ce_bits']])} | {fmt([full['true']['accuracy']])} | "
+                 f"{fmt([full['shuffled']['accuracy']])} | {fmt([full['none']['accuracy']])} |")
+    for k, runs in result["compressed"].items():
+        get = lambda c, key: [r[c][key] for r in runs.values()]
+        lines.append(f"| K = {k} | {','.join(runs)} | {fmt(get('true', 'ce_bits'))} | {fmt(get('true', 'accuracy'))} | "
+                     f"{fmt(get('shuffled', 'accuracy'))} | {fmt(get('none', 'accuracy'))} |")
+    if "latency" in result:
+        lat = result["latency"]
+        ks = [k for k in result["compressed"]]
+        lines += ["", f"latency of one message on {lat['device']} ({lat['dtype']}), median seconds "
+                  f"(speedup vs the sender's own plan / vs a plan of the data plans' {lat['data_plan_tokens']} tokens):",
+                  "", "| batch | own plan (tokens) | data-length plan | " + " | ".join(f"K = {k}" for k in ks) + " |",
+                  "| --- | --- | --- |" + " --- |" * len(ks)]
+        for b, row in lat["batches"].items():
+            lines.append(f"| {b} | {row['plan_text_s']:.4f} ({row['plan_tokens_mean']:.0f}) | "
+                         f"{row['data_length_plan_s']:.4f} | " + " | ".join(
+                             f"{row[f'K{k}_s']:.4f} ({row[f'K{k}_speedup']:.1f}x / "
+                             f"{row[f'K{k}_speedup_data_length']:.1f}x)" for k in ks) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    result = {"args": {k: v for k, v in vars(args).items()},
+              "full": evaluate(args, args.eval_file, os.path.join(args.out_dir, "eval_full.json")),
+              "compressed": {}}
+    for k in args.ks:
+        result["compressed"][str(k)] = {str(s): train_and_evaluate(args, k, s) for s in args.seeds}
+    if not args.skip_latency:
+        result["latency"] = latency(args, {k: os.path.join(args.out_dir, f"K{k}_seed{args.seeds[0]}", "sender")
+                                           for k in args.ks})
+    with open(os.path.join(args.out_dir, "compression.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(tables(result))
+    print(f"wrote {os.path.join(args.out_dir, 'compression.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""The compressed sender: a causal LM that speaks in K latents instead of a written plan.
+
+The compression stage of Interlat (`../shared/docs/compression.md`): the sender ("student",
+initialised from the model that wrote the data latents) reads a fixed request followed by the
+conversation up to the end of the first human message, then takes K autoregressive *latent*
+steps: the input of step 1 is a learned start vector `lat_bos`, the input of step k > 1 is
+`h2e(z_{k-1})` (bridge: LayerNorm -> Linear without bias), and `z_k` is the last layer's hidden
+state at the new position. `z_1..z_K` [K, d] is the message, read by a trained actor exactly
+like the hidden states of a written plan.
+
+`LatentSender.rollout` runs a whole batch at once: one left-padded prefill of the contexts (each
+row's positions counted from its first real token), then K decode steps that extend the KV cache.
+`CompressionModel` pairs a sender with the frozen actor for training (`train_sender.py`).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from data import LatentCollator, with_marker
+from latent_head import MARKER_TOKEN, LatentActor
+
+REQUEST = "Please generate a plan to solve this task: "  # the published student's fixed request
+SENDER_FILE = "latent_sender.pt"  # bridge, start vector and configuration, next to the student's weights
+
+
+@dataclass
+class SenderConfig:
+    num_latents: int = 8  # K: latent steps per message
+    request: str = REQUEST
+    hidden_size: int = 0  # the student's hidden size (width of the latents)
+    actor_dir: str | None = None  # the actor it was trained against (a record, not needed to load)
+
+
+class LatentSender(nn.Module):
+    """Student LM + `h2e` bridge + `lat_bos` start vector; `rollout` produces K latents per context."""
+
+    def __init__(self, student: nn.Module, tokenizer, config: SenderConfig):
+        super().__init__()
+        hidden = student.get_input_embeddings().weight.shape[1]
+        if config.num_latents < 1:
+            raise ValueError(f"num_latents must be >= 1, got {config.num_latents}")
+        config.hidden_size = hidden
+        self.student, self.tokenizer, self.config = student, tokenizer, config
+        self.h2e = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden, bias=False))
+        self.lat_bos = nn.Parameter(torch.empty(hidden))
+        nn.init.normal_(self.lat_bos, mean=0.0, std=0.02)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    @property
+    def device(self) -> torch.device:
+        return self.lat_bos.device
+
+    # -- contexts -------------------------------------------------------------------------------
+    def context_ids(self, messages: Sequence[dict]) -> list[int]:
+        """This sender's context for a conversation (see `context_ids`)."""
+        return context_ids(self.tokenizer, messages, self.config.request)
+
+    def encode_contexts(self, conversations: Sequence[Sequence[dict]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded `(input_ids, attention_mask)` [B, T] of the contexts of several conversations."""
+        return left_pad([self.context_ids(m) for m in conversations], self.tokenizer.pad_token_id)
+
+    # -- the rollout ------------------------------------------------------------------------------
+    def rollout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                num_latents: int | None = None) -> torch.Tensor:
+        """The K latents [B, K, d] of left-padded contexts `input_ids`/`attention_mask` [B, T].
+
+        One batched prefill fills the KV cache; each of the K steps feeds one vector per row and
+        extends the cache. Position ids count each row's real tokens only, so a row's latents do
+        not depend on the padding its batch gave it."""
+        k = num_latents or self.config.num_latents
+        decoder = self.student.get_decoder()
+        mask = attention_mask.long()
+        positions = (mask.cumsum(1) - 1).clamp_min(0)
+        # transformers renamed the decoder's cache argument and output (`past_key_values` -> `cache`, 5.2x).
+        cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+        out = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        cache, next_position = getattr(out, cache_arg), mask.sum(1, keepdim=True)
+        dtype = decoder.get_input_embeddings().weight.dtype
+        step_input = self.lat_bos.expand(input_ids.shape[0], 1, -1)
+        one = mask.new_ones(mask.shape[0], 1)
+        latents = []
+        for step in range(k):  # K sequential steps: each input is the previous step's output
+            mask = torch.cat([mask, one], dim=1)
+            out = decoder(inputs_embeds=step_input.to(dtype), attention_mask=mask, position_ids=next_position + step,
+                          use_cache=True, **{cache_arg: cache})
+            cache = getattr(out, cache_arg)
+            z = out.last_hidden_state  # [B, 1, d]: the final (normed) layer, as the data latents were taken
+            latents.append(z)
+            if step + 1 < k:
+                step_input = self.h2e(z.to(self.lat_bos.dtype))
+        return torch.cat(latents, dim=1)
+
+    @torch.no_grad()
+    def messages(self, conversations: Sequence[Sequence[dict]], batch_size: int = 32) -> list[np.ndarray]:
+        """The latent message [K, d] float32 of each conversation (eval mode, batches of `batch_size`)."""
+        was_training = self.training
+        self.eval()
+        out = []
+        try:
+            for start in range(0, len(conversations), batch_size):
+                ids, mask = self.encode_contexts(conversations[start:start + batch_size])
+                latents = self.rollout(ids.to(self.device), mask.to(self.device))
+                out += [z.float().cpu().numpy() for z in latents]
+        finally:
+            self.train(was_training)
+        return out
+
+    # -- saving and loading ---------------------------------------------------------------------------
+    def save_pretrained(self, output_dir: str) -> None:
+        """The student (`save_pretrained`, with its tokenizer) and `latent_sender.pt` (bridge, start
+        vector, configuration; loadable with `weights_only=True`)."""
+        os.makedirs(output_dir, exist_ok=True)
+        self.student.save_pretrained(output_dir)
+        self.tokenizer.save_pretrained(output_dir)
+        bridge = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+                  if not k.startswith("student.")}
+        tmp = os.path.join(output_dir, SENDER_FILE + ".tmp")
+        torch.save({"config": asdict(self.config), "state_dict": bridge}, tmp)
+        os.replace(tmp, os.path.join(output_dir, SENDER_FILE))  # never half a file in place of a good one
+
+    def load_weights(self, checkpoint_dir: str) -> None:
+        """Load student, bridge and start vector saved by `save_pretrained` into this sender (resume)."""
+        from transformers import AutoModelForCausalLM
+
+        saved = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=self.lat_bos.dtype)
+        self.student.load_state_dict(saved.state_dict())
+        missing, unexpected = self.load_state_dict(load_sender_file(checkpoint_dir)["state_dict"], strict=False)
+        if unexpected or any(not k.startswith("student.") for k in missing):
+            raise RuntimeError(f"{checkpoint_dir}: {SENDER_FILE} does not match the sender (missing {missing}, "
+                               f"unexpected {unexpected})")
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype | str | None = None,
+                        device: str | torch.device | None = None, trust_remote_code: bool = False) -> "LatentSender":
+        """A sender saved by `save_pretrained` (an output folder of train_sender.py), in eval mode."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        state = load_sender_file(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        student = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
+        sender = cls(student, tokenizer, SenderConfig(**state["config"]))
+        missing, unexpected = sender.load_state_dict(state["state_dict"], strict=False)
+        if unexpected or any(not k.startswith("student.") for k in missing):
+            raise RuntimeError(f"{path}: {SENDER_FILE} does not match the sender (missing {missing}, "
+                               f"unexpected {unexpected})")
+        if dtype is not None:  # the bridge follows the student's dtype when one is asked for
+            sender.h2e.to(student.dtype)
+            sender.lat_bos.data = sender.lat_bos.data.to(student.dtype)
+        if device is not None:
+            sender.to(device)
+        return sender.eval()
+
+
+def context_ids(tokenizer, messages: Sequence[dict], request: str = REQUEST) -> list[int]:
+    """Token ids of the request followed by the conversation rendered up to the end of the first user
+    message (`[{role, content}]` chat messages), as the published student reads it."""
+    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+    if first_user is None:
+        raise ValueError("the conversation has no user message")
+    # Render with the marker after the first user message and cut the text there: whatever the chat
+    # template puts around messages, the context ends exactly where the actor's latent block goes.
+    text = tokenizer.apply_chat_template(with_marker(list(messages[:first_user + 1])), tokenize=False)
+    text = text[:text.index(MARKER_TOKEN)]
+    return tokenizer(request, add_special_tokens=True)["input_ids"] + \
+        tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def load_sender_file(path: str) -> dict:
+    file = os.path.join(path, SENDER_FILE)
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{path}: no {SENDER_FILE} here; is this an output folder of train_sender.py?")
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> left-padded `input_ids` and `attention_mask` [B, T]."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):  # a loop over the batch, not over tokens
+        if len(r):
+            ids[i, width - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def fit_rows(latents: torch.Tensor, lengths: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row's first k latents, tiled when it has fewer (row j = latent j mod length): [B, k, d].
+
+    The published teacher message for a K-step student: the data latents cut or tiled to K rows."""
+    j = torch.arange(k, device=latents.device)[None, :] % lengths.clamp_min(1)[:, None]
+    return latents.gather(1, j[..., None].expand(-1, -1, latents.shape[-1]))
+
+
+# -- training -------------------------------------------------------------------------------------------
+class CompressionModel(nn.Module):
+    """What `train_sender.py` hands to the Trainer: a trainable sender and a frozen actor.
+
+    The actor (base model and head) never gets a gradient and stays in eval mode (no head dropout),
+    whatever mode the Trainer switches the model to."""
+
+    def __init__(self, sender: LatentSender, actor: LatentActor):
+        super().__init__()
+        self.sender, self.actor = sender, actor
+        actor.requires_grad_(False)
+        actor.eval()
+
+    def train(self, mode: bool = True) -> "CompressionModel":
+        super().train(mode)
+        self.actor.eval()
+        return self
+
+    def forward(self, compute: Callable[["CompressionModel"], Any]):
+        """`compute(self)`: the loss computed inside one call of the (DDP-wrapped) model."""
+        return compute(self)
+
+
+class SenderDataset(torch.utils.data.Dataset):
+    """The actor's dataset items (conversation tokens, data latents) plus the sender's context ids."""
+
+    def __init__(self, actor_dataset, sender_tokenizer, request: str = REQUEST):
+        # The tokenizer, not the sender: data loader workers need no model.
+        self.actor_dataset, self.tokenizer, self.request = actor_dataset, sender_tokenizer, request
+
+    @property
+    def rows(self):
+        return self.actor_dataset.rows
+
+    @property
+    def lengths(self) -> list[int] | None:
+        return self.actor_dataset.lengths
+
+    def __len__(self) -> int:
+        return len(self.actor_dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.actor_dataset[i]
+        item["context_ids"] = context_ids(self.tokenizer, json.loads(self.rows[int(i)]["messages"]), self.request)
+        return item
+
+
+@dataclass
+class SenderCollator(LatentCollator):
+    """`LatentCollator`'s batch plus the sender's left-padded `context_ids` and `context_mask`."""
+
+    context_pad_id: int = 0
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = super().__call__(samples)
+        batch["context_ids"], batch["context_mask"] = left_pad([s["context_ids"] for s in samples],
+                                                               self.context_pad_id)
+        return batch
