@@ -140,7 +140,7 @@ class ActorTrainingArguments(TrainingArguments):
                 "samples (0: off)."})
     stop_when_latents_read: bool = field(default=False, metadata={
         "help": "End training at the first evaluation where held-out true latents beat shuffled ones by >= 1 "
-                "bit/token and >= 90% of replies are the greedy prediction (logged as cond/steps_to_read)."})
+                "bit/token and >= 90%% of replies are the greedy prediction (logged as cond/steps_to_read)."})
     nonfinite_policy: str = field(default="skip", metadata={
         "help": "On a NaN/inf gradient: 'skip' drops that step's update, 'stop' ends training; both report it."})
     validate_only: bool = field(default=False, metadata={"help": "Check the data files and exit."})
