@@ -52,8 +52,11 @@ DEMO_LR ?= 1e-4
 DEMO_MODEL ?= HuggingFaceTB/SmolLM2-135M-Instruct
 DEMO_FLAGS ?=
 DEMO_TASK_FLAGS ?= --max_distractors 0
-DEMO_HEAD_LR ?= 2e-3
+DEMO_HEAD_LR ?= $(DEMO_LR)
 DEMO_PURE ?= 0.5
+# The head's warm start (warm_start.py): what makes the actor read the latents within tens of steps.
+DEMO_WARM ?= 200
+DEMO_WARM_LR ?= 3e-3
 
 demo: $(STAMP)
 	$(PY) demo/make_demo_task.py --out_dir $(DEMO_DATA) --n_train $(DEMO_TRAIN) --n_eval $(DEMO_EVAL) $(DEMO_TASK_FLAGS)
@@ -65,7 +68,9 @@ demo: $(STAMP)
 	$(PY) train_actor.py --model_name_or_path $(DEMO_MODEL) \
 	  --train_file $(DEMO_DATA)/train.jsonl --eval_file $(DEMO_DATA)/eval.jsonl --output_dir $(DEMO_DIR) \
 	  --max_steps $(DEMO_STEPS) --per_device_train_batch_size $(DEMO_BATCH) --per_device_eval_batch_size 16 \
-	  --learning_rate $(DEMO_LR) --head_learning_rate $(DEMO_HEAD_LR) --pure_latent_prob $(DEMO_PURE) --warmup_ratio 0.05 --logging_steps 5 \
+	  --learning_rate $(DEMO_LR) --head_learning_rate $(DEMO_HEAD_LR) --pure_latent_prob $(DEMO_PURE) \
+	  --head_warm_start_steps $(DEMO_WARM) --head_warm_start_lr $(DEMO_WARM_LR) \
+	  --lr_scheduler_type constant_with_warmup --warmup_ratio 0.05 --logging_steps 5 --load_best_model_at_end false \
 	  --evaluation_strategy steps --eval_steps $$(( $(DEMO_STEPS) / 2 )) --save_strategy steps \
 	  --save_steps $$(( $(DEMO_STEPS) / 2 )) --save_total_limit 2 --prepended_length 64 --model_max_length 512 \
 	  --enable_infoNCE_probe true --infoNCE_probe_interval $$(( $(DEMO_STEPS) / 2 )) --report_to none $(DEMO_FLAGS)

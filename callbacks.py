@@ -192,6 +192,30 @@ class NonFiniteGuardCallback(TrainerCallback):
             control.should_training_stop = True
 
 
+class StepsToReadCallback(TrainerCallback):
+    """Watches the `cond/*` metrics of each evaluation and records *steps-to-read*: the first evaluated step
+    at which held-out true latents beat shuffled ones by >= `margin_bits` bits/token and the reference reply
+    is the teacher-forced arg-max (greedy) for >= `min_exact` of the samples with true latents. Logged once
+    as `cond/steps_to_read`; with `stop=True` training ends there (benchmarks/steps_to_read.py)."""
+
+    def __init__(self, margin_bits: float = 1.0, min_exact: float = 0.9, stop: bool = False):
+        self.margin_bits, self.min_exact, self.stop = margin_bits, min_exact, stop
+        self.steps_to_read: int | None = None
+
+    def reads(self, logs: dict) -> bool:
+        delta, exact = logs.get("cond/delta_bits_shuffled_minus_true"), logs.get("cond/true_exact_match")
+        return delta is not None and exact is not None and delta >= self.margin_bits and exact >= self.min_exact
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.steps_to_read is None and logs and self.reads(logs):
+            self.steps_to_read = state.global_step
+            state.log_history.append({"step": state.global_step, "cond/steps_to_read": state.global_step})
+            logger.info("Latents read at step %d (held-out true beats shuffled by %.3f bits/token, exact %.3f)",
+                        state.global_step, logs["cond/delta_bits_shuffled_minus_true"], logs["cond/true_exact_match"])
+            if self.stop:
+                control.should_training_stop = True
+
+
 class InterruptCallback(TrainerCallback):
     """Ctrl-C (SIGINT) ends training cleanly: the current step finishes, a resumable checkpoint (weights,
     optimizer, scheduler, RNG states) is saved, and training stops; `interrupted` then says so. A second

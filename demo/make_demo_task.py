@@ -1,13 +1,18 @@
-"""A tiny task whose answer is only in the sender's plan: where did the teammate find an object?
+"""Tiny tasks whose answer is only in the sender's plan.
 
-The human message names the object but not the room; the plan (the sender's message) says
-which room it is in, among distractor sentences about other objects and rooms. An actor can
-therefore only beat chance (1 / len(ROOMS)) by reading the plan or its latents.
+`--task rooms` (the default): where did the teammate find an object? The human message names the
+object but not the room; the plan (the sender's message) says which room it is in, among distractor
+sentences about other objects and rooms. An actor can only beat chance (1 / len(ROOMS)) by reading
+the plan or its latents.
 
-    python demo/make_demo_task.py --out_dir data/demo --n_train 192 --n_eval 48 --seed 0
+`--task count`: how many items of a kind did the teammate count? The answer is a number from 2 to 29
+(one or two digit tokens: another answer type, 28 values, chance ~4%), among distractor counts of other
+items.
+
+    python demo/make_demo_task.py --out_dir data/demo --n_train 192 --n_eval 48 --seed 0 [--task count]
 
 writes `train_raw.jsonl` and `eval_raw.jsonl` (ids `train_0000`, `eval_0000`, ...), each
-record with `conversations` (human question, gpt room), `plan` and `answer` (the room).
+record with `conversations` (human question, gpt answer), `plan` and `answer`.
 """
 from __future__ import annotations
 
@@ -51,8 +56,37 @@ def make_record(rng: random.Random, record_id: str, max_distractors: int = 2) ->
     }
 
 
-def make_split(name: str, n: int, rng: random.Random, max_distractors: int = 2) -> list[dict]:
-    return [make_record(rng, f"{name}_{i:04d}", max_distractors) for i in range(n)]
+ITEMS = ("chairs", "boxes", "bottles", "books", "lamps", "plates", "cups", "towels", "pillows", "candles",
+         "buckets", "ropes")
+COUNT_QUESTION = ("Your teammate took stock of the storage room and sent you a message. "
+                  "How many {items} are there? Answer with the number only.")
+COUNT_OPENERS = ("I took stock of the storage room.", "I counted everything in the storage room.",
+                 "I went through the storage room.")
+COUNT_FACTS = ("There are {n} {items}.", "I counted {n} {items}.", "The room holds {n} {items}.")
+
+
+def make_count_record(rng: random.Random, record_id: str, max_distractors: int = 2) -> dict:
+    """One counting question: the target count plus 0-`max_distractors` counts of other items."""
+    items, *others = rng.sample(ITEMS, 3)
+    n = rng.randint(2, 29)
+    sentences = [rng.choice(COUNT_FACTS).format(n=n, items=items)]
+    for other in others[: rng.randint(0, max_distractors)]:
+        sentences.append(rng.choice(COUNT_FACTS).format(n=rng.randint(2, 29), items=other))
+    rng.shuffle(sentences)
+    return {
+        "id": record_id,
+        "conversations": [{"from": "human", "value": COUNT_QUESTION.format(items=items)},
+                          {"from": "gpt", "value": str(n)}],
+        "plan": " ".join([rng.choice(COUNT_OPENERS)] + sentences),
+        "answer": str(n),
+    }
+
+
+TASKS = {"rooms": make_record, "count": make_count_record}
+
+
+def make_split(name: str, n: int, rng: random.Random, max_distractors: int = 2, task: str = "rooms") -> list[dict]:
+    return [TASKS[task](rng, f"{name}_{i:04d}", max_distractors) for i in range(n)]
 
 
 def write_jsonl(path: str, records: list[dict]) -> None:
@@ -68,11 +102,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max_distractors", type=int, default=2, choices=(0, 1, 2),
                    help="sentences about other objects (and an empty room) around the one that matters")
+    p.add_argument("--task", default="rooms", choices=sorted(TASKS), help="rooms: answer a room; count: a number")
     args = p.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     # Separate streams per split: changing --n_train does not change the eval set.
     for name, n, offset in (("train", args.n_train, 0), ("eval", args.n_eval, 1)):
-        records = make_split(name, n, random.Random(f"{args.seed}-{offset}"), args.max_distractors)
+        records = make_split(name, n, random.Random(f"{args.seed}-{offset}"), args.max_distractors, args.task)
         write_jsonl(os.path.join(args.out_dir, f"{name}_raw.jsonl"), records)
         print(f"wrote {len(records)} records to {os.path.join(args.out_dir, name + '_raw.jsonl')}")
 

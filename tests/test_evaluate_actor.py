@@ -126,7 +126,8 @@ def test_evaluate_conditions_for_the_trainer(actor, tmp_path):
     metrics = ev.evaluate_conditions(actor, dataset, LatentCollator(actor.pad_id, actor.head.config.latent_dim),
                                      batch_size=2, device="cpu", max_samples=2)
     assert actor.training and actor.head.training  # the caller's mode is restored
-    assert set(metrics) == {f"{c}_ce_bits" for c in ev.CONDITIONS} | {"delta_bits_shuffled_minus_true"}
+    assert set(metrics) == ({f"{c}_{k}" for c in ev.CONDITIONS for k in ("ce_bits", "exact_match")}
+                            | {"delta_bits_shuffled_minus_true"})
     assert metrics["delta_bits_shuffled_minus_true"] == pytest.approx(
         metrics["shuffled_ce_bits"] - metrics["true_ce_bits"], abs=1e-9)  # same samples and tokens
     actor.eval()
@@ -138,3 +139,37 @@ def test_answer_matching_is_whole_words():
     assert not ev.answer_in_reply("kitchenette", "kitchen")
     assert not ev.answer_in_reply("room 12", "room 1")
     assert not ev.answer_in_reply("anything", "")
+
+
+def test_exact_match_is_every_supervised_token_the_argmax(actor, monkeypatch):
+    """`ce_and_exact`: a sample counts as exact when each of its supervised tokens is the arg-max (so greedy
+    decoding writes the reference); CE sums by hand from the same logits."""
+    from latent_head import BranchOutput
+
+    logits = torch.tensor([[3.0, 0.0, 0.0], [0.0, 2.0, 0.0],   # sample 0: both tokens right
+                           [0.0, 0.0, 1.0], [2.0, 0.0, 0.0],   # sample 1: second token wrong
+                           [0.0, 5.0, 0.0]])                    # sample 2: right; sample 3: no tokens
+    labels, sample_index = torch.tensor([0, 1, 2, 1, 1]), torch.tensor([0, 0, 1, 1, 2])
+    monkeypatch.setattr(actor, "branch", lambda **kw: BranchOutput(logits, labels, sample_index))
+    monkeypatch.setattr(actor, "logits", lambda hidden: hidden)
+    sums, counts, exact = ev.ce_and_exact(actor, {"input_ids": torch.zeros(4, 1, dtype=torch.long)})
+    assert exact.tolist() == [True, False, True, False] and counts.tolist() == [2, 2, 1, 0]
+    ce = -torch.log_softmax(logits.double(), -1)[torch.arange(5), labels]
+    assert torch.allclose(sums, torch.stack([ce[:2].sum(), ce[2:4].sum(), ce[4], torch.tensor(0.0).double()]))
+
+
+def test_steps_to_read_is_the_first_evaluation_meeting_both_thresholds():
+    from transformers import TrainerControl, TrainerState
+
+    from callbacks import StepsToReadCallback
+
+    cb, state, control = StepsToReadCallback(stop=True), TrainerState(), TrainerControl()
+    evals = [(10, 1.4, 0.85), (20, 0.9, 0.95), (30, 1.0, 0.9), (40, 2.0, 1.0)]  # step, delta bits, exact
+    for step, delta, exact in evals:
+        state.global_step = step
+        cb.on_log(None, state, control, logs={"cond/delta_bits_shuffled_minus_true": delta,
+                                              "cond/true_exact_match": exact})
+        if cb.steps_to_read:
+            break
+    assert cb.steps_to_read == 30 and control.should_training_stop
+    assert state.log_history[-1] == {"step": 30, "cond/steps_to_read": 30}

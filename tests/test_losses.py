@@ -268,3 +268,81 @@ def test_triton_plan_term_keeps_float32_accuracy_when_plan_and_positive_nearly_a
             got = interpreted_loss_kernel.chunk_values_and_grad(pos.float(), labels, plan.float(), w, None, w, 1.0,
                                                                 2.0, False, block=block)[0][1]
             assert abs(got.item() - exact.item()) < 1e-3 * exact.item(), (seed, block, got.item(), exact.item())
+
+
+def _switch_inputs(seed=3, n=12, h=6, v=9):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64, requires_grad=True)
+    pos = torch.randn(n, h, generator=g, dtype=torch.float64, requires_grad=True)
+    plan, neg = torch.randn(n, h, generator=g, dtype=torch.float64), torch.randn(n, h, generator=g, dtype=torch.float64)
+    labels = torch.randint(v, (n,), generator=g)
+    neg_mask = torch.tensor([1, 1, 0, 1, 1, 1, 1, 0, 1, 1, 1, 1], dtype=torch.bool)
+    sample_index = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2])
+    return weight, pos, plan, neg, labels, neg_mask, sample_index
+
+
+def test_published_contrast_divergence_by_hand():
+    """`--contrast_divergence published`: per sample, max(0, 0.69 - (0.5 KL(M||P) + 0.5 KL(M||Q))) of the
+    sample's mean distributions over its rows with a negative, counted once per such row."""
+    weight, pos, plan, neg, labels, neg_mask, sample_index = _switch_inputs()
+    project = lambda x: x @ weight.T
+    kwargs = dict(plan_hidden=plan, neg_hidden=neg, neg_mask=neg_mask, plan_weight=1.0, contrast_weight=2.0)
+    js = losses.latent_comm_loss_sums(pos, labels, project, chunk_size=5, **kwargs)
+    pub = losses.latent_comm_loss_sums(pos, labels, project, chunk_size=5, contrast_divergence="published",
+                                       sample_index=sample_index, **kwargs)
+    p, r = softmax(project(pos).detach().numpy()), softmax(project(neg).detach().numpy())
+    expected = 0.0
+    for b in range(3):
+        rows = (sample_index.numpy() == b) & neg_mask.numpy()
+        pm, qm = p[rows].mean(0), r[rows].mean(0)
+        m = (pm + qm) / 2
+        d = 0.5 * (m * np.log(m / pm)).sum() + 0.5 * (m * np.log(m / qm)).sum()
+        expected += rows.sum() * max(0.0, 0.69 - d)
+    assert pub.random_contrast.item() == pytest.approx(expected, rel=1e-6)
+    assert pub.random_contrast.item() != pytest.approx(js.random_contrast.item(), rel=1e-3)  # it changes the term
+    assert pub.js.item() == pytest.approx(js.js.item(), rel=1e-6)  # the logged per-position JS is unchanged
+    assert pub.total.item() == pytest.approx((js.total + 2.0 * (pub.random_contrast - js.random_contrast)).item(),
+                                             rel=1e-6)
+    # the gradient of the hinge of means, chunked with recomputation, equals the unchunked one
+    grad_chunked = torch.autograd.grad(pub.total, pos)[0]
+    plain = losses.latent_comm_loss_sums(pos, labels, project, chunk_size=None, contrast_divergence="published",
+                                         sample_index=sample_index, **kwargs)
+    assert torch.allclose(grad_chunked, torch.autograd.grad(plain.total, pos)[0], atol=1e-6)
+    # unbounded, unlike JS: far-apart means exceed ln 2
+    far = torch.tensor([[0.999, 0.001]], dtype=torch.float64), torch.tensor([[0.001, 0.999]], dtype=torch.float64)
+    assert losses.published_divergence(*far).item() > math.log(2)
+
+
+def test_adaptive_loss_weighting_by_hand():
+    """`--loss_weighting adaptive`: w_plan = 0.01 + 0.04 clip(L_plan/4), w_rand = 0.01 + 0.49 clip(L_rand/0.69),
+    L = the term's mean per token; the weights are constants for the gradient."""
+    weight, pos, plan, neg, labels, neg_mask, _ = _switch_inputs()
+    project = lambda x: x @ weight.T
+    kwargs = dict(plan_hidden=plan, neg_hidden=neg, neg_mask=neg_mask, chunk_size=5)
+    adaptive = losses.latent_comm_loss_sums(pos, labels, project, loss_weighting="adaptive", **kwargs)
+    l_plan = adaptive.plan_similarity.item() / adaptive.plan_tokens.item()
+    l_rand = adaptive.random_contrast.item() / adaptive.contrast_tokens.item()
+    w_plan = 0.01 + 0.04 * min(max(l_plan / 4, 0), 1)
+    w_rand = 0.01 + 0.49 * min(max(l_rand / 0.69, 0), 1)
+    assert 0 < l_rand < 0.69 and 0 < l_plan < 4  # inside the clip: both weights move with their terms
+    fixed = losses.latent_comm_loss_sums(pos, labels, project, plan_weight=w_plan, contrast_weight=w_rand, **kwargs)
+    expected = adaptive.ce.item() + w_plan * adaptive.plan_similarity.item() + w_rand * adaptive.random_contrast.item()
+    assert adaptive.total.item() == pytest.approx(expected, rel=1e-6)
+    assert fixed.total.item() == pytest.approx(expected, rel=1e-6)
+    # detached weights: the gradient is that of fixed weights of the same value
+    assert torch.allclose(torch.autograd.grad(adaptive.total, pos)[0], torch.autograd.grad(fixed.total, pos)[0],
+                          atol=1e-6)
+    # clipped at the top: a contrast term above 0.69 a token gives w_rand = 0.5
+    w_p, w_r = losses.adaptive_weights(torch.tensor(9.0), torch.tensor(1.2))
+    assert (w_p.item(), w_r.item()) == (pytest.approx(0.05), pytest.approx(0.5))
+
+
+def test_switches_of_the_autograd_path_are_refused_on_the_fused_path():
+    from trainer import LossConfig
+
+    for switch in (dict(contrast_divergence="published"), dict(loss_weighting="adaptive")):
+        with pytest.raises(ValueError, match="--fused_loss false"):
+            LossConfig(fused_loss=True, **switch).check_loss_path()
+        LossConfig(fused_loss=False, **switch).check_loss_path()
+    with pytest.raises(ValueError, match="expected one of js, published"):
+        LossConfig(contrast_divergence="jsd")

@@ -40,10 +40,16 @@ def reference_sums(actor, batch):
 
         k, p = int(batch["latent_lengths"][b]), len(plan)
         r = float(RATIOS[b])
-        log_pos, target = run(torch.cat([rows_of(b, round(r * k)), tok(plan[round(r * p):])]))
+        own_suffix = tok(plan[round(r * p):])
+        log_pos, target = run(torch.cat([rows_of(b, round(r * k)), own_suffix]))
         log_plan, _ = run(tok(plan))
+        # The published negative: the donor's latents repeated (or cut) to this sample's k rows, through the
+        # head, in the positive's round(r*k) latent rows, then this sample's own plan suffix.
         d = int(DONORS[b])
-        log_neg, _ = run(rows_of(d, int(batch["latent_lengths"][d])))
+        donor = batch["latents"][d, : int(batch["latent_lengths"][d])]
+        fitted = torch.cat([donor] * (k // len(donor) + 1))[:k]
+        donor_rows = actor.head(fitted[None], torch.tensor([k]))[0, :round(r * k)]
+        log_neg, _ = run(torch.cat([donor_rows, own_suffix]))
         p_pos, p_plan, p_neg = log_pos.exp(), log_plan.exp(), log_neg.exp()
         ce = -log_pos.gather(1, target[:, None])[:, 0]
         kl = (p_plan * (log_plan - log_pos)).sum(-1)
@@ -63,14 +69,17 @@ def test_batched_step_matches_the_reference_path(path, tiny_model_dir, tmp_path,
         pytest.importorskip("triton")
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
-    actor = LatentActor.from_base(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tok, 24, 4, 6, dropout=0.0)
+    actor = LatentActor.from_base(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tok, 24, 4, 8, dropout=0.0)
     sharpen_(actor)  # peaked distributions that the latents change: terms well above float32 rounding
     data_file = write_jsonl(tmp_path / "t.jsonl", make_records(3, str(tmp_path / "lat")))
-    ds = ActorDataset(build_hf_dataset(data_file), tok, 3072, 6)
+    ds = ActorDataset(build_hf_dataset(data_file), tok, 3072, 8)
     batch = LatentCollator(tok.pad_token_id, 24)([ds[i] for i in range(3)])
+    lengths = batch["latent_lengths"]
+    assert (lengths[DONORS] < lengths).any() and (lengths[DONORS] > lengths).any()  # donors tiled and cut
 
     monkeypatch.setattr(trainer_module, "draw_mix_ratios", lambda *a, **k: RATIOS.clone())
     monkeypatch.setattr(trainer_module, "pick_negatives", lambda own, *a: (DONORS.clone(), torch.ones(3, dtype=torch.bool)))
+    monkeypatch.setattr(trainer_module, "NEGATIVE_NOISE_STD", 0.0)  # the noise itself: test_trainer.py
     args = TrainingArguments(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True)
     trainer = LatentActorTrainer(model=actor, args=args, loss_config=LossConfig(
         loss_chunk_size=7, fused_loss=path != "autograd", loss_kernel=path.partition("+")[2] or "eager"))

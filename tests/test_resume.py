@@ -97,7 +97,8 @@ def test_nonfinite_gradient_is_reported_and_never_reaches_the_weights(tiny_model
     out = str(tmp_path / policy)
     rc = train_actor.main(_argv(tiny_model_dir, train, out, "--save_strategy", "no", "--max_steps", "4",
                                 "--nonfinite_policy", policy, "--random_contrast_weight", "0",
-                                "--plan_similarity_weight", "0"))
+                                "--plan_similarity_weight", "0",
+                                "--head_warm_start_steps", "0"))  # head calls counted from the first step
     assert rc == (0 if policy == "skip" else 1)
     messages = [r.getMessage() for r in caplog.records if "Non-finite gradient" in r.getMessage()]
     assert len(messages) == 1 and "step 2" in messages[0] and "samples: s0" in messages[0]

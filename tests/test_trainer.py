@@ -85,7 +85,8 @@ def _one_step_update(model_dir, train, out, batch, accumulation, *extra):
                        "--optim", "sgd", "--learning_rate", "1.0", "--lr_scheduler_type", "constant",
                        "--max_grad_norm", "0", "--weight_decay", "0", "--head_dropout", "0",
                        "--pure_latent_prob", "1.0", "--random_contrast_weight", "0",
-                       "--train_sampling_strategy", "sequential", "--logging_steps", "1", *extra)
+                       "--train_sampling_strategy", "sequential", "--logging_steps", "1",
+                       "--head_warm_start_steps", "0", *extra)  # its batches follow the batch size
     captured = {}
     original = train_actor.LatentActorTrainer.train
 
@@ -174,6 +175,9 @@ def test_end_to_end_writes_every_output(tiny_model_dir, tiny_data, tmp_path):
     assert any("cond/shuffled_ce_bits" in r and "cond/true_ce_bits" in r for r in state["log_history"])
     header = open(os.path.join(out, "loss_log.csv")).readline()
     assert "ce_loss" in header and "eval_random_contrast" in header
+    # the default head warm start ran first and brought the head's rows closer to the plan embeddings
+    warm = next(r for r in state["log_history"] if "warm_start/loss" in r)
+    assert warm["warm_start/steps"] == 300 and warm["warm_start/loss"] < 0.5 * warm["warm_start/first_loss"]
     # the total is CE + 1.0 * plan similarity + 2.0 * contrast
     r = train_logs[0]
     assert r["loss"] == pytest.approx(r["ce_loss"] + r["plan_similarity"] + 2 * r["random_contrast"], rel=1e-3)
@@ -431,3 +435,78 @@ def test_a_latent_file_broken_mid_run_in_a_loader_worker_is_one_clear_error(tiny
     assert err.startswith("error: ") and "id 's0" in err and "file vanished" in err, err
     assert "Traceback" not in err and "worker" not in err
     assert (out / "interrupted" / "latent_comm_head.pt").exists()
+
+
+def test_donor_latents_are_cut_or_tiled_to_the_own_length_with_noise_only_when_tiled():
+    from trainer import fit_donor_latents
+
+    g = torch.Generator().manual_seed(0)
+    donor = torch.randn(2, 5, 256, generator=g)
+    donor_lengths, own_lengths = torch.tensor([5, 2]), torch.tensor([3, 5])  # cut 5 -> 3; tile 2 -> 5
+    fitted = fit_donor_latents(donor, donor_lengths, own_lengths, 5, torch.Generator().manual_seed(1))
+    assert torch.equal(fitted[0, :3], donor[0, :3])  # cut: the donor's first rows, no noise
+    tiled = donor[1, [0, 1, 0, 1, 0]]  # row k takes donor row k mod 2
+    noise = fitted[1] - tiled
+    assert noise.abs().max() < 0.1 and 0.008 < noise.std().item() < 0.012  # N(0, 0.01^2) on every row
+    assert noise[2:].sub(noise[:3]).abs().min() > 0  # independent noise on repeated rows
+
+
+def test_negative_branch_holds_donor_rows_then_the_own_plan_suffix(tiny_model_dir, tmp_path, monkeypatch):
+    """The negative's embeddings, built by hand: <bop>, the donor's latents (tiled or cut to this sample's K)
+    through the head in the positive's round(r*K) rows, this sample's own plan suffix, <eop>."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import trainer as trainer_module
+    from data import ActorDataset, LatentCollator, build_hf_dataset
+    from latent_head import LatentActor
+    from trainer import LatentActorTrainer, LossConfig
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    actor = LatentActor.from_base(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tok, 24, 4, 8, dropout=0.0)
+    ds = ActorDataset(build_hf_dataset(write_jsonl(tmp_path / "t.jsonl", make_records(3, str(tmp_path / "l")))),
+                      tok, 3072, 8)
+    batch = LatentCollator(tok.pad_token_id, 24)([ds[i] for i in range(3)])
+    ratios, donors = torch.tensor([1.0, 0.5, 0.4]), torch.tensor([1, 2, 0])
+    lengths = batch["latent_lengths"]
+    assert (lengths[donors] < lengths).any() and (lengths[donors] > lengths).any()  # tiled and cut both occur
+    monkeypatch.setattr(trainer_module, "draw_mix_ratios", lambda *a, **k: ratios.clone())
+    monkeypatch.setattr(trainer_module, "pick_negatives", lambda own, *a: (donors.clone(), torch.ones(3, dtype=torch.bool)))
+    monkeypatch.setattr(trainer_module, "NEGATIVE_NOISE_STD", 0.0)
+    seen = []
+    backbone = actor.backbone
+    monkeypatch.setattr(actor, "backbone", lambda embeds, mask, **kw: (seen.append(embeds), backbone(embeds, mask, **kw))[1])
+    args = train_actor.ActorTrainingArguments(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True)
+    trainer = LatentActorTrainer(model=actor, args=args, loss_config=LossConfig(fused_loss=False))
+    actor.train()
+    trainer.compute_loss(actor, batch)
+    negative = seen[1][3:]  # the no-grad forward stacks the plan branch (rows 0-2) and the negative (3-5)
+    emb = actor.base_model.get_input_embeddings()
+    for b in range(3):
+        k, d = int(lengths[b]), int(donors[b])
+        plan = batch["plan_ids"][b, : int(batch["plan_lengths"][b])]
+        donor = batch["latents"][d, : int(lengths[d])]
+        fitted = torch.cat([donor] * k)[:k]
+        rows = round(float(ratios[b]) * k)
+        m = int(batch["marker_index"][b])
+        n_text = int(batch["attention_mask"][b].sum())
+        ids = batch["input_ids"][b, :n_text]
+        with torch.no_grad():
+            expected = torch.cat([emb(ids[:m]), emb(torch.tensor([actor.bop_id])),
+                                  actor.head(fitted[None], torch.tensor([k]))[0, :rows],
+                                  emb(plan[round(float(ratios[b]) * len(plan)):]), emb(torch.tensor([actor.eop_id])),
+                                  emb(ids[m + 1:])])
+        assert torch.allclose(negative[b, : len(expected)], expected, atol=1e-6), b
+        positive = seen[0][b, : len(expected)]  # same layout, own latents: only the latent rows differ
+        latent = slice(m + 1, m + 1 + rows)
+        assert torch.equal(positive[: m + 1], negative[b, : m + 1])
+        assert torch.equal(positive[m + 1 + rows:], negative[b, m + 1 + rows: len(expected)])
+        assert rows == 0 or not torch.allclose(positive[latent], negative[b, latent])
+
+
+@pytest.mark.parametrize("switch", [("--contrast_divergence", "published"), ("--loss_weighting", "adaptive")])
+def test_autograd_only_switches_are_refused_on_the_fused_loss_before_training(switch, tmp_path, capsys):
+    argv = ["--train_file", str(tmp_path / "missing.jsonl"), "--output_dir", str(tmp_path / "o"), *switch]
+    assert train_actor.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "add --fused_loss false" in err and len(err.splitlines()) == 1, err
