@@ -71,8 +71,8 @@ demo: $(STAMP)
 	  --learning_rate $(DEMO_LR) --head_learning_rate $(DEMO_HEAD_LR) --pure_latent_prob $(DEMO_PURE) \
 	  --head_warm_start_steps $(DEMO_WARM) --head_warm_start_lr $(DEMO_WARM_LR) \
 	  --lr_scheduler_type constant_with_warmup --warmup_ratio 0.05 --logging_steps 5 --load_best_model_at_end false \
-	  --evaluation_strategy steps --eval_steps $$(( $(DEMO_STEPS) / 2 )) --save_strategy steps \
-	  --save_steps $$(( $(DEMO_STEPS) / 2 )) --save_total_limit 2 --prepended_length 64 --model_max_length 512 \
+	  --evaluation_strategy steps --eval_steps $(DEMO_STEPS) --save_strategy steps \
+	  --save_steps $(DEMO_STEPS) --save_total_limit 1 --prepended_length 64 --model_max_length 512 \
 	  --enable_infoNCE_probe true --infoNCE_probe_interval $$(( $(DEMO_STEPS) / 2 )) --report_to none $(DEMO_FLAGS)
 	$(PY) evaluate_actor.py --model_dir $(DEMO_DIR) --eval_file $(DEMO_DATA)/eval.jsonl \
 	  --output $(DEMO_DIR)/eval_report.json
