@@ -101,16 +101,13 @@ class SenderTrainer(LatentActorTrainer):
             vec = torch.stack([ce_sum, ce_sum.new_tensor(float(tokens)), distill, align, ce_sum.new_tensor(1.0),
                                *window_ce, ce_sum.new_tensor(float(window_labels.shape[0]))]).float()
         mode = "train" if model.training else "eval"
-        self._metric_sums[mode] = vec if self._metric_sums[mode] is None else self._metric_sums[mode] + vec
+        self._add_metric_sums(mode, vec)
         return loss
 
     def _pop_metrics(self, mode: str) -> dict[str, float]:
-        vec = self._metric_sums[mode]
+        vec = self._take_metric_sums(mode)
         if vec is None:
             return {}
-        self._metric_sums[mode] = None
-        if self.accelerator.num_processes > 1:
-            vec = self.accelerator.reduce(vec, reduction="sum")
         m = dict(zip(METRICS, vec.tolist()))
         out = {"ce_loss": m["ce"] / max(m["tokens"], 1), "distill_kl": m["distill"] / max(m["batches"], 1),
                "alignment": m["align"] / max(m["batches"], 1)}

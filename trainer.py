@@ -366,18 +366,27 @@ class LatentActorTrainer(Trainer):
         return list(out.hidden.chunk(len(branches)))
 
     # -- metrics: detached sums per log period; averaged (and synced) only when logging ------------------
-    def _accumulate_metrics(self, mode, sums, tokens):
-        vec = torch.stack([sums.ce, sums.plan_similarity, sums.random_contrast, sums.neg_ce, sums.js, tokens,
-                           sums.plan_tokens, sums.contrast_tokens, sums.ce_on_contrast]).detach().float()
+    def _add_metric_sums(self, mode: str, vec: torch.Tensor) -> None:
+        """Add a step's detached metric sums to the log period's (no sync with the device)."""
+        vec = vec.detach().float()
         self._metric_sums[mode] = vec if self._metric_sums[mode] is None else self._metric_sums[mode] + vec
 
+    def _take_metric_sums(self, mode: str) -> torch.Tensor | None:
+        """The log period's sums, summed over ranks, and a fresh period; None when nothing was added."""
+        vec, self._metric_sums[mode] = self._metric_sums[mode], None
+        if vec is not None and self.accelerator.num_processes > 1:
+            vec = self.accelerator.reduce(vec, reduction="sum")
+        return vec
+
+    def _accumulate_metrics(self, mode, sums, tokens):
+        self._add_metric_sums(mode, torch.stack([sums.ce, sums.plan_similarity, sums.random_contrast, sums.neg_ce,
+                                                 sums.js, tokens, sums.plan_tokens, sums.contrast_tokens,
+                                                 sums.ce_on_contrast]))
+
     def _pop_metrics(self, mode: str) -> dict[str, float]:
-        vec = self._metric_sums[mode]
+        vec = self._take_metric_sums(mode)
         if vec is None:
             return {}
-        self._metric_sums[mode] = None
-        if self.accelerator.num_processes > 1:
-            vec = self.accelerator.reduce(vec, reduction="sum")
         ce, plan, contrast, neg_ce, js, tokens, plan_tokens, contrast_tokens, ce_on_contrast = vec.tolist()
         out = {"ce_loss": ce / max(tokens, 1)}
         if plan_tokens:
