@@ -55,7 +55,7 @@ DEMO_TASK_FLAGS ?= --max_distractors 0
 DEMO_HEAD_LR ?= $(DEMO_LR)
 DEMO_PURE ?= 0.5
 # The head's warm start (warm_start.py): what makes the actor read the latents within tens of steps.
-DEMO_WARM ?= 200
+DEMO_WARM ?= 800
 DEMO_WARM_LR ?= 3e-3
 
 demo: $(STAMP)
