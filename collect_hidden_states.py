@@ -386,6 +386,11 @@ def run(args: argparse.Namespace) -> int:
         raise CollectError(str(e)) from None
     if args.mode == "compressed":
         tokenizer = sender.tokenizer
+        if sender.config.knowledge == "plan":  # this sender reads each record's plan: all must have one
+            for job in todo:
+                if not isinstance(job.record.get("plan"), str) or not job.record["plan"].strip():
+                    raise CollectError(f"{args.input_file}: record {job.index} (id {job.record['id']!r}) has no "
+                                       f"`plan`; the sender in {args.sender_dir} reads it (knowledge='plan')")
     for job in todo:  # the sender's control tokens in a task or plan: refused before any work, as in training
         try:
             check_plain_text(job.task, tokenizer, f"{args.input_file}: record {job.index} (id {job.record['id']!r}): "
@@ -410,7 +415,8 @@ def run(args: argparse.Namespace) -> int:
             else:
                 plans = [j.record.get("plan") for j in batch]  # compressed mode: kept as it is, maybe absent
             if args.mode == "compressed":  # the K-latent message itself, without any plan text
-                states = sender.messages([chat_messages(j.record) for j in batch], batch_size=len(batch))
+                states = sender.messages([chat_messages(j.record) for j in batch], batch_size=len(batch),
+                                         plans=plans)
             else:
                 states = teacher_forced_states(model, tokenizer, tasks, plans, device)
             lines = []

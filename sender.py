@@ -28,6 +28,8 @@ from data import LatentCollator, with_marker
 from latent_head import MARKER_TOKEN, LatentActor
 
 REQUEST = "Please generate a plan to solve this task: "  # the published student's fixed request
+NOTES_PREFIX = "What you know: "  # before the plan, for a sender with knowledge="plan"
+KNOWLEDGE = ("none", "plan")
 SENDER_FILE = "latent_sender.pt"  # bridge, start vector and configuration, next to the student's weights
 
 
@@ -36,6 +38,10 @@ class SenderConfig:
     num_latents: int = 8  # K: latent steps per message
     request: str = REQUEST
     hidden_size: int = 0  # the student's hidden size (width of the latents)
+    # What the student reads besides the conversation: "none" (the published student: the task alone)
+    # or "plan" (the record's plan as its private notes, for tasks where the plan carries knowledge
+    # that is not in the task, such as where an object is: then K latents compress the plan).
+    knowledge: str = "none"
     actor_dir: str | None = None  # the actor it was trained against (a record, not needed to load)
 
 
@@ -47,6 +53,8 @@ class LatentSender(nn.Module):
         hidden = student.get_input_embeddings().weight.shape[1]
         if config.num_latents < 1:
             raise ValueError(f"num_latents must be >= 1, got {config.num_latents}")
+        if config.knowledge not in KNOWLEDGE:
+            raise ValueError(f"knowledge must be one of {KNOWLEDGE}, got {config.knowledge!r}")
         config.hidden_size = hidden
         self.student, self.tokenizer, self.config = student, tokenizer, config
         self.h2e = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden, bias=False))
@@ -60,13 +68,24 @@ class LatentSender(nn.Module):
         return self.lat_bos.device
 
     # -- contexts -------------------------------------------------------------------------------
-    def context_ids(self, messages: Sequence[dict]) -> list[int]:
-        """This sender's context for a conversation (see `context_ids`)."""
-        return context_ids(self.tokenizer, messages, self.config.request)
+    def context_ids(self, messages: Sequence[dict], plan: str | None = None) -> list[int]:
+        """This sender's context for a conversation (see `context_ids`); `plan` is read only when the
+        sender was trained with `knowledge="plan"`."""
+        return context_ids(self.tokenizer, messages, self.config.request, self.notes(plan))
 
-    def encode_contexts(self, conversations: Sequence[Sequence[dict]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def notes(self, plan: str | None) -> str | None:
+        """The private notes this sender reads: the plan with `knowledge="plan"`, else none."""
+        if self.config.knowledge == "none":
+            return None
+        if not isinstance(plan, str) or not plan.strip():
+            raise ValueError("this sender reads the record's `plan` (knowledge='plan'), and the record has none")
+        return plan
+
+    def encode_contexts(self, conversations: Sequence[Sequence[dict]],
+                        plans: Sequence[str | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded `(input_ids, attention_mask)` [B, T] of the contexts of several conversations."""
-        return left_pad([self.context_ids(m) for m in conversations], self.tokenizer.pad_token_id)
+        plans = plans if plans is not None else [None] * len(conversations)
+        return left_pad([self.context_ids(m, p) for m, p in zip(conversations, plans)], self.tokenizer.pad_token_id)
 
     # -- the rollout ------------------------------------------------------------------------------
     def rollout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -100,14 +119,17 @@ class LatentSender(nn.Module):
         return torch.cat(latents, dim=1)
 
     @torch.no_grad()
-    def messages(self, conversations: Sequence[Sequence[dict]], batch_size: int = 32) -> list[np.ndarray]:
+    def messages(self, conversations: Sequence[Sequence[dict]], batch_size: int = 32,
+                 plans: Sequence[str | None] | None = None) -> list[np.ndarray]:
         """The latent message [K, d] float32 of each conversation (eval mode, batches of `batch_size`)."""
         was_training = self.training
         self.eval()
         out = []
+        plans = plans if plans is not None else [None] * len(conversations)
         try:
             for start in range(0, len(conversations), batch_size):
-                ids, mask = self.encode_contexts(conversations[start:start + batch_size])
+                ids, mask = self.encode_contexts(conversations[start:start + batch_size],
+                                                 plans[start:start + batch_size])
                 latents = self.rollout(ids.to(self.device), mask.to(self.device))
                 out += [z.float().cpu().numpy() for z in latents]
         finally:
@@ -160,9 +182,10 @@ class LatentSender(nn.Module):
         return sender.eval()
 
 
-def context_ids(tokenizer, messages: Sequence[dict], request: str = REQUEST) -> list[int]:
-    """Token ids of the request followed by the conversation rendered up to the end of the first user
-    message (`[{role, content}]` chat messages), as the published student reads it."""
+def context_ids(tokenizer, messages: Sequence[dict], request: str = REQUEST, notes: str | None = None) -> list[int]:
+    """Token ids of the request (then the sender's private `notes`, if any) followed by the conversation
+    rendered up to the end of the first user message (`[{role, content}]` chat messages), as the
+    published student reads it."""
     first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
     if first_user is None:
         raise ValueError("the conversation has no user message")
@@ -170,8 +193,10 @@ def context_ids(tokenizer, messages: Sequence[dict], request: str = REQUEST) -> 
     # template puts around messages, the context ends exactly where the actor's latent block goes.
     text = tokenizer.apply_chat_template(with_marker(list(messages[:first_user + 1])), tokenize=False)
     text = text[:text.index(MARKER_TOKEN)]
-    return tokenizer(request, add_special_tokens=True)["input_ids"] + \
-        tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(request, add_special_tokens=True)["input_ids"]
+    if notes is not None:
+        ids += tokenizer(f"{NOTES_PREFIX}{notes}\n\n", add_special_tokens=False)["input_ids"]
+    return ids + tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def load_sender_file(path: str) -> dict:
@@ -227,9 +252,10 @@ class CompressionModel(nn.Module):
 class SenderDataset(torch.utils.data.Dataset):
     """The actor's dataset items (conversation tokens, data latents) plus the sender's context ids."""
 
-    def __init__(self, actor_dataset, sender_tokenizer, request: str = REQUEST):
+    def __init__(self, actor_dataset, sender_tokenizer, request: str = REQUEST, knowledge: str = "none"):
         # The tokenizer, not the sender: data loader workers need no model.
         self.actor_dataset, self.tokenizer, self.request = actor_dataset, sender_tokenizer, request
+        self.knowledge = knowledge
 
     @property
     def rows(self):
@@ -244,7 +270,11 @@ class SenderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         item = self.actor_dataset[i]
-        item["context_ids"] = context_ids(self.tokenizer, json.loads(self.rows[int(i)]["messages"]), self.request)
+        row = self.rows[int(i)]
+        notes = row["plan"] if self.knowledge == "plan" else None
+        if notes is not None and not notes.strip():
+            raise ValueError(f"{row['where']}: --sender_knowledge plan needs the record's `plan` text")
+        item["context_ids"] = context_ids(self.tokenizer, json.loads(row["messages"]), self.request, notes)
         return item
 
 

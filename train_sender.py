@@ -27,7 +27,7 @@ from latent_head import HEAD_FILE, LatentActor, load_head_file
 from losses import (COMPRESSION_ALIGN_WEIGHT, COMPRESSION_KL_WEIGHT, DISTILL_TEMPERATURE, DISTILL_WINDOW,
                     UNCERTAINTY_QUANTILE)
 from models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
-from sender import REQUEST, SENDER_FILE, CompressionModel, LatentSender, SenderCollator, SenderConfig, SenderDataset
+from sender import KNOWLEDGE, REQUEST, SENDER_FILE, CompressionModel, LatentSender, SenderCollator, SenderConfig, SenderDataset
 from sender_trainer import CompressionLossConfig, SenderTrainer
 from train_actor import ActorTrainingArguments, DataArguments, UserError, build_datasets, exit_process
 from trainer import resolve_resume
@@ -45,6 +45,9 @@ class SenderArguments:
         "help": "The sender model the student starts from: the one whose hidden states the actor was trained on."})
     num_latents: int = field(default=8, metadata={"help": "K: latent steps per message."})
     request: str = field(default=REQUEST, metadata={"help": "Fixed text before the conversation in the student's context."})
+    sender_knowledge: str = field(default="none", metadata={
+        "help": "What the student reads besides the conversation: none (as published: the task alone) or plan "
+                "(the record's plan as private notes, for tasks whose plan holds knowledge the task lacks)."})
     kl_weight: float = field(default=COMPRESSION_KL_WEIGHT, metadata={"help": "Weight of the distillation KL."})
     alignment_weight: float = field(default=COMPRESSION_ALIGN_WEIGHT, metadata={"help": "Weight of 1 - cos alignment."})
     distill_temperature: float = field(default=DISTILL_TEMPERATURE, metadata={"help": "Temperature T of the KL (x T^2)."})
@@ -88,6 +91,8 @@ def check_inputs(sender_args: SenderArguments, data_args: DataArguments, args: S
     if args.gradient_checkpointing:
         raise UserError("--gradient_checkpointing is not supported by train_sender.py: the student's rollout "
                         "needs its KV cache")
+    if sender_args.sender_knowledge not in KNOWLEDGE:
+        raise UserError(f"--sender_knowledge {sender_args.sender_knowledge}: expected one of {', '.join(KNOWLEDGE)}")
     head = load_head_file(os.path.join(sender_args.actor_dir, HEAD_FILE))["config"]
     k = sender_args.num_latents
     if not 1 <= k <= head["prepended_length"]:
@@ -126,6 +131,7 @@ def build_model(sender_args: SenderArguments, head: dict, seed: int) -> Compress
                         f"in {sender_args.actor_dir} reads latents of width {head['latent_dim']}; the student must "
                         "be the sender whose hidden states the actor was trained on")
     config = SenderConfig(num_latents=sender_args.num_latents, request=sender_args.request,
+                          knowledge=sender_args.sender_knowledge,
                           actor_dir=os.path.abspath(sender_args.actor_dir))
     return CompressionModel(LatentSender(student, tokenizer, config), actor)
 
@@ -136,7 +142,7 @@ def build_trainer(model: CompressionModel, sender_args: SenderArguments, data_ar
     train_rows, eval_rows = build_datasets(data_args, args.data_seed or args.seed)
     datasets = {name: SenderDataset(ActorDataset(rows, actor.tokenizer, data_args.model_max_length,
                                                  sender.config.num_latents, lazy=data_args.lazy_preprocess),
-                                    sender.tokenizer, sender.config.request)
+                                    sender.tokenizer, sender.config.request, sender.config.knowledge)
                 for name, rows in (("train", train_rows), ("eval", eval_rows)) if rows is not None}
     config = CompressionLossConfig(kl_weight=sender_args.kl_weight, alignment_weight=sender_args.alignment_weight,
                                    temperature=sender_args.distill_temperature, window=sender_args.distill_window,

@@ -123,7 +123,7 @@ def latency(args, sender_dirs: dict[int, str]) -> dict:
         row["data_length_plan_s"] = timed(lambda: write_plans(data_tokens), args.reps, args.warmup)
         for k, sender_dir in sender_dirs.items():
             sender = LatentSender.from_pretrained(sender_dir, dtype=dtype, device=device)
-            ids, mask = sender.encode_contexts([chat_messages(r) for r in batch])
+            ids, mask = sender.encode_contexts([chat_messages(r) for r in batch], [r.get("plan") for r in batch])
             ids, mask = ids.to(device), mask.to(device)
             with torch.inference_mode():
                 row[f"K{k}_s"] = timed(lambda: sender.rollout(ids, mask), args.reps, args.warmup)

@@ -327,3 +327,72 @@ def test_collect_compressed_writes_k_row_latents_that_the_actor_reads(setup, tmp
     actor = LatentActor.from_pretrained(setup[1])
     dataset = ActorDataset(build_hf_dataset(str(out)), actor.tokenizer, 512, actor.head.config.prepended_length)
     assert [dataset[i]["latents"].shape for i in range(3)] == [(K, WIDTH)] * 3
+
+
+# -- a sender that reads the plan as private notes (tasks whose plan holds what the task lacks) ------------
+def test_plan_knowledge_sender_reads_the_plan_and_collect_passes_it(setup, tmp_path, capsys):
+    import collect_hidden_states
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    sender = LatentSender(AutoModelForCausalLM.from_pretrained(setup[0]), AutoTokenizer.from_pretrained(setup[0]),
+                          SenderConfig(num_latents=K, knowledge="plan")).eval()
+    conversation = CONVERSATIONS[0]
+    text = sender.tokenizer.decode(sender.context_ids(conversation, "It is in the attic."))
+    assert text.startswith(sender.config.request + "What you know: It is in the attic.")
+    assert text.endswith("Where is the key?")
+    with pytest.raises(ValueError, match="plan"):
+        sender.context_ids(conversation, None)
+    with torch.no_grad():  # the same task with another plan: another message
+        attic, cellar = sender.messages([conversation] * 2, plans=["It is in the attic.", "It is in the cellar."])
+    assert np.abs(attic - cellar).max() > 1e-3
+    # The knowledge travels with the saved sender, and collect_hidden_states.py gives it each record's plan.
+    sender.save_pretrained(str(tmp_path / "sender"))
+    assert LatentSender.from_pretrained(str(tmp_path / "sender")).config.knowledge == "plan"
+    records = [{"id": f"r{i}", "conversations": [{"from": "human", "value": "Where is the key?"},
+                                                 {"from": "gpt", "value": "Kitchen."}],
+                "plan": f"It is in room {i}."} for i in range(2)]
+    out = tmp_path / "compressed.jsonl"
+    args = ["--mode", "compressed", "--sender_dir", str(tmp_path / "sender"), "--output_file", str(out),
+            "--dtype", "float32"]
+    assert collect_hidden_states.main(args + ["--input_file", write_jsonl(tmp_path / "raw.jsonl", records)]) == 0
+    written = [np.load(tmp_path / json.loads(line)["hidden_state_path"]) for line in open(out)]
+    expected = sender.messages([[{"role": "user", "content": "Where is the key?"},
+                                 {"role": "assistant", "content": "Kitchen."}]] * 2, plans=[r["plan"] for r in records])
+    for got, want in zip(written, expected):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    # A record without a plan is refused before any work, naming the record.
+    del records[1]["plan"]
+    bad = write_jsonl(tmp_path / "bad.jsonl", records)
+    assert collect_hidden_states.main(args[:-4] + ["--output_file", str(tmp_path / "bad_out.jsonl"),
+                                                   "--input_file", bad]) == 2
+    err = capsys.readouterr().err
+    assert "id 'r1'" in err and "`plan`" in err
+
+
+def test_train_sender_with_plan_knowledge_trains_on_contexts_with_the_plan(setup, tmp_path):
+    import train_sender
+
+    student_dir, actor_dir, train, _ = setup
+    out = tmp_path / "out"
+    assert train_sender.main(["--actor_dir", actor_dir, "--model_name_or_path", student_dir, "--train_file", train,
+                              "--output_dir", str(out), "--num_latents", str(K), "--max_steps", "1",
+                              "--per_device_train_batch_size", "2", "--sender_knowledge", "plan",
+                              "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none"]) == 0
+    sender = LatentSender.from_pretrained(str(out))
+    assert sender.config.knowledge == "plan"
+    # The training contexts held each record's plan, as the saved sender will read it.
+    from data import ActorDataset, build_hf_dataset
+    from sender import SenderDataset
+
+    from transformers import AutoTokenizer
+
+    rows = build_hf_dataset(train)
+    actor_rows = ActorDataset(rows, AutoTokenizer.from_pretrained(actor_dir), 512, K)
+    dataset = SenderDataset(actor_rows, sender.tokenizer, knowledge="plan")
+    record = json.loads(open(train).readline())
+    assert sender.tokenizer.decode(dataset[0]["context_ids"]).startswith(
+        sender.config.request + "What you know: " + record["plan"])
+    assert train_sender.main(["--actor_dir", actor_dir, "--model_name_or_path", student_dir, "--train_file", train,
+                              "--output_dir", str(tmp_path / "o2"), "--sender_knowledge", "facts",
+                              "--report_to", "none"]) == 2
