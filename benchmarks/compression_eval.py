@@ -14,7 +14,9 @@ plan greedily (`collect_hidden_states.generate_plans`: until its end of turn, up
 and forced to the mean length of the eval file's plans, those the full latents come from), at each batch size
 of `--latency_batches`, median of `--reps` timed runs after `--warmup` (CUDA synchronised), in the
 dtype collect_hidden_states.py uses (bf16 on a GPU). Writes `<out_dir>/compression.json` and prints
-the two tables. Runs resume: a K/seed whose report exists is not trained again.
+the two tables. Runs resume: a K/seed whose report exists is not trained again. `--jobs N` runs N
+K/seed trainings at once on the same GPU (a 135M model leaves most of an H200 idle); with
+`--time_budget_s`, a K/seed not started in time is skipped and left out of the tables (said so).
 """
 from __future__ import annotations
 
@@ -153,6 +155,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--skip_latency", action="store_true")
+    p.add_argument("--jobs", type=int, default=1, help="K/seed trainings run at once (same GPU)")
+    p.add_argument("--time_budget_s", type=float, default=0,
+                   help="skip K/seed runs not started within this many seconds (0: no limit)")
     args = p.parse_args(argv)
     args.ks = [int(x) for x in args.ks.split(",")]
     args.seeds = [int(x) for x in args.seeds.split(",")]
@@ -174,7 +179,7 @@ def tables(result: dict) -> str:
                      f"{fmt(get('shuffled', 'accuracy'))} | {fmt(get('none', 'accuracy'))} |")
     if "latency" in result:
         lat = result["latency"]
-        ks = [k for k in result["compressed"]]
+        ks = [k for k in result["compressed"] if f"K{k}_s" in next(iter(lat["batches"].values()))]
         lines += ["", f"latency of one message on {lat['device']} ({lat['dtype']}), median seconds "
                   f"(speedup vs the sender's own plan / vs a plan of the data plans' {lat['data_plan_tokens']} tokens):",
                   "", "| batch | own plan (tokens) | data-length plan | " + " | ".join(f"K = {k}" for k in ks) + " |",
@@ -193,11 +198,27 @@ def main(argv=None) -> int:
     result = {"args": {k: v for k, v in vars(args).items()},
               "full": evaluate(args, args.eval_file, os.path.join(args.out_dir, "eval_full.json")),
               "compressed": {}}
-    for k in args.ks:
-        result["compressed"][str(k)] = {str(s): train_and_evaluate(args, k, s) for s in args.seeds}
-    if not args.skip_latency:
+    start = time.time()
+
+    def job(k: int, seed: int) -> dict | None:
+        done = os.path.exists(os.path.join(args.out_dir, f"K{k}_seed{seed}", "eval_report.json"))
+        if args.time_budget_s and time.time() - start > args.time_budget_s and not done:
+            print(f"K = {k}, seed {seed}: skipped (--time_budget_s {args.time_budget_s:.0f} spent)", flush=True)
+            return None
+        return train_and_evaluate(args, k, seed)
+
+    from concurrent.futures import ThreadPoolExecutor  # each job is subprocesses: threads only wait on them
+
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # seeds of the same K first: the table needs both
+        futures = {(k, s): pool.submit(job, k, s) for k in args.ks for s in args.seeds}
+    for (k, s), future in futures.items():
+        if future.result() is not None:
+            result["compressed"].setdefault(str(k), {})[str(s)] = future.result()
+    result["skipped"] = [f"K{k}_seed{s}" for (k, s), f in futures.items() if f.result() is None]
+    latency_ks = [k for k in args.ks if str(args.seeds[0]) in result["compressed"].get(str(k), {})]
+    if not args.skip_latency and latency_ks:
         result["latency"] = latency(args, {k: os.path.join(args.out_dir, f"K{k}_seed{args.seeds[0]}", "sender")
-                                           for k in args.ks})
+                                           for k in latency_ks})
     with open(os.path.join(args.out_dir, "compression.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(tables(result))

@@ -396,3 +396,26 @@ def test_train_sender_with_plan_knowledge_trains_on_contexts_with_the_plan(setup
     assert train_sender.main(["--actor_dir", actor_dir, "--model_name_or_path", student_dir, "--train_file", train,
                               "--output_dir", str(tmp_path / "o2"), "--sender_knowledge", "facts",
                               "--report_to", "none"]) == 2
+
+
+def test_compression_eval_runs_k_seed_jobs_in_parallel_and_skips_past_its_budget(setup, tmp_path):
+    """benchmarks/compression_eval.py: two K/seed trainings at once give the table; a run whose budget is
+    spent skips what it has not started (and says so) but keeps what already exists."""
+    student_dir, actor_dir, train, evaluation = setup
+    out = tmp_path / "ce"
+    base = [sys.executable, os.path.join(ROOT, "benchmarks", "compression_eval.py"), "--actor_dir", actor_dir,
+            "--sender_model", student_dir, "--train_file", train, "--eval_file", evaluation, "--out_dir", str(out),
+            "--skip_latency", "--train_flags", "--max_steps 1 --per_device_train_batch_size 4"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(base + ["--ks", "3", "--seeds", "0,1", "--jobs", "2"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.load(open(out / "compression.json"))
+    assert sorted(result["compressed"]["3"]) == ["0", "1"] and result["skipped"] == []
+    assert json.load(open(out / "K3_seed1" / "eval_report.json"))["conditions"]["true"]["samples"] == 4
+    # Budget spent at once: K = 2 is not started; K = 3's reports exist and are read back, not retrained.
+    done = subprocess.run(base + ["--ks", "3,2", "--seeds", "0", "--time_budget_s", "1e-9"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.load(open(out / "compression.json"))
+    assert result["skipped"] == ["K2_seed0"] and list(result["compressed"]) == ["3"]
+    assert "skipped" in done.stdout and not (out / "K2_seed0").exists()
