@@ -28,11 +28,11 @@ SEED=${SEED:-0}
 WORKERS=${WORKERS:-$(nproc)}
 TASK_FLAGS=${TASK_FLAGS:-}          # e.g. "--rooms 5 --containers 2 --slack 3"
 MODEL=${MODEL:-HuggingFaceTB/SmolLM2-135M-Instruct}
-STEPS=${STEPS:-1500}
+STEPS=${STEPS:-400}
 BATCH=${BATCH:-32}
 LR=${LR:-1e-4}
 HEAD_LR=${HEAD_LR:-2e-3}
-PURE=${PURE:-1.0}                   # share of pure-latent samples (the README's demo: 1.0 reads latents)
+PURE=${PURE:-0.5}                   # share of pure-latent samples (the rest also learn the plan as text)
 TRAIN_FLAGS=${TRAIN_FLAGS:-}
 TW_WHEELS=${TW_WHEELS:-.whl_tw}
 TW_PACKAGES="textworld==1.7.0 jericho==3.3.1 tatsu==5.8.3 hashids mementos termcolor prompt_toolkit wcwidth more_itertools"
@@ -72,9 +72,9 @@ stage() {
       rm -rf "$ACTOR"
       quiet $PY train_actor.py --model_name_or_path "$MODEL" --train_file "$DATA/train.jsonl" --eval_file "$DATA/eval.jsonl" \
         --output_dir "$ACTOR" --max_steps "$STEPS" --per_device_train_batch_size "$BATCH" --per_device_eval_batch_size 16 \
-        --learning_rate "$LR" --head_learning_rate "$HEAD_LR" --pure_latent_prob "$PURE" --warmup_ratio 0.05 \
-        --logging_steps 25 --evaluation_strategy steps --eval_steps $(( STEPS / 4 )) --save_strategy steps \
-        --save_steps $(( STEPS / 4 )) --save_total_limit 2 --prepended_length 128 --model_max_length 2048 \
+        --learning_rate "$LR" --head_learning_rate "$HEAD_LR" --pure_latent_prob "$PURE" \
+        --lr_scheduler_type constant_with_warmup --warmup_steps 10 --logging_steps 20 --evaluation_strategy steps \
+        --eval_steps "$STEPS" --save_strategy steps --save_steps "$STEPS" --save_total_limit 1 --prepended_length 128 --model_max_length 2048 \
         --report_to none $TRAIN_FLAGS || exit 1 ;;
     play)
       for policy in expert explorer; do
