@@ -347,7 +347,6 @@ def test_stacked_no_grad_branches_equal_separate_forwards(tiny_model_dir, tiny_d
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from latent_head import LatentActor
-    from trainer import LatentActorTrainer
 
     train, _ = tiny_data
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -363,7 +362,7 @@ def test_stacked_no_grad_branches_equal_separate_forwards(tiny_model_dir, tiny_d
                 dict(latents=neg_latents, latent_lengths=neg_lengths, block_ids=plan_ids[:, :0],
                      block_lengths=torch.zeros(2, dtype=torch.long))]
     with torch.no_grad():
-        plan_h, neg_h = LatentActorTrainer._stacked_no_grad_forward(actor, text, branches)
+        plan_h, neg_h = actor.stacked_branches(text, branches)
         plan_alone = actor(**text, block_ids=plan_ids, block_lengths=plan_lengths).hidden
         neg_alone = actor(**text, latents=neg_latents, latent_lengths=neg_lengths, latent_rows=neg_lengths).hidden
     assert torch.allclose(plan_h, plan_alone, atol=1e-5) and torch.allclose(neg_h, neg_alone, atol=1e-5)
