@@ -27,6 +27,7 @@ SPECIAL_TOKENS = (MARKER_TOKEN, BOP_TOKEN, EOP_TOKEN)
 HEAD_FILE = "latent_comm_head.pt"
 IGNORE_INDEX = -100
 PREPENDED_LENGTH = 256  # latent rows the head reads per sample (the first ones), unless configured
+MODEL_MAX_LENGTH = 3072  # the actor's longest sequence, latent block included, unless configured
 TEXT_KEYS = ("input_ids", "labels", "attention_mask", "marker_index")  # a batch's conversation, as collated
 PACKED_ATTENTION = "interlat_packed"  # registered with transformers by `register_packed_attention`
 
