@@ -450,7 +450,10 @@ def build_trainer(actor: LatentActor, model_args: ModelArguments, data_args: Dat
     return trainer
 
 
-def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrainingArguments) -> int:
+def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrainingArguments,
+          callbacks: list[TrainerCallback] = (), save_final_model: bool = True) -> int:
+    """Check, build, train, save. `callbacks`: more `TrainerCallback`s (e.g. bench.py's step timer);
+    `save_final_model` False: leave out the final model (a benchmark measures steps, not saving)."""
     report, resume = check_data(model_args, data_args, args)
     if args.validate_only:
         return 0
@@ -460,6 +463,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
     except DataError as e:  # found while tokenizing: e.g. no sample fits --model_max_length
         raise UserError(str(e), status=1) from None
     trainer.run_fingerprint = run_fingerprint(model_args, data_args, args)  # into every checkpoint (runs.py)
+    for callback in callbacks:
+        trainer.add_callback(callback)
     if model_args.head_warm_start_steps > 0 and resume is None:
         warm_start(trainer, model_args, args)
     interrupt = InterruptCallback()
@@ -482,17 +487,19 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
     if interrupt.interrupted:
         raise UserError(f"interrupted (Ctrl-C) after step {trainer.state.global_step}: "
                         f"{last_checkpoint_note(args.output_dir)}", status=130)
-    actor.merge_lora()  # the final folder is a plain HF model + head, whatever the training mode
-    try:
-        trainer.save_model(args.output_dir)  # staged: on failure the folder's earlier model is untouched
-        trainer.save_state()
-        if trainer.is_world_process_zero():
-            actor.tokenizer.save_pretrained(os.path.join(args.output_dir, "tokenizer"))
-    except Exception as e:
-        if not write_failure(e):
-            raise
-        raise UserError(f"saving the final model into {args.output_dir} failed: {write_failure(e)}; the model the "
-                        f"folder held before is unchanged; {last_checkpoint_note(args.output_dir)}", status=1) from None
+    if save_final_model:
+        actor.merge_lora()  # the final folder is a plain HF model + head, whatever the training mode
+        try:
+            trainer.save_model(args.output_dir)  # staged: on failure the folder's earlier model is untouched
+            trainer.save_state()
+            if trainer.is_world_process_zero():
+                actor.tokenizer.save_pretrained(os.path.join(args.output_dir, "tokenizer"))
+        except Exception as e:
+            if not write_failure(e):
+                raise
+            raise UserError(f"saving the final model into {args.output_dir} failed: {write_failure(e)}; the model "
+                            f"the folder held before is unchanged; {last_checkpoint_note(args.output_dir)}",
+                            status=1) from None
     if trainer.nonfinite_guard.stopped:
         raise UserError(f"training stopped at step {trainer.state.global_step} on a non-finite gradient (see the "
                         f"log); the weights saved in {args.output_dir} never received it", status=1)
@@ -521,7 +528,8 @@ def last_checkpoint_note(output_dir: str) -> str:
     return f"the last complete checkpoint is {last} (continue with --resume_from_checkpoint latest)"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] = (), save_final_model: bool = True) -> int:
+    """The command line: `argv` (default sys.argv); `callbacks`/`save_final_model` as in `train`."""
     try:
         model_args, data_args, args = parse_args(argv)
     except ValueError as e:  # raised by an argument dataclass's checks
@@ -531,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
                         level=logging.INFO if args.should_log else logging.WARNING)
     transformers.utils.logging.set_verbosity_warning()
     try:
-        return train(model_args, data_args, args)
+        return train(model_args, data_args, args, callbacks, save_final_model)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.status
