@@ -414,7 +414,8 @@ class LatentActor(nn.Module):
         found = draws.has_negative
         if draws.negative_latents is not None and loss_config.negative_form == "published":
             targets["negative"] = dict(latents=draws.negative_latents, latent_lengths=latent_lengths * found,
-                                       latent_rows=latent_rows * found, block_ids=block_ids, block_lengths=block_lengths)
+                                       latent_rows=latent_rows * found, block_ids=block_ids,
+                                       block_lengths=block_lengths)
         elif draws.negative_latents is not None:
             targets["negative"] = dict(latents=draws.negative_latents, latent_lengths=draws.negative_lengths,
                                        block_ids=plan_ids[:, :0], block_lengths=no_rows)

@@ -18,7 +18,7 @@ from transformers import Trainer
 
 from data import RankBalancedLengthSampler
 from latent_head import LatentActor, StepDraws, pad_rows
-from losses import LN2, METRIC_FIELDS, LossConfig, LossSums, resolve_loss_kernel  # noqa: F401 (LossConfig, resolve_loss_kernel: re-exported)
+from losses import LN2, METRIC_FIELDS, LossConfig, LossSums, resolve_loss_kernel  # noqa: F401 (re-exported)
 from safe_io import INCOMPLETE_MARKER
 
 logger = logging.getLogger(__name__)

@@ -264,7 +264,8 @@ def test_triton_plan_term_keeps_float32_accuracy_when_plan_and_positive_nearly_a
         pos = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 2
         plan = pos + 0.01 * torch.randn(rows, vocab, generator=g, dtype=torch.float64)  # KL ~ 5e-5 a row
         labels, w = torch.randint(vocab, (rows,), generator=g), torch.ones(rows)
-        exact = losses.chunk_values_and_grad(pos, labels, plan, w.double(), None, w.double(), 1.0, 2.0, False)[0].plan.sum()
+        exact = losses.chunk_values_and_grad(pos, labels, plan, w.double(), None, w.double(), 1.0, 2.0,
+                                             False)[0].plan.sum()
         for block in (512, 2048):
             got = interpreted_loss_kernel.chunk_values_and_grad(pos.float(), labels, plan.float(), w, None, w, 1.0,
                                                                 2.0, False, block=block)[0].plan.sum()
