@@ -18,12 +18,17 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from losses import LossConfig, LossSums, latent_comm_losses
+
 logger = logging.getLogger(__name__)
 
 MARKER_TOKEN, BOP_TOKEN, EOP_TOKEN = "<FIRST_HUMAN_END>", "<bop>", "<eop>"
 SPECIAL_TOKENS = (MARKER_TOKEN, BOP_TOKEN, EOP_TOKEN)
 HEAD_FILE = "latent_comm_head.pt"
 IGNORE_INDEX = -100
+PREPENDED_LENGTH = 256  # latent rows the head reads per sample (the first ones), unless configured
+MODEL_MAX_LENGTH = 3072  # the actor's longest sequence, latent block included, unless configured
+TEXT_KEYS = ("input_ids", "labels", "attention_mask", "marker_index")  # a batch's conversation, as collated
 PACKED_ATTENTION = "interlat_packed"  # registered with transformers by `register_packed_attention`
 
 
@@ -50,7 +55,7 @@ class HeadConfig:
     latent_dim: int  # width of the sender's hidden states
     hidden_size: int  # width of the actor's embeddings
     num_heads: int = 8
-    prepended_length: int = 256  # only the first this-many latent rows are used
+    prepended_length: int = PREPENDED_LENGTH  # only the first this-many latent rows are used
     dropout: float = 0.1
 
 
@@ -232,6 +237,34 @@ def packed_sequences_available() -> bool:
     return torch.cuda.is_available() and _varlen_options() is not None
 
 
+def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """`t` [B, K, ...] zero-padded along dim 1 to at least `rows` rows."""
+    return torch.nn.functional.pad(t, (0, 0, 0, rows - t.shape[1])) if t.shape[1] < rows else t
+
+
+def shift_left(ids: torch.Tensor, lengths: torch.Tensor, start: torch.Tensor, pad_id: int):
+    """Row b of the result is `ids[b, start[b]:lengths[b]]`, left-aligned and padded: (ids, lengths)."""
+    pos = torch.arange(ids.shape[1], device=ids.device)[None, :]
+    src = (pos + start[:, None]).clamp(max=max(ids.shape[1] - 1, 0))
+    new_lengths = (lengths - start).clamp_min(0)
+    out = torch.where(pos < new_lengths[:, None], ids.gather(1, src) if ids.shape[1] else ids, pad_id)
+    return out, new_lengths
+
+
+@dataclass
+class StepDraws:
+    """A training step's random choices, drawn by the trainer (its seeded, resumable streams) before the forward.
+
+    `mix_ratio` [B]: each sample's latent share (round(r*K) latent rows, then the plan from round(r*P) on).
+    The negative (None without the contrast term): per sample the latents of another one (`negative_lengths`
+    rows; for the published negative already cut or tiled to the sample's own K) and `has_negative` [B]."""
+
+    mix_ratio: torch.Tensor
+    negative_latents: torch.Tensor | None = None
+    negative_lengths: torch.Tensor | None = None
+    has_negative: torch.Tensor | None = None
+
+
 @dataclass
 class BranchOutput:
     """Final hidden states at the positions that predict supervised labels, in batch order."""
@@ -263,7 +296,7 @@ class LatentActor(nn.Module):
     # -- construction -------------------------------------------------------------------
     @classmethod
     def from_base(cls, base_model: nn.Module, tokenizer, latent_dim: int | None = None, num_heads: int = 8,
-                  prepended_length: int = 256, dropout: float = 0.1) -> "LatentActor":
+                  prepended_length: int = PREPENDED_LENGTH, dropout: float = 0.1) -> "LatentActor":
         """Add the special tokens (resizing embeddings only if needed) and attach a fresh head."""
         add_special_tokens(tokenizer)
         if len(tokenizer) > base_model.get_input_embeddings().weight.shape[0]:
@@ -345,10 +378,71 @@ class LatentActor(nn.Module):
         rows = processed.gather(1, k[..., None].expand(-1, -1, processed.shape[-1]))
         return torch.where(latent_slots[..., None], rows.to(embeds.dtype), embeds)  # cast: float32 rows crash a bf16 model
 
-    def forward(self, *args, compute: Callable[["LatentActor"], Any] | None = None, **kwargs):
-        """One branch (`branch`'s arguments), or `compute(self)`: a whole loss computed inside one call of
-        the model, where a wrapper (FSDP) has gathered the parameters that it shards outside its forward."""
+    def forward(self, *args, draws: StepDraws | None = None, loss_config: LossConfig | None = None,
+                compute: Callable[["LatentActor"], Any] | None = None, **kwargs):
+        """The training step when `draws` is given (`loss_step(batch=..., draws, loss_config)`: one call of the
+        wrapped model, where FSDP has gathered what it shards), else one branch (`branch`'s arguments).
+        `compute(self)`: other work inside one call (the evaluation's and the compression stage's)."""
+        if draws is not None:
+            return self.loss_step(*args, draws=draws, loss_config=loss_config, **kwargs)
         return compute(self) if compute is not None else self.branch(*args, **kwargs)
+
+    def loss_step(self, batch: dict[str, torch.Tensor], draws: StepDraws, loss_config: LossConfig) -> LossSums:
+        """The three branches of one batch and their loss sums (`losses.latent_comm_losses`).
+
+        positive (with gradient): round(r*K) latent rows, then the plan tokens from round(r*P) on;
+        plan (no gradient): the plan text between <bop>/<eop>;
+        negative (no gradient): another sample's latents in the positive's latent rows, then the positive's own
+        plan suffix (`negative_form` published), or the other sample's latents alone (latents_only).
+        Every branch supervises the same tokens in the same order: row k of each is the same target token."""
+        text = {k: batch[k] for k in TEXT_KEYS}
+        latents, latent_lengths = batch["latents"], batch["latent_lengths"]
+        plan_ids, plan_lengths = batch["plan_ids"], batch["plan_lengths"]
+        has_latent, has_plan, no_rows = latent_lengths > 0, plan_lengths > 0, torch.zeros_like(latent_lengths)
+        # Samples without a plan read pure latents; samples without latents the plan.
+        ratio = torch.where(has_latent, torch.where(has_plan, draws.mix_ratio, 1.0), 0.0)
+        latent_rows = torch.round(ratio * latent_lengths).long()
+        block_ids, block_lengths = shift_left(plan_ids, plan_lengths, torch.round(ratio * plan_lengths).long(),
+                                              self.pad_id)
+        pos = self.branch(**text, latents=latents, latent_lengths=latent_lengths, latent_rows=latent_rows,
+                          block_ids=block_ids, block_lengths=block_lengths)
+
+        targets = {}  # the no-grad branches, run as one forward (batch stacked): half the launches of two
+        if loss_config.plan_similarity_weight:
+            targets["plan"] = dict(latents=latents, latent_lengths=no_rows, block_ids=plan_ids,
+                                   block_lengths=plan_lengths)
+        found = draws.has_negative
+        if draws.negative_latents is not None and loss_config.negative_form == "published":
+            targets["negative"] = dict(latents=draws.negative_latents, latent_lengths=latent_lengths * found,
+                                       latent_rows=latent_rows * found, block_ids=block_ids,
+                                       block_lengths=block_lengths)
+        elif draws.negative_latents is not None:
+            targets["negative"] = dict(latents=draws.negative_latents, latent_lengths=draws.negative_lengths,
+                                       block_ids=plan_ids[:, :0], block_lengths=no_rows)
+        with torch.no_grad():
+            hidden = dict(zip(targets, self.stacked_branches(text, list(targets.values()))))
+        row = pos.sample_index
+        return latent_comm_losses(pos.hidden, pos.labels, self.output_weight(), self.logits,
+                                  hidden.get("plan"), has_plan[row] if "plan" in hidden else None,
+                                  hidden.get("negative"), (found & has_latent)[row] if "negative" in hidden else None,
+                                  row, loss_config)
+
+    def stacked_branches(self, text: dict[str, torch.Tensor], branches: list[dict]) -> list[torch.Tensor]:
+        """Several branches of one batch (each: latents, latent_lengths, block_ids, block_lengths, and
+        latent_rows where fewer than latent_lengths) as one forward, stacked along the batch; returns each
+        branch's supervised hidden states (the same positions of the same conversations, in batch order)."""
+        if not branches:
+            return []
+        width = max(b["block_ids"].shape[1] for b in branches)
+        rows = max(b["latents"].shape[1] for b in branches)
+        pad_ids = lambda ids: torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=self.pad_id)
+        out = self.branch(**{k: torch.cat([v] * len(branches)) for k, v in text.items()},
+                          latents=torch.cat([pad_rows(b["latents"], rows) for b in branches]),
+                          latent_lengths=torch.cat([b["latent_lengths"] for b in branches]),
+                          latent_rows=torch.cat([b.get("latent_rows", b["latent_lengths"]) for b in branches]),
+                          block_ids=torch.cat([pad_ids(b["block_ids"]) for b in branches]),
+                          block_lengths=torch.cat([b["block_lengths"] for b in branches]))
+        return list(out.hidden.chunk(len(branches)))
 
     def branch(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
                marker_index: torch.Tensor, latents: torch.Tensor | None = None,

@@ -22,11 +22,13 @@ from transformers.training_args import ParallelMode
 from callbacks import (InfoNCEProbeCallback, InterruptCallback, LatentConditionsCallback, LossLogCallback,
                        NonFiniteGuardCallback, StepsToReadCallback)
 from data import ActorDataset, DataError, LatentCollator, build_hf_dataset, control_tokens, split_train_eval
-from latent_head import HEAD_FILE, LatentActor, load_head_file, packed_sequences_available
+from latent_head import (HEAD_FILE, MODEL_MAX_LENGTH, PREPENDED_LENGTH, LatentActor, load_head_file,
+                         packed_sequences_available)
+from losses import LossConfig
 from models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
 from runs import check_output_dir, check_resume_matches, run_fingerprint
 from safe_io import check_model_folder
-from trainer import LatentActorTrainer, LossConfig, resolve_loss_kernel, resolve_resume
+from trainer import LatentActorTrainer, resolve_resume
 from validation import validate_files
 
 logger = logging.getLogger("train_actor")
@@ -36,13 +38,16 @@ logger = logging.getLogger("train_actor")
 class ModelArguments:
     model_name_or_path: str = field(default="Qwen/Qwen2.5-0.5B-Instruct", metadata={
         "help": f"Hub id or local folder of a causal LM; offline, {EMBEDDED_MODEL} is embedded."})
-    prepended_length: int = field(default=256, metadata={"help": "Latent rows used per sample (the first ones)."})
+    prepended_length: int = field(default=PREPENDED_LENGTH, metadata={
+        "help": "Latent rows used per sample (the first ones)."})
     num_heads: int = field(default=8, metadata={"help": "Attention heads of the latent head's MHA."})
-    plan_similarity_weight: float = field(default=1.0, metadata={"help": "Weight of 0.7 KL + 0.3 (1-cos)."})
-    random_contrast_weight: float = field(default=2.0, metadata={"help": "Weight of max(0, 0.69 - JS)."})
-    mix_ratios: str = field(default="0.2,0.3,0.4,0.5,0.6,0.7,0.8", metadata={
+    plan_similarity_weight: float = field(default=LossConfig.plan_similarity_weight, metadata={
+        "help": "Weight of 0.7 KL + 0.3 (1-cos)."})
+    random_contrast_weight: float = field(default=LossConfig.random_contrast_weight, metadata={
+        "help": "Weight of max(0, 0.69 - JS)."})
+    mix_ratios: str = field(default=",".join(map(str, LossConfig.mix_ratios)), metadata={
         "help": "Comma-separated latent shares drawn per sample and step (rest of the block is plan text)."})
-    pure_latent_prob: float = field(default=0.5, metadata={
+    pure_latent_prob: float = field(default=LossConfig.pure_latent_prob, metadata={
         "help": "Share of training samples that get pure latents (ratio 1), the condition used at inference."})
     negative_form: Literal["published", "latents_only"] = field(default="published", metadata={
         "help": "The contrast's negative branch. published: another sample's latents (cut or tiled to this "
@@ -61,7 +66,7 @@ class ModelArguments:
                 "(benchmarks/steps_to_read.py). 0: off."})
     head_warm_start_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the warm start."})
     head_dropout: float = field(default=0.1, metadata={"help": "Attention dropout of the latent head."})
-    loss_chunk_size: int = field(default=1024, metadata={
+    loss_chunk_size: int = field(default=LossConfig.loss_chunk_size, metadata={
         "help": "Supervised tokens per chunk when projecting to the vocabulary (bounds logits memory)."})
     fused_loss: bool = field(default=True, metadata={
         "help": "Compute the loss terms and their gradients in one pass per chunk (bias-free linear LM "
@@ -97,7 +102,8 @@ class DataArguments:
     eval_file: str | None = field(default=None, metadata={"help": "Held-out records (else see --eval_ratio)."})
     eval_ratio: float = field(default=0.0, metadata={"help": "Share of train_file held out when no eval_file."})
     lazy_preprocess: bool = field(default=False, metadata={"help": "Tokenize on access instead of up front."})
-    model_max_length: int = field(default=3072, metadata={"help": "Longest sequence, latent block included."})
+    model_max_length: int = field(default=MODEL_MAX_LENGTH, metadata={
+        "help": "Longest sequence, latent block included."})
 
 
 @dataclass
@@ -290,7 +296,7 @@ def check_data(model_args: ModelArguments, data_args: DataArguments, args: Actor
     resume or None)."""
     check_arguments(model_args, data_args, args)
     try:
-        resolve_loss_kernel(model_args.loss_kernel, "cuda" if args.trains_on_gpu else "cpu")
+        resolve_auto_settings(model_args, args)
         loss_config(model_args).check_loss_path()
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -333,6 +339,28 @@ def check_data(model_args: ModelArguments, data_args: DataArguments, args: Actor
     if not report.ok:
         raise UserError("the data files have errors (listed above); nothing was trained", status=1)
     return report, resume
+
+
+def resolve_auto_settings(model_args: ModelArguments, args: ActorTrainingArguments) -> dict:
+    """Decide every setting left "auto" for this machine, once, before anything is built, and log them in one
+    line. The Trainer's own (precision, data loader workers, best model) are decided when the arguments are
+    parsed (`ActorTrainingArguments.__post_init__`: transformers checks them there); they are logged here too."""
+    # Speed options are on where they pay: on CUDA (packed rows: flash varlen attention on bf16/fp16 rows).
+    if model_args.packed_sequences is None:
+        model_args.packed_sequences = packed_sequences_available() and (args.bf16 or args.fp16)
+    if model_args.compile_layers is None:  # not under FSDP: its hooks around each layer are not compiled with it
+        model_args.compile_layers = torch.cuda.is_available() and not args.fsdp
+    loss = loss_config(model_args).resolved("cuda" if args.trains_on_gpu else "cpu", args.bf16)
+    model_args.loss_kernel, model_args.loss_matmul_dtype = loss.loss_kernel, loss.loss_matmul_dtype
+    settings = {"bf16": args.bf16, "fp16": args.fp16, "packed_sequences": model_args.packed_sequences,
+                "compile_layers": model_args.compile_layers, "loss_kernel": model_args.loss_kernel,
+                "loss_matmul_dtype": model_args.loss_matmul_dtype,
+                "dataloader_num_workers": args.dataloader_num_workers,
+                "dataloader_pin_memory": args.dataloader_pin_memory,
+                "load_best_model_at_end": args.load_best_model_at_end}
+    if args.should_log:
+        logger.info("Settings: %s", ", ".join(f"{k}={v}" for k, v in settings.items()))
+    return settings
 
 
 def loss_config(model_args: ModelArguments) -> LossConfig:
@@ -422,21 +450,21 @@ def build_trainer(actor: LatentActor, model_args: ModelArguments, data_args: Dat
     return trainer
 
 
-def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrainingArguments) -> int:
+def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrainingArguments,
+          callbacks: list[TrainerCallback] = (), save_final_model: bool = True) -> int:
+    """Check, build, train, save. `callbacks`: more `TrainerCallback`s (e.g. bench.py's step timer);
+    `save_final_model` False: leave out the final model (a benchmark measures steps, not saving)."""
     report, resume = check_data(model_args, data_args, args)
     if args.validate_only:
         return 0
-    # Speed options left unset ("auto") are on where they pay: on CUDA (packed rows need bf16/fp16).
-    if model_args.packed_sequences is None:
-        model_args.packed_sequences = packed_sequences_available() and (args.bf16 or args.fp16)
-    if model_args.compile_layers is None:  # not under FSDP: its hooks around each layer are not compiled with it
-        model_args.compile_layers = torch.cuda.is_available() and not args.fsdp
     actor = build_actor(model_args, report.latent_dim, args.seed)
     try:
         trainer = build_trainer(actor, model_args, data_args, args)
     except DataError as e:  # found while tokenizing: e.g. no sample fits --model_max_length
         raise UserError(str(e), status=1) from None
     trainer.run_fingerprint = run_fingerprint(model_args, data_args, args)  # into every checkpoint (runs.py)
+    for callback in callbacks:
+        trainer.add_callback(callback)
     if model_args.head_warm_start_steps > 0 and resume is None:
         warm_start(trainer, model_args, args)
     interrupt = InterruptCallback()
@@ -459,17 +487,19 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
     if interrupt.interrupted:
         raise UserError(f"interrupted (Ctrl-C) after step {trainer.state.global_step}: "
                         f"{last_checkpoint_note(args.output_dir)}", status=130)
-    actor.merge_lora()  # the final folder is a plain HF model + head, whatever the training mode
-    try:
-        trainer.save_model(args.output_dir)  # staged: on failure the folder's earlier model is untouched
-        trainer.save_state()
-        if trainer.is_world_process_zero():
-            actor.tokenizer.save_pretrained(os.path.join(args.output_dir, "tokenizer"))
-    except Exception as e:
-        if not write_failure(e):
-            raise
-        raise UserError(f"saving the final model into {args.output_dir} failed: {write_failure(e)}; the model the "
-                        f"folder held before is unchanged; {last_checkpoint_note(args.output_dir)}", status=1) from None
+    if save_final_model:
+        actor.merge_lora()  # the final folder is a plain HF model + head, whatever the training mode
+        try:
+            trainer.save_model(args.output_dir)  # staged: on failure the folder's earlier model is untouched
+            trainer.save_state()
+            if trainer.is_world_process_zero():
+                actor.tokenizer.save_pretrained(os.path.join(args.output_dir, "tokenizer"))
+        except Exception as e:
+            if not write_failure(e):
+                raise
+            raise UserError(f"saving the final model into {args.output_dir} failed: {write_failure(e)}; the model "
+                            f"the folder held before is unchanged; {last_checkpoint_note(args.output_dir)}",
+                            status=1) from None
     if trainer.nonfinite_guard.stopped:
         raise UserError(f"training stopped at step {trainer.state.global_step} on a non-finite gradient (see the "
                         f"log); the weights saved in {args.output_dir} never received it", status=1)
@@ -498,7 +528,8 @@ def last_checkpoint_note(output_dir: str) -> str:
     return f"the last complete checkpoint is {last} (continue with --resume_from_checkpoint latest)"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] = (), save_final_model: bool = True) -> int:
+    """The command line: `argv` (default sys.argv); `callbacks`/`save_final_model` as in `train`."""
     try:
         model_args, data_args, args = parse_args(argv)
     except ValueError as e:  # raised by an argument dataclass's checks
@@ -508,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
                         level=logging.INFO if args.should_log else logging.WARNING)
     transformers.utils.logging.set_verbosity_warning()
     try:
-        return train(model_args, data_args, args)
+        return train(model_args, data_args, args, callbacks, save_final_model)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.status
