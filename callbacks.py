@@ -10,6 +10,7 @@ import threading
 import torch
 from transformers import TrainerCallback
 
+from constants import LOSS_CURVE_FILE, LOSS_LOG_FILE
 from losses import infonce_from_scores
 
 logger = logging.getLogger(__name__)
@@ -81,13 +82,13 @@ class LossLogCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero:
             os.makedirs(self.output_dir, exist_ok=True)
-            write_loss_log(state.log_history, os.path.join(self.output_dir, "loss_log.csv"))
+            write_loss_log(state.log_history, os.path.join(self.output_dir, LOSS_LOG_FILE))
             if self.plot and logs and any(k.startswith(("eval_", "cond/")) for k in logs):
-                plot_loss_curve(state.log_history, os.path.join(self.output_dir, "loss_curve.png"))
+                plot_loss_curve(state.log_history, os.path.join(self.output_dir, LOSS_CURVE_FILE))
 
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.plot:
-            plot_loss_curve(state.log_history, os.path.join(self.output_dir, "loss_curve.png"))
+            plot_loss_curve(state.log_history, os.path.join(self.output_dir, LOSS_CURVE_FILE))
 
 
 @torch.no_grad()

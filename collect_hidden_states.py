@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 import models
+from constants import LATENT_OWNER_FILE
 from data import ROLES, DataError, check_plain_text, read_records
 from safe_io import check_output_file, remove_quietly, write_text_atomic
 
@@ -266,14 +267,11 @@ def save_npy(path: str, array: np.ndarray) -> None:
         raise
 
 
-OWNER_FILE = ".latents_of.json"  # in a latent folder: the output file whose latents it holds
-
-
 def claim_latent_dir(latent_dir: str, output_file: str) -> None:
     """Make `latent_dir` this output file's; refuse one that holds another output file's latents
     (both would write `<id>.npy` there, and one file would end up pointing at the other's latents)."""
     os.makedirs(latent_dir, exist_ok=True)
-    owner_path = os.path.join(latent_dir, OWNER_FILE)
+    owner_path = os.path.join(latent_dir, LATENT_OWNER_FILE)
     # relative to the folder: a data set moved with its latents keeps its claim
     me = os.path.relpath(os.path.realpath(output_file), os.path.realpath(latent_dir))
     if os.path.exists(owner_path):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from latent_head import IGNORE_INDEX, MARKER_TOKEN, SPECIAL_TOKENS
+from constants import IGNORE_INDEX, MARKER_TOKEN, SPECIAL_TOKENS
 from safe_io import MAX_LINE_BYTES, DataError, check_regular_file, read_npy_header
 
 logger = logging.getLogger(__name__)

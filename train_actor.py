@@ -22,7 +22,7 @@ from transformers.training_args import ParallelMode
 from callbacks import (InfoNCEProbeCallback, InterruptCallback, LatentConditionsCallback, LossLogCallback,
                        NonFiniteGuardCallback, StepsToReadCallback)
 from data import ActorDataset, DataError, LatentCollator, build_hf_dataset, control_tokens, split_train_eval
-from latent_head import HEAD_FILE, LatentActor, load_head_file, packed_sequences_available
+from latent_head import HEAD_FILE, LatentActor, load_head_file, packed_sequences_available, set_training_backends
 from models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
 from runs import check_output_dir, check_resume_matches, run_fingerprint
 from safe_io import check_model_folder
@@ -431,6 +431,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
         model_args.packed_sequences = packed_sequences_available() and (args.bf16 or args.fp16)
     if model_args.compile_layers is None:  # not under FSDP: its hooks around each layer are not compiled with it
         model_args.compile_layers = torch.cuda.is_available() and not args.fsdp
+    for setting in set_training_backends():
+        logger.info("Training backend: %s", setting)
     actor = build_actor(model_args, report.latent_dim, args.seed)
     try:
         trainer = build_trainer(actor, model_args, data_args, args)

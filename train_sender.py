@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, HfArgumentParser
 
 from callbacks import LossLogCallback, NonFiniteGuardCallback
 from data import ActorDataset, DataError
-from latent_head import HEAD_FILE, LatentActor, load_head_file
+from latent_head import HEAD_FILE, LatentActor, load_head_file, set_training_backends
 from losses import (COMPRESSION_ALIGN_WEIGHT, COMPRESSION_KL_WEIGHT, DISTILL_TEMPERATURE, DISTILL_WINDOW,
                     UNCERTAINTY_QUANTILE)
 from models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
@@ -158,6 +158,8 @@ def train(sender_args: SenderArguments, data_args: DataArguments, args: SenderTr
         return 0
     if sender_args.num_latents == 1:  # the bridge feeds step 2 onwards: with one step it gets no gradient
         args.ddp_find_unused_parameters = True
+    for setting in set_training_backends():
+        logger.info("Training backend: %s", setting)
     model = build_model(sender_args, head, args.seed)
     trainer = build_trainer(model, sender_args, data_args, args)
     try:

@@ -75,7 +75,7 @@ import numpy as np
 
 from data import (LATENT_SUFFIXES, ROLES, DataError, control_tokens, load_latents, read_plan_file, read_records,
                   resolve_path)
-from latent_head import SPECIAL_TOKENS
+from constants import SPECIAL_TOKENS
 from safe_io import read_npy_header
 
 SEVERITY = {
