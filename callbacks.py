@@ -97,7 +97,7 @@ def conditional_ce_matrix(actor, batch: dict[str, torch.Tensor]) -> torch.Tensor
 
     One batched forward per latent o over all K conversations (pure latents, head in eval mode).
     """
-    from evaluate_actor import ce_sums
+    from evaluation import ce_sums
 
     k = batch["input_ids"].shape[0]
     text = {name: batch[name] for name in ("input_ids", "labels", "attention_mask", "marker_index")}
@@ -143,14 +143,14 @@ class InfoNCEProbeCallback(TrainerCallback):
 
 class LatentConditionsCallback(TrainerCallback):
     """After each evaluation, logs the eval set's CE (bits/token) under the four messages of
-    `evaluate_actor.py` (true, shuffled, none, plan_text latents), so the curves show whether
+    `evaluation.py` (true, shuffled, none, plan_text latents), so the curves show whether
     the actor reads its latents while it trains."""
 
     def __init__(self, trainer, max_samples: int = 64):
         self.trainer, self.max_samples = trainer, max_samples
 
     def on_evaluate(self, args, state, control, **kwargs):
-        from evaluate_actor import evaluate_conditions
+        from evaluation import evaluate_conditions
 
         trainer = self.trainer
         actor = trainer.accelerator.unwrap_model(trainer.model)
