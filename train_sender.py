@@ -29,7 +29,8 @@ from losses import (COMPRESSION_ALIGN_WEIGHT, COMPRESSION_KL_WEIGHT, DISTILL_TEM
 from models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
 from sender import REQUEST, SENDER_FILE, CompressionModel, LatentSender, SenderCollator, SenderConfig, SenderDataset
 from sender_trainer import CompressionLossConfig, SenderTrainer
-from train_actor import ActorTrainingArguments, DataArguments, UserError, build_datasets, exit_process
+from train_actor import (ActorTrainingArguments, DataArguments, UserError, build_datasets, check_data_source,
+                         data_sources, exit_process)
 from trainer import resolve_resume
 from validation import validate_files
 
@@ -76,8 +77,7 @@ def parse_args(argv: list[str] | None = None):
 
 def check_inputs(sender_args: SenderArguments, data_args: DataArguments, args: SenderTrainingArguments):
     """Everything that can be refused before a model is loaded; returns (head config, report, resume)."""
-    if not data_args.train_file:
-        raise UserError("--train_file is required")
+    check_data_source(data_args)
     if not sender_args.actor_dir:
         raise UserError("--actor_dir is required: an output folder of train_actor.py (the frozen actor)")
     if not os.path.exists(os.path.join(sender_args.actor_dir, HEAD_FILE)):
@@ -99,7 +99,7 @@ def check_inputs(sender_args: SenderArguments, data_args: DataArguments, args: S
         check_tokenizer = AutoTokenizer.from_pretrained(sender_args.actor_dir) if args.validate_only else None
     except (FileNotFoundError, ModelNotFoundError) as e:
         raise UserError(str(e)) from None
-    report = validate_files([f for f in (data_args.train_file, data_args.eval_file) if f], tokenizer=check_tokenizer,
+    report = validate_files([f for f in data_sources(data_args) if f], tokenizer=check_tokenizer,
                             model_max_length=data_args.model_max_length, prepended_length=head["prepended_length"],
                             expected_latent_dim=head["latent_dim"])
     if args.should_log or args.validate_only:
