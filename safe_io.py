@@ -45,9 +45,9 @@ def _prefix(what: str) -> str:
     return f"{what}: " if what else ""
 
 
-def _file_error(what: str, path: str, detail: str, kind: str | None = None) -> DataError:
+def _file_error(what: str, path: str, detail: str) -> DataError:
     """`what: path: detail`, with `where` the path and `detail` the reason alone."""
-    return DataError(f"{_prefix(what)}{path}: {detail}", where=path, kind=kind, detail=detail)
+    return DataError(f"{_prefix(what)}{path}: {detail}", where=path, detail=detail)
 
 
 def check_regular_file(path: str, what: str = "") -> int:
