@@ -10,6 +10,7 @@ import threading
 import torch
 from transformers import TrainerCallback
 
+from constants import LOSS_CURVE_FILE, LOSS_LOG_FILE
 from losses import infonce_from_scores
 
 logger = logging.getLogger(__name__)
@@ -81,13 +82,13 @@ class LossLogCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero:
             os.makedirs(self.output_dir, exist_ok=True)
-            write_loss_log(state.log_history, os.path.join(self.output_dir, "loss_log.csv"))
+            write_loss_log(state.log_history, os.path.join(self.output_dir, LOSS_LOG_FILE))
             if self.plot and logs and any(k.startswith(("eval_", "cond/")) for k in logs):
-                plot_loss_curve(state.log_history, os.path.join(self.output_dir, "loss_curve.png"))
+                plot_loss_curve(state.log_history, os.path.join(self.output_dir, LOSS_CURVE_FILE))
 
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.plot:
-            plot_loss_curve(state.log_history, os.path.join(self.output_dir, "loss_curve.png"))
+            plot_loss_curve(state.log_history, os.path.join(self.output_dir, LOSS_CURVE_FILE))
 
 
 @torch.no_grad()
@@ -96,7 +97,7 @@ def conditional_ce_matrix(actor, batch: dict[str, torch.Tensor]) -> torch.Tensor
 
     One batched forward per latent o over all K conversations (pure latents, head in eval mode).
     """
-    from evaluate_actor import ce_sums
+    from evaluation import ce_sums
 
     k = batch["input_ids"].shape[0]
     text = {name: batch[name] for name in ("input_ids", "labels", "attention_mask", "marker_index")}
@@ -142,14 +143,14 @@ class InfoNCEProbeCallback(TrainerCallback):
 
 class LatentConditionsCallback(TrainerCallback):
     """After each evaluation, logs the eval set's CE (bits/token) under the four messages of
-    `evaluate_actor.py` (true, shuffled, none, plan_text latents), so the curves show whether
+    `evaluation.py` (true, shuffled, none, plan_text latents), so the curves show whether
     the actor reads its latents while it trains."""
 
     def __init__(self, trainer, max_samples: int = 64):
         self.trainer, self.max_samples = trainer, max_samples
 
     def on_evaluate(self, args, state, control, **kwargs):
-        from evaluate_actor import evaluate_conditions
+        from evaluation import evaluate_conditions
 
         trainer = self.trainer
         actor = trainer.accelerator.unwrap_model(trainer.model)

@@ -18,14 +18,11 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from constants import BOP_TOKEN, EOP_TOKEN, HEAD_FILE, IGNORE_INDEX, MARKER_TOKEN, SPECIAL_TOKENS  # noqa: F401 (re-exported)
 from losses import LossConfig, LossSums, latent_comm_losses
 
 logger = logging.getLogger(__name__)
 
-MARKER_TOKEN, BOP_TOKEN, EOP_TOKEN = "<FIRST_HUMAN_END>", "<bop>", "<eop>"
-SPECIAL_TOKENS = (MARKER_TOKEN, BOP_TOKEN, EOP_TOKEN)
-HEAD_FILE = "latent_comm_head.pt"
-IGNORE_INDEX = -100
 PREPENDED_LENGTH = 256  # latent rows the head reads per sample (the first ones), unless configured
 MODEL_MAX_LENGTH = 3072  # the actor's longest sequence, latent block included, unless configured
 TEXT_KEYS = ("input_ids", "labels", "attention_mask", "marker_index")  # a batch's conversation, as collated
@@ -237,6 +234,19 @@ def packed_sequences_available() -> bool:
     return torch.cuda.is_available() and _varlen_options() is not None
 
 
+def set_training_backends() -> list[str]:
+    """Process-wide CUDA settings for training, set where training starts (never by building a model);
+    returns what was set, for the log (nothing without CUDA)."""
+    if not torch.cuda.is_available():
+        return []
+    # cuDNN's attention builds an execution plan for every new sequence length (milliseconds of CPU
+    # per layer call); with dynamic padding almost every call is new. The flash and memory-efficient
+    # kernels need no plan: 1.7x faster steps at batch 2 on an H100 (benchmarks/NOTES.md).
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    torch.backends.cuda.matmul.allow_tf32 = True  # float32 logits of the loss (see `LatentActor.logits`)
+    return ["torch.backends.cuda.enable_cudnn_sdp(False)", "torch.backends.cuda.matmul.allow_tf32 = True"]
+
+
 def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     """`t` [B, K, ...] zero-padded along dim 1 to at least `rows` rows."""
     return torch.nn.functional.pad(t, (0, 0, 0, rows - t.shape[1])) if t.shape[1] < rows else t
@@ -286,12 +296,6 @@ class LatentActor(nn.Module):
         self.marker_id, self.bop_id, self.eop_id = ids
         self.pad_id = tokenizer.pad_token_id
         self.packed = False
-        if torch.cuda.is_available():
-            # cuDNN's attention builds an execution plan for every new sequence length (milliseconds of CPU
-            # per layer call); with dynamic padding almost every call is new. The flash and memory-efficient
-            # kernels need no plan: 1.7x faster steps at batch 2 on an H100 (benchmarks/NOTES.md).
-            torch.backends.cuda.enable_cudnn_sdp(False)
-            torch.backends.cuda.matmul.allow_tf32 = True  # float32 logits of the loss (see `logits`)
 
     # -- construction -------------------------------------------------------------------
     @classmethod

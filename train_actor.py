@@ -21,9 +21,10 @@ from transformers.training_args import ParallelMode
 
 from callbacks import (InfoNCEProbeCallback, InterruptCallback, LatentConditionsCallback, LossLogCallback,
                        NonFiniteGuardCallback, StepsToReadCallback)
-from data import ActorDataset, DataError, LatentCollator, build_hf_dataset, control_tokens, split_train_eval
+from data import (ActorDataset, DataError, DatasetSource, LatentCollator, Source, build_hf_dataset, control_tokens,
+                  split_train_eval)
 from latent_head import (HEAD_FILE, MODEL_MAX_LENGTH, PREPENDED_LENGTH, LatentActor, load_head_file,
-                         packed_sequences_available)
+                         packed_sequences_available, set_training_backends)
 from losses import LossConfig
 from models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
 from runs import check_output_dir, check_resume_matches, run_fingerprint
@@ -99,6 +100,12 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     train_file: str | None = field(default=None, metadata={"help": "JSON, JSONL or {\"data\": [...]} records."})
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "Instead of --train_file: a hub dataset id, or a local dataset folder or file, read with "
+                "datasets.load_dataset (records as in a data file)."})
+    dataset_split: str = field(default="train", metadata={"help": "The split of --dataset_name to train on."})
+    eval_split: str | None = field(default=None, metadata={
+        "help": "A split of --dataset_name held out for evaluation (else --eval_file or --eval_ratio)."})
     eval_file: str | None = field(default=None, metadata={"help": "Held-out records (else see --eval_ratio)."})
     eval_ratio: float = field(default=0.0, metadata={"help": "Share of train_file held out when no eval_file."})
     lazy_preprocess: bool = field(default=False, metadata={"help": "Tokenize on access instead of up front."})
@@ -204,9 +211,19 @@ def parse_args(argv: list[str] | None = None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+def data_sources(data_args: DataArguments) -> tuple[Source, Source | None]:
+    """(training records, held-out records or None): files, or splits of --dataset_name."""
+    if data_args.dataset_name:
+        train = DatasetSource(data_args.dataset_name, data_args.dataset_split)
+        held_out = DatasetSource(data_args.dataset_name, data_args.eval_split) if data_args.eval_split else None
+        return train, held_out or data_args.eval_file or None
+    return data_args.train_file, data_args.eval_file or None
+
+
 def build_datasets(data_args: DataArguments, seed: int):
-    train = build_hf_dataset(data_args.train_file)
-    evaluation = build_hf_dataset(data_args.eval_file) if data_args.eval_file else None
+    train_source, eval_source = data_sources(data_args)
+    train = build_hf_dataset(train_source)
+    evaluation = build_hf_dataset(eval_source) if eval_source else None
     if evaluation is None and data_args.eval_ratio > 0:
         train, evaluation = split_train_eval(train, data_args.eval_ratio, seed)
     return train, evaluation
@@ -242,10 +259,20 @@ def parse_mix_ratios(text: str) -> tuple[float, ...]:
     return ratios
 
 
+def check_data_source(data_args: DataArguments) -> None:
+    """Exactly one of --train_file and --dataset_name; --eval_split only with --dataset_name."""
+    if bool(data_args.train_file) == bool(data_args.dataset_name):
+        raise UserError("--train_file or --dataset_name is required (one of them)" if not data_args.train_file else
+                        "--train_file and --dataset_name both given; expected one of them")
+    if data_args.eval_split and not data_args.dataset_name:
+        raise UserError("--eval_split names a split of --dataset_name; with --train_file use --eval_file")
+    if data_args.eval_split and data_args.eval_file:
+        raise UserError("--eval_split and --eval_file both given; expected one of them")
+
+
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, args: ActorTrainingArguments) -> None:
     """Argument errors found from the flags alone, before any file is read."""
-    if not data_args.train_file:
-        raise UserError("--train_file is required")
+    check_data_source(data_args)
     try:
         parse_mix_ratios(model_args.mix_ratios)
     except ValueError as e:
@@ -328,7 +355,7 @@ def check_data(model_args: ModelArguments, data_args: DataArguments, args: Actor
         raise UserError(str(e)) from None
     # Full tokenization checks with --validate_only; training refuses control tokens in the data up front and
     # tokenizes (cached) while building its datasets.
-    report = validate_files([f for f in (data_args.train_file, data_args.eval_file) if f],
+    report = validate_files([f for f in data_sources(data_args) if f],
                             tokenizer=tokenizer if args.validate_only else None,
                             control_strings=control_tokens(tokenizer),
                             model_max_length=data_args.model_max_length,
@@ -457,6 +484,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
     report, resume = check_data(model_args, data_args, args)
     if args.validate_only:
         return 0
+    for setting in set_training_backends():
+        logger.info("Training backend: %s", setting)
     actor = build_actor(model_args, report.latent_dim, args.seed)
     try:
         trainer = build_trainer(actor, model_args, data_args, args)

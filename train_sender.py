@@ -23,13 +23,14 @@ from transformers import AutoTokenizer, HfArgumentParser
 
 from callbacks import LossLogCallback, NonFiniteGuardCallback
 from data import ActorDataset, DataError
-from latent_head import HEAD_FILE, LatentActor, load_head_file
+from latent_head import HEAD_FILE, LatentActor, load_head_file, set_training_backends
 from losses import (COMPRESSION_ALIGN_WEIGHT, COMPRESSION_KL_WEIGHT, DISTILL_TEMPERATURE, DISTILL_WINDOW,
                     UNCERTAINTY_QUANTILE)
 from models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
 from sender import KNOWLEDGE, REQUEST, SENDER_FILE, CompressionModel, LatentSender, SenderCollator, SenderConfig, SenderDataset
 from sender_trainer import CompressionLossConfig, SenderTrainer
-from train_actor import ActorTrainingArguments, DataArguments, UserError, build_datasets, exit_process
+from train_actor import (ActorTrainingArguments, DataArguments, UserError, build_datasets, check_data_source,
+                         data_sources, exit_process)
 from trainer import resolve_resume
 from validation import validate_files
 
@@ -79,8 +80,7 @@ def parse_args(argv: list[str] | None = None):
 
 def check_inputs(sender_args: SenderArguments, data_args: DataArguments, args: SenderTrainingArguments):
     """Everything that can be refused before a model is loaded; returns (head config, report, resume)."""
-    if not data_args.train_file:
-        raise UserError("--train_file is required")
+    check_data_source(data_args)
     if not sender_args.actor_dir:
         raise UserError("--actor_dir is required: an output folder of train_actor.py (the frozen actor)")
     if not os.path.exists(os.path.join(sender_args.actor_dir, HEAD_FILE)):
@@ -104,7 +104,7 @@ def check_inputs(sender_args: SenderArguments, data_args: DataArguments, args: S
         check_tokenizer = AutoTokenizer.from_pretrained(sender_args.actor_dir) if args.validate_only else None
     except (FileNotFoundError, ModelNotFoundError) as e:
         raise UserError(str(e)) from None
-    report = validate_files([f for f in (data_args.train_file, data_args.eval_file) if f], tokenizer=check_tokenizer,
+    report = validate_files([f for f in data_sources(data_args) if f], tokenizer=check_tokenizer,
                             model_max_length=data_args.model_max_length, prepended_length=head["prepended_length"],
                             expected_latent_dim=head["latent_dim"])
     if args.should_log or args.validate_only:
@@ -164,6 +164,8 @@ def train(sender_args: SenderArguments, data_args: DataArguments, args: SenderTr
         return 0
     if sender_args.num_latents == 1:  # the bridge feeds step 2 onwards: with one step it gets no gradient
         args.ddp_find_unused_parameters = True
+    for setting in set_training_backends():
+        logger.info("Training backend: %s", setting)
     model = build_model(sender_args, head, args.seed)
     trainer = build_trainer(model, sender_args, data_args, args)
     try:
