@@ -40,6 +40,7 @@ from data import ActorDataset, DataError, LatentCollator, build_hf_dataset, read
 from inference import build_prompt_batch, encode_prompt, generate_token_ids, prompt_messages
 from latent_head import HEAD_FILE, LatentActor, load_head_file
 from losses import LN2, token_ce
+from models import ModelNotFoundError, resolve_model_dir
 from safe_io import check_model_folder, check_output_file, remove_quietly, write_text_atomic
 
 CONDITIONS = ("true", "shuffled", "none", "plan_text")
@@ -168,11 +169,14 @@ def _generate_conditions(actor: LatentActor, items: list[dict], donor_items: lis
 
 def evaluate(actor: LatentActor, dataset: ActorDataset, collator: LatentCollator, batch_size: int = 8,
              device: torch.device | str | None = None, max_samples: int | None = None,
-             answers: Sequence[str | None] | None = None, max_new_tokens: int = 32) -> dict:
+             answers: Sequence[str | None] | None = None, max_new_tokens: int = 32, progress: bool = False) -> dict:
     """Full report: per-condition `ce_bits` (+ `accuracy` where answers are given), delta, per-sample values.
 
     `answers[i]` is sample i's expected answer (None: not scored); with no answers nothing is generated.
+    `progress`: a progress bar over the samples (tqdm).
     """
+    from tqdm.auto import tqdm
+
     device = device or actor.device
     n = min(len(dataset), max_samples) if max_samples is not None else len(dataset)
     sums = {c: torch.zeros(n, dtype=torch.float64) for c in CONDITIONS}
@@ -183,6 +187,7 @@ def evaluate(actor: LatentActor, dataset: ActorDataset, collator: LatentCollator
     replies: dict[str, list[str | None]] = {c: [None] * n for c in CONDITIONS}
     was_training = actor.training
     actor.eval()  # head dropout off: deterministic, deployment-like scores
+    bar = tqdm(total=n, desc="latent conditions", unit="sample", disable=not progress, leave=False)
     try:
         for indices, items, donor_items, batch, donor in iter_batches(dataset, collator, batch_size, n, device):
             for c in CONDITIONS:
@@ -194,7 +199,9 @@ def evaluate(actor: LatentActor, dataset: ActorDataset, collator: LatentCollator
                 for c, texts in _generate_conditions(actor, items, donor_items, messages, max_new_tokens).items():
                     for i, text in zip(indices, texts):
                         replies[c][i] = text
+            bar.update(len(indices))
     finally:
+        bar.close()
         actor.train(was_training)
 
     valid = {c: applies[c] & (counts[c] > 0) for c in CONDITIONS}
@@ -229,13 +236,14 @@ def evaluate(actor: LatentActor, dataset: ActorDataset, collator: LatentCollator
 
 
 def evaluate_conditions(actor: LatentActor, dataset: ActorDataset, collator: LatentCollator, batch_size: int,
-                        device: torch.device | str | None = None, max_samples: int | None = None) -> dict[str, float]:
+                        device: torch.device | str | None = None, max_samples: int | None = None,
+                        progress: bool = False) -> dict[str, float]:
     """No generation, flat, for logging at eval time: `{cond}_ce_bits`, `{cond}_exact_match` (share of samples
     whose reference reply is the teacher-forced arg-max, token by token) and `delta_bits_shuffled_minus_true`.
 
     Keys of conditions that apply to no sample are left out (never NaN in logs).
     """
-    report = evaluate(actor, dataset, collator, batch_size, device, max_samples)
+    report = evaluate(actor, dataset, collator, batch_size, device, max_samples, progress=progress)
     out = {f"{c}_{key}": v[key] for c, v in report["conditions"].items() if v["ce_bits"] is not None
            for key in ("ce_bits", "exact_match")}
     if report["delta_bits_shuffled_minus_true"] is not None:
@@ -302,7 +310,7 @@ def _str2bool(v: str) -> bool:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model_dir", required=True, help="An output folder of train_actor.py.")
+    p.add_argument("--model_dir", required=True, help="An output folder of train_actor.py, or its hub id.")
     p.add_argument("--eval_file", required=True, help="Records in the training format (optionally with `answer`).")
     p.add_argument("--output", required=True, help="The JSON report to write.")
     p.add_argument("--batch_size", type=int, default=8)
@@ -312,6 +320,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot", default=None, help="Bar chart path (default: the output's name with .png).")
     p.add_argument("--model_max_length", type=int, default=3072, help="As in training: longer samples are cut.")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--disable_tqdm", type=_str2bool, default=False, help="No progress bar (as the Trainer's flag).")
     return p.parse_args(argv)
 
 
@@ -327,6 +336,10 @@ def check_inputs(args: argparse.Namespace) -> tuple[dict, object]:
         raise DataError("--batch_size and --max_samples must be positive")
     check_output_file(args.output, "--output")
     check_output_file(args.plot or os.path.splitext(args.output)[0] + ".png", "--plot")
+    try:  # a hub id: the HF cache's (or a downloaded) snapshot folder
+        args.model_dir = resolve_model_dir(args.model_dir, "--model_dir")
+    except ModelNotFoundError as e:
+        raise DataError(str(e)) from None
     check_model_folder(args.model_dir, "--model_dir")
     head = load_head_file(os.path.join(args.model_dir, HEAD_FILE))
     try:
@@ -355,6 +368,7 @@ def finite_or_none(obj):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    model_source = args.model_dir  # as given (a hub id stays one in the report)
     try:
         check_inputs(args)
         # keyed like the dataset's rows, which name the file by its absolute path
@@ -366,11 +380,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         collator = LatentCollator(actor.pad_id, actor.head.config.latent_dim)
         answers = [answers_by_where.get(w) for w in dataset.rows["where"]] if args.generate else None
         report = evaluate(actor, dataset, collator, args.batch_size, args.device, args.max_samples, answers,
-                          args.max_new_tokens)
+                          args.max_new_tokens, progress=not args.disable_tqdm)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report = finite_or_none({"model_dir": args.model_dir, "eval_file": args.eval_file, **report})
+    report = finite_or_none({"model_dir": model_source, "eval_file": args.eval_file, **report})
     plot_path = args.plot or os.path.splitext(args.output)[0] + ".png"
     for what, path, write in (("report", args.output,
                                lambda: write_text_atomic(args.output, json.dumps(report, indent=1, allow_nan=False))),

@@ -142,7 +142,7 @@ def check_safetensors_file(path: str, what: str = "") -> list[str]:
 
 
 # The files of an output folder or checkpoint that are read back, and how to check each.
-ARTIFACT_NAMES = ("latent_comm_head.pt", "model.safetensors", "adapter_model.safetensors", "pytorch_model.bin",
+ARTIFACT_NAMES = ("latent_comm_head.pt", "latent_comm_head.safetensors", "model.safetensors", "adapter_model.safetensors", "pytorch_model.bin",
                   "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth")
 
 
