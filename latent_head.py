@@ -519,13 +519,12 @@ def save_head(config: HeadConfig, state_dict: dict[str, torch.Tensor], path: str
 
 
 def save_head_safetensors(config: HeadConfig, state_dict: dict[str, torch.Tensor], path: str) -> None:
-    """The head as safetensors, its configuration as JSON in the file's metadata (`interlat_head_config`)."""
+    """The head as safetensors, its configuration as JSON in the file's metadata (`interlat_head_config`).
+    Written in place: `save_pretrained` writes it into a staging folder, which is what makes the save whole."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    tmp = path + ".tmp"
-    save_file(state, tmp, metadata={"format": "pt", "interlat_head_config": json.dumps(asdict(config))})
-    os.replace(tmp, path)
+    save_file(state, path, metadata={"format": "pt", "interlat_head_config": json.dumps(asdict(config))})
 
 
 def load_head_safetensors(path: str) -> dict:
