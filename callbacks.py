@@ -1,4 +1,5 @@
-"""What watches training: `loss_log.csv` and `loss_curve.png`, and the InfoNCE probe."""
+"""What watches training: `loss_log.csv` and `loss_curve.png`, the InfoNCE probe, the latent conditions, and
+TensorBoard's metric groups."""
 from __future__ import annotations
 
 import csv
@@ -9,6 +10,8 @@ import threading
 
 import torch
 from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback
+from transformers.integrations.integration_utils import rewrite_logs
 
 from constants import LOSS_CURVE_FILE, LOSS_LOG_FILE
 from losses import infonce_from_scores
@@ -157,7 +160,8 @@ class LatentConditionsCallback(TrainerCallback):
         with torch.autocast(actor.device.type, dtype=torch.bfloat16, enabled=args.bf16):
             metrics = evaluate_conditions(actor, trainer.eval_dataset, trainer.data_collator,
                                           args.per_device_eval_batch_size, actor.device,
-                                          max_samples=self.max_samples)
+                                          max_samples=self.max_samples,
+                                          progress=not args.disable_tqdm and state.is_local_process_zero)
         trainer.log({f"cond/{k}": round(v, 6) for k, v in metrics.items()})
 
 
@@ -251,3 +255,36 @@ class InterruptCallback(TrainerCallback):
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
+
+
+# Metrics logged under a group of their own ("cond/...", "probe/...") keep it in TensorBoard.
+GROUPED_PREFIXES = ("cond/", "probe/")
+
+
+class MetricGroupTensorBoardCallback(TensorBoardCallback):
+    """TensorBoard as the Trainer writes it (`train/loss`, `eval/loss`), except that `cond/*` and `probe/*` stay
+    their own groups: the Trainer's `rewrite_logs` would file them under `train/cond/...`."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if self.tb_writer is None:
+            self._init_summary_writer(args)
+        if self.tb_writer is None:
+            return
+        grouped = {k: v for k, v in logs.items() if k.startswith(GROUPED_PREFIXES)}
+        rest = rewrite_logs({k: v for k, v in logs.items() if k not in grouped})
+        if grouped:  # a cond/probe log's bookkeeping ("epoch") adds nothing: the train logs carry it
+            rest = {k: v for k, v in rest.items() if k != "train/epoch"}
+        for key, value in {**rest, **grouped}.items():
+            if isinstance(value, (int, float)):
+                self.tb_writer.add_scalar(key, value, state.global_step)
+            elif isinstance(value, str):
+                self.tb_writer.add_text(key, value, state.global_step)
+        self.tb_writer.flush()
+
+
+def use_metric_group_tensorboard(trainer) -> None:
+    """With `--report_to tensorboard`, replace the Trainer's TensorBoard callback with `MetricGroupTensorBoardCallback`."""
+    if trainer.pop_callback(TensorBoardCallback) is not None:
+        trainer.add_callback(MetricGroupTensorBoardCallback())

@@ -13,6 +13,8 @@ IGNORE_INDEX = -100  # label of a token that is not supervised (PyTorch's cross-
 
 # Files
 HEAD_FILE = "latent_comm_head.pt"  # the latent head's configuration and weights, next to the actor's model
+# (the specification's file: torch.load(..., weights_only=True))
+HEAD_SAFETENSORS_FILE = "latent_comm_head.safetensors"  # the same head for hub tooling; its config in the metadata
 SENDER_FILE = "latent_sender.pt"  # the compressed sender's bridge, start vector and configuration
 LATENT_OWNER_FILE = ".latents_of.json"  # in a latent folder: the output file whose latents it holds
 LOSS_LOG_FILE, LOSS_CURVE_FILE = "loss_log.csv", "loss_curve.png"

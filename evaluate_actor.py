@@ -22,6 +22,7 @@ from evaluation import (CONDITIONS, LOGIT_CHUNK, TEXT_KEYS, answer_in_reply, ce_
                         condition_applies, condition_inputs, donor_indices, evaluate, evaluate_conditions,
                         iter_batches, normalise_text)
 from latent_head import HEAD_FILE, LatentActor, load_head_file
+from models import ModelNotFoundError, resolve_model_dir
 from safe_io import check_model_folder, check_output_file, remove_quietly, write_text_atomic
 
 COLORS = {"true": "C0", "shuffled": "C3", "none": "C7", "plan_text": "C2"}
@@ -86,7 +87,7 @@ def _str2bool(v: str) -> bool:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model_dir", required=True, help="An output folder of train_actor.py.")
+    p.add_argument("--model_dir", required=True, help="An output folder of train_actor.py, or its hub id.")
     p.add_argument("--eval_file", required=True, help="Records in the training format (optionally with `answer`).")
     p.add_argument("--output", required=True, help="The JSON report to write.")
     p.add_argument("--batch_size", type=int, default=8)
@@ -96,6 +97,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot", default=None, help="Bar chart path (default: the output's name with .png).")
     p.add_argument("--model_max_length", type=int, default=3072, help="As in training: longer samples are cut.")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--disable_tqdm", type=_str2bool, default=False, help="No progress bar (as the Trainer's flag).")
     return p.parse_args(argv)
 
 
@@ -111,6 +113,10 @@ def check_inputs(args: argparse.Namespace) -> tuple[dict, object]:
         raise DataError("--batch_size and --max_samples must be positive")
     check_output_file(args.output, "--output")
     check_output_file(args.plot or os.path.splitext(args.output)[0] + ".png", "--plot")
+    try:  # a hub id: the HF cache's (or a downloaded) snapshot folder
+        args.model_dir = resolve_model_dir(args.model_dir, "--model_dir")
+    except ModelNotFoundError as e:
+        raise DataError(str(e)) from None
     check_model_folder(args.model_dir, "--model_dir")
     head = load_head_file(os.path.join(args.model_dir, HEAD_FILE))
     try:
@@ -139,6 +145,7 @@ def finite_or_none(obj):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    model_source = args.model_dir  # as given (a hub id stays one in the report)
     try:
         check_inputs(args)
         # keyed like the dataset's rows, which name the file by its absolute path
@@ -150,11 +157,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         collator = LatentCollator(actor.pad_id, actor.head.config.latent_dim)
         answers = [answers_by_where.get(w) for w in dataset.rows["where"]] if args.generate else None
         report = evaluate(actor, dataset, collator, args.batch_size, args.device, args.max_samples, answers,
-                          args.max_new_tokens)
+                          args.max_new_tokens, progress=not args.disable_tqdm)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report = finite_or_none({"model_dir": args.model_dir, "eval_file": args.eval_file, **report})
+    report = finite_or_none({"model_dir": model_source, "eval_file": args.eval_file, **report})
     plot_path = args.plot or os.path.splitext(args.output)[0] + ".png"
     for what, path, write in (("report", args.output,
                                lambda: write_text_atomic(args.output, json.dumps(report, indent=1, allow_nan=False))),

@@ -162,11 +162,14 @@ def _generate_conditions(actor: LatentActor, items: list[dict], donor_items: lis
 
 def evaluate(actor: LatentActor, dataset: ActorDataset, collator: LatentCollator, batch_size: int = 8,
              device: torch.device | str | None = None, max_samples: int | None = None,
-             answers: Sequence[str | None] | None = None, max_new_tokens: int = 32) -> dict:
+             answers: Sequence[str | None] | None = None, max_new_tokens: int = 32, progress: bool = False) -> dict:
     """Full report: per-condition `ce_bits` (+ `accuracy` where answers are given), delta, per-sample values.
 
     `answers[i]` is sample i's expected answer (None: not scored); with no answers nothing is generated.
+    `progress`: a progress bar over the samples (tqdm).
     """
+    from tqdm.auto import tqdm
+
     device = device or actor.device
     n = min(len(dataset), max_samples) if max_samples is not None else len(dataset)
     sums = {c: torch.zeros(n, dtype=torch.float64) for c in CONDITIONS}
@@ -177,6 +180,7 @@ def evaluate(actor: LatentActor, dataset: ActorDataset, collator: LatentCollator
     replies: dict[str, list[str | None]] = {c: [None] * n for c in CONDITIONS}
     was_training = actor.training
     actor.eval()  # head dropout off: deterministic, deployment-like scores
+    bar = tqdm(total=n, desc="latent conditions", unit="sample", disable=not progress, leave=False)
     try:
         for indices, items, donor_items, batch, donor in iter_batches(dataset, collator, batch_size, n, device):
             for c in CONDITIONS:
@@ -188,7 +192,9 @@ def evaluate(actor: LatentActor, dataset: ActorDataset, collator: LatentCollator
                 for c, texts in _generate_conditions(actor, items, donor_items, messages, max_new_tokens).items():
                     for i, text in zip(indices, texts):
                         replies[c][i] = text
+            bar.update(len(indices))
     finally:
+        bar.close()
         actor.train(was_training)
 
     valid = {c: applies[c] & (counts[c] > 0) for c in CONDITIONS}
@@ -223,13 +229,14 @@ def evaluate(actor: LatentActor, dataset: ActorDataset, collator: LatentCollator
 
 
 def evaluate_conditions(actor: LatentActor, dataset: ActorDataset, collator: LatentCollator, batch_size: int,
-                        device: torch.device | str | None = None, max_samples: int | None = None) -> dict[str, float]:
+                        device: torch.device | str | None = None, max_samples: int | None = None,
+                        progress: bool = False) -> dict[str, float]:
     """No generation, flat, for logging at eval time: `{cond}_ce_bits`, `{cond}_exact_match` (share of samples
     whose reference reply is the teacher-forced arg-max, token by token) and `delta_bits_shuffled_minus_true`.
 
     Keys of conditions that apply to no sample are left out (never NaN in logs).
     """
-    report = evaluate(actor, dataset, collator, batch_size, device, max_samples)
+    report = evaluate(actor, dataset, collator, batch_size, device, max_samples, progress=progress)
     out = {f"{c}_{key}": v[key] for c, v in report["conditions"].items() if v["ce_bits"] is not None
            for key in ("ce_bits", "exact_match")}
     if report["delta_bits_shuffled_minus_true"] is not None:

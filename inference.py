@@ -20,6 +20,7 @@ from data import DataError, load_latents, normalise_record, read_records
 from generation import (LatentLike, build_prompt_batch, encode_prompt, generate_replies, generate_reply,  # noqa: F401
                         generate_token_ids, prompt_embeddings, prompt_messages, stop_token_ids, to_chat_messages)
 from latent_head import HEAD_FILE, LatentActor, load_head_file
+from models import ModelNotFoundError, resolve_model_dir
 from safe_io import check_model_folder
 
 
@@ -52,7 +53,8 @@ def find_record(spec: str, expected_latent_dim: int | None = None, prepended_len
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Generate an actor's reply with a latent message injected.")
-    p.add_argument("--model_dir", required=True, help="An output folder of train_actor.py (model + head).")
+    p.add_argument("--model_dir", required=True, help="An output folder of train_actor.py (model + head), or its "
+                                                       "hub id.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--record", help="FILE[:index or id]: a data record; its reply is generated (first "
                                       "assistant turn), with its latents unless --latents/--no_latents.")
@@ -70,16 +72,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_model_dir(model_dir: str) -> dict:
-    """The model folder's artifacts read safely; returns its head file (config and weights)."""
+def check_model_dir(model_dir: str) -> tuple[str, dict]:
+    """The model folder (a hub id resolved to its snapshot) and its head file (config and weights), its
+    artifacts read safely."""
+    try:
+        model_dir = resolve_model_dir(model_dir, "--model_dir")
+    except ModelNotFoundError as e:
+        raise DataError(str(e)) from None
     check_model_folder(model_dir, "--model_dir")
-    return load_head_file(os.path.join(model_dir, HEAD_FILE))
+    return model_dir, load_head_file(os.path.join(model_dir, HEAD_FILE))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        head = check_model_dir(args.model_dir)["config"]
+        model_dir, head_file = check_model_dir(args.model_dir)
+        head = head_file["config"]
         if args.max_new_tokens < 1:
             raise DataError("--max_new_tokens must be at least 1")
         if args.record:
@@ -99,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise DataError("the record has no user turn before its first reply")
         if latents is not None and latents.shape[1] != head["latent_dim"]:
             raise DataError(f"latents have width {latents.shape[1]}, the actor's head expects {head['latent_dim']}")
-        actor = LatentActor.from_pretrained(args.model_dir, device=args.device)
+        actor = LatentActor.from_pretrained(model_dir, device=args.device)
         torch.manual_seed(args.seed)
         reply = generate_reply(actor, messages, latents, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                                temperature=args.temperature, top_p=args.top_p, plan_text=plan)

@@ -18,7 +18,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from constants import BOP_TOKEN, EOP_TOKEN, HEAD_FILE, IGNORE_INDEX, MARKER_TOKEN, SPECIAL_TOKENS  # noqa: F401 (re-exported)
+from constants import (BOP_TOKEN, EOP_TOKEN, HEAD_FILE, HEAD_SAFETENSORS_FILE, IGNORE_INDEX,  # noqa: F401 (re-exported)
+                       MARKER_TOKEN, SPECIAL_TOKENS)
 from losses import LossConfig, LossSums, latent_comm_losses
 
 logger = logging.getLogger(__name__)
@@ -511,7 +512,8 @@ class LatentActor(nn.Module):
     # -- saving and loading -----------------------------------------------------------------
     def save_pretrained(self, output_dir: str, save_tokenizer: bool = True,
                         state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Write the base model (`save_pretrained`), the tokenizer and `latent_comm_head.pt`.
+        """Write the base model (`save_pretrained`), the tokenizer and the head (`latent_comm_head.pt` and
+        `latent_comm_head.safetensors`, the same weights).
 
         `state_dict`: this actor's full weights when its own are sharded (gathered by FSDP on one rank).
 
@@ -526,7 +528,9 @@ class LatentActor(nn.Module):
             self.base_model.save_pretrained(stage, state_dict=part("base_model."))
             if save_tokenizer:
                 self.tokenizer.save_pretrained(stage)
-            save_head(self.head.config, part("head.") or self.head.state_dict(), os.path.join(stage, HEAD_FILE))
+            head_state = part("head.") or self.head.state_dict()
+            save_head(self.head.config, head_state, os.path.join(stage, HEAD_FILE))
+            save_head_safetensors(self.head.config, head_state, os.path.join(stage, HEAD_SAFETENSORS_FILE))
 
     def load_weights(self, checkpoint_dir: str) -> None:
         """Load base-model and head weights saved by `save_pretrained` into this actor (resume, best model)."""
@@ -565,13 +569,22 @@ class LatentActor(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | str | None = None,
                         device: str | torch.device | None = None) -> "LatentActor":
-        """Restore an actor saved by `save_pretrained`: base model + head + tokenizer."""
+        """Restore an actor saved by `save_pretrained`: base model + head + tokenizer. `path` is a folder or a
+        hub id (from the Hugging Face cache, or downloaded when the hub can be reached)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from models import ModelNotFoundError, resolve_model_dir
         from safe_io import DataError, check_model_folder
 
+        try:
+            path = resolve_model_dir(path, "actor")
+        except ModelNotFoundError as e:
+            raise DataError(str(e)) from None
         check_model_folder(path)  # every artifact reads safely and no save was cut short
-        state = load_head_file(os.path.join(path, HEAD_FILE))
+        only_safetensors = not os.path.lexists(os.path.join(path, HEAD_FILE)) and \
+            os.path.exists(os.path.join(path, HEAD_SAFETENSORS_FILE))
+        state = load_head_safetensors(os.path.join(path, HEAD_SAFETENSORS_FILE)) if only_safetensors \
+            else load_head_file(os.path.join(path, HEAD_FILE))
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
@@ -601,6 +614,33 @@ def save_head(config: HeadConfig, state_dict: dict[str, torch.Tensor], path: str
     tmp = path + ".tmp"
     torch.save({"config": asdict(config), "state_dict": state}, tmp)
     os.replace(tmp, path)  # never leave a half-written head in place of a good one
+
+
+def save_head_safetensors(config: HeadConfig, state_dict: dict[str, torch.Tensor], path: str) -> None:
+    """The head as safetensors, its configuration as JSON in the file's metadata (`interlat_head_config`).
+    Written in place: `save_pretrained` writes it into a staging folder, which is what makes the save whole."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    save_file(state, path, metadata={"format": "pt", "interlat_head_config": json.dumps(asdict(config))})
+
+
+def load_head_safetensors(path: str) -> dict:
+    """`latent_comm_head.safetensors` as `load_head_file` returns the `.pt`: {"config", "state_dict"}."""
+    from safetensors import safe_open
+
+    from safe_io import DataError, check_safetensors_file
+
+    check_safetensors_file(path)
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        config = json.loads(metadata["interlat_head_config"])
+        HeadConfig(**config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{path}: no valid head configuration in its metadata ({type(e).__name__})") from None
+    return {"config": config, "state_dict": state}
 
 
 def load_head_file(path: str) -> dict:

@@ -23,6 +23,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from constants import HEAD_FILE, HEAD_SAFETENSORS_FILE
+
 MAX_LINE_BYTES = int(os.environ.get("INTERLAT_MAX_LINE_BYTES", 32 << 20))  # one JSONL record (see data.read_records)
 INCOMPLETE_MARKER = ".incomplete"  # in a model folder while its files are being replaced
 NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
@@ -155,8 +157,8 @@ def check_safetensors_file(path: str, what: str = "") -> list[str]:
 
 
 # The files of an output folder or checkpoint that are read back, and how to check each.
-ARTIFACT_NAMES = ("latent_comm_head.pt", "model.safetensors", "adapter_model.safetensors", "pytorch_model.bin",
-                  "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth")
+ARTIFACT_NAMES = (HEAD_FILE, HEAD_SAFETENSORS_FILE, "model.safetensors", "adapter_model.safetensors",
+                  "pytorch_model.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth")
 
 
 def check_artifact(path: str, what: str = "") -> None:

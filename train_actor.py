@@ -1,6 +1,7 @@
 """Train an actor that reads a sender's latent message: arguments, building, running, saving.
 
     python train_actor.py --train_file data/train.jsonl --output_dir checkpoints/actor ...
+    python train_actor.py recipes/qwen2.5-0.5b.yaml --output_dir checkpoints/mine   # a config file, flags override it
     torchrun --nproc_per_node 2 train_actor.py ...
 
 See README.md for the data format, the flags and the outputs.
@@ -20,7 +21,7 @@ from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 from transformers.training_args import ParallelMode
 
 from callbacks import (InfoNCEProbeCallback, InterruptCallback, LatentConditionsCallback, LossLogCallback,
-                       NonFiniteGuardCallback, StepsToReadCallback)
+                       NonFiniteGuardCallback, StepsToReadCallback, use_metric_group_tensorboard)
 from data import (ActorDataset, DataError, DatasetSource, LatentCollator, Source, build_hf_dataset, control_tokens,
                   split_train_eval)
 from latent_head import (HEAD_FILE, MODEL_MAX_LENGTH, PREPENDED_LENGTH, LatentActor, load_head_file,
@@ -157,6 +158,9 @@ class ActorTrainingArguments(TrainingArguments):
     nonfinite_policy: str = field(default="skip", metadata={
         "help": "On a NaN/inf gradient: 'skip' drops that step's update, 'stop' ends training; both report it."})
     validate_only: bool = field(default=False, metadata={"help": "Check the data files and exit."})
+    sender_model_name_or_path: str | None = field(default=None, metadata={
+        "help": "The model whose hidden states the latents are: named in the model card (README.md, pushed with "
+                "--push_to_hub). Changes nothing in training."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Train into an --output_dir that holds another run (its files are replaced); without it such a "
                 "folder is refused."})
@@ -206,9 +210,69 @@ def _schedules_match(args: TrainingArguments) -> bool:
     return args.save_strategy != "steps" or args.save_steps % args.eval_steps == 0
 
 
-def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, ActorTrainingArguments))
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def read_config_file(path: str) -> dict:
+    """A YAML or JSON config file as a mapping of argument names to values; a `ValueError` line otherwise."""
+    import json
+
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    except (ValueError, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'YAML'} ({first})") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
+        raise ValueError(f"{path}: expected a mapping of argument names to values, e.g. `learning_rate: 1.0e-4`")
+    return config
+
+
+def config_as_flags(config: dict, parser: HfArgumentParser, path: str) -> list[str]:
+    """A config file's entries as command-line flags, so that the parser checks them exactly as typed flags (types,
+    choices) and later flags override them. An unknown key is a `ValueError` naming the file and the key."""
+    import json
+
+    known = {option[2:] for option in parser._option_string_actions if option.startswith("--")}
+    unknown = [key for key in config if key not in known]
+    if unknown:
+        raise ValueError(f"{path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                         f"(not an argument of {os.path.basename(sys.argv[0]) or 'this script'}; see --help)")
+    flags = []
+    for key, value in config.items():
+        if value is None:  # `key: null` or `key:` leaves the default
+            continue
+        if isinstance(value, bool):
+            values = [str(value).lower()]
+        elif isinstance(value, (list, tuple)):
+            values = [str(v) for v in value]
+        elif isinstance(value, dict):
+            values = [json.dumps(value)]
+        else:
+            values = [str(value)]
+        flags += [f"--{key}", *values]
+    return flags
+
+
+def parse_config_and_flags(dataclass_types: tuple, argv: list[str] | None = None):
+    """`[config.yaml | config.json] [--flag value ...]`: the file's values first, command-line flags overriding
+    them (HfArgumentParser does the parsing); unknown keys and flags are a one-line `ValueError`."""
+    parser = HfArgumentParser(dataclass_types)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0].lower().endswith(CONFIG_SUFFIXES):
+        path = argv.pop(0)
+        argv = config_as_flags(read_config_file(path), parser, path) + argv
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def parse_args(argv: list[str] | None = None):
+    return parse_config_and_flags((ModelArguments, DataArguments, ActorTrainingArguments), argv)
 
 
 def data_sources(data_args: DataArguments) -> tuple[Source, Source | None]:
@@ -270,9 +334,20 @@ def check_data_source(data_args: DataArguments) -> None:
         raise UserError("--eval_split and --eval_file both given; expected one of them")
 
 
+# The Trainer applies Liger's kernels only to a PreTrainedModel (this actor is a wrapper: it would log a warning and
+# apply nothing), and Liger's gain is its fused linear cross-entropy, which never runs here: the actor projects to
+# the vocabulary and computes every loss itself. Its other kernels fail under Triton's CPU interpreter (RMSNorm,
+# liger-kernel 0.8.5), so they cannot be tested here, nor were they measured on a GPU: refused, not ignored.
+LIGER_REFUSAL = ("--use_liger_kernel is not supported: the actor computes its losses itself (losses.py, --fused_loss), "
+                 "so Liger's fused linear cross-entropy would never run, and its other kernels are unmeasured for this "
+                 "trainer; for speed use --compile_layers and --loss_kernel triton (BENCHMARKS.md)")
+
+
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, args: ActorTrainingArguments) -> None:
     """Argument errors found from the flags alone, before any file is read."""
     check_data_source(data_args)
+    if args.use_liger_kernel:
+        raise UserError(LIGER_REFUSAL)
     try:
         parse_mix_ratios(model_args.mix_ratios)
     except ValueError as e:
@@ -463,6 +538,8 @@ def build_trainer(actor: LatentActor, model_args: ModelArguments, data_args: Dat
         data_collator=LatentCollator(actor.pad_id, actor.head.config.latent_dim),
         processing_class=actor.tokenizer, loss_config=loss_config(model_args),
         callbacks=[LossLogCallback(args.output_dir, plot=args.enable_loss_plot)])
+    trainer.card_info = {"base_model": model_args.model_name_or_path, "sender_model": args.sender_model_name_or_path}
+    use_metric_group_tensorboard(trainer)
     if args.enable_infoNCE_probe:
         probe_set = datasets.get("eval") or datasets["train"]
         k = min(args.infoNCE_probe_samples, len(probe_set))

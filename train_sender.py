@@ -2,6 +2,7 @@
 
     python train_sender.py --actor_dir checkpoints/actor --model_name_or_path SENDER \
         --train_file data/train.jsonl --output_dir checkpoints/sender --num_latents 8 ...
+    python train_sender.py config.yaml [--flag value ...]   # a YAML/JSON config file, flags override it
     torchrun --nproc_per_node 2 train_sender.py ...
 
 The data files are train_actor.py's (conversations + data latents of the written plans). The
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 import transformers
-from transformers import AutoTokenizer, HfArgumentParser
+from transformers import AutoTokenizer
 
 from callbacks import LossLogCallback, NonFiniteGuardCallback
 from data import ActorDataset, DataError
@@ -29,8 +30,8 @@ from losses import (COMPRESSION_ALIGN_WEIGHT, COMPRESSION_KL_WEIGHT, DISTILL_TEM
 from models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
 from sender import KNOWLEDGE, REQUEST, SENDER_FILE, CompressionModel, LatentSender, SenderCollator, SenderConfig, SenderDataset
 from sender_trainer import CompressionLossConfig, SenderTrainer
-from train_actor import (ActorTrainingArguments, DataArguments, UserError, build_datasets, check_data_source,
-                         data_sources, exit_process)
+from train_actor import (LIGER_REFUSAL, ActorTrainingArguments, DataArguments, UserError, build_datasets,
+                         check_data_source, data_sources, exit_process, parse_config_and_flags)
 from trainer import resolve_resume
 from validation import validate_files
 
@@ -71,11 +72,12 @@ class SenderTrainingArguments(ActorTrainingArguments):
     infoNCE_probe_interval: int = field(default=200, metadata=UNUSED)
     infoNCE_probe_samples: int = field(default=8, metadata=UNUSED)
     eval_latent_conditions: int = field(default=0, metadata=UNUSED)
+    sender_model_name_or_path: str | None = field(default=None, metadata=UNUSED)
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser((SenderArguments, DataArguments, SenderTrainingArguments))
-    return parser.parse_args_into_dataclasses(args=argv)
+    """Flags, or a YAML/JSON config file first and flags overriding it (as train_actor.py)."""
+    return parse_config_and_flags((SenderArguments, DataArguments, SenderTrainingArguments), argv)
 
 
 def check_inputs(sender_args: SenderArguments, data_args: DataArguments, args: SenderTrainingArguments):
@@ -86,6 +88,8 @@ def check_inputs(sender_args: SenderArguments, data_args: DataArguments, args: S
     if not os.path.exists(os.path.join(sender_args.actor_dir, HEAD_FILE)):
         raise UserError(f"--actor_dir {sender_args.actor_dir}: no {HEAD_FILE} here; is this an output folder of "
                         "train_actor.py?")
+    if args.use_liger_kernel:
+        raise UserError(LIGER_REFUSAL)
     if args.fsdp:
         raise UserError("--fsdp is not supported by train_sender.py: use DDP (torchrun without --fsdp)")
     if args.gradient_checkpointing:
@@ -187,7 +191,11 @@ def train(sender_args: SenderArguments, data_args: DataArguments, args: SenderTr
 
 
 def main(argv: list[str] | None = None) -> int:
-    sender_args, data_args, args = parse_args(argv)
+    try:
+        sender_args, data_args, args = parse_args(argv)
+    except ValueError as e:  # an unknown flag or config key, or an argument dataclass's checks
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if args.should_log else logging.WARNING)
     transformers.utils.logging.set_verbosity_warning()

@@ -304,3 +304,32 @@ class LatentActorTrainer(Trainer):
         logger.info("Loading best model from %s (score: %s).", self.state.best_model_checkpoint,
                     self.state.best_metric)
         self.accelerator.unwrap_model(self.model).load_weights(self.state.best_model_checkpoint)
+
+    # -- the hub: every push carries the head and a model card -----------------------------------------------
+    def create_model_card(self, *args, **kwargs) -> None:
+        """The Trainer's draft card describes a plain fine-tune; write this actor's card (model_card.py) instead."""
+        if not self.is_world_process_zero():
+            return
+        from model_card import write_actor_card
+
+        actor: LatentActor = self.accelerator.unwrap_model(self.model)
+        info = getattr(self, "card_info", {})
+        repo_id = self.hub_model_id or self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        write_actor_card(self.args.output_dir, repo_id, info.get("base_model"), info.get("sender_model"),
+                         actor.head.config, self.state.log_history, lora=actor.is_lora)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """The Trainer copies only the base model's files from a checkpoint into the folder it uploads: copy the
+        head as well (else the hub pairs new weights with an old head or none) and write the card."""
+        busy = not self.args.hub_always_push and self.push_in_progress is not None \
+            and not self.push_in_progress.is_done()  # the Trainer skips this push: leave the uploading folder alone
+        if self.is_world_process_zero() and self.args.hub_strategy != "end" and not busy:
+            import shutil
+
+            from latent_head import HEAD_FILE, HEAD_SAFETENSORS_FILE
+
+            for name in (HEAD_FILE, HEAD_SAFETENSORS_FILE):
+                if os.path.isfile(os.path.join(checkpoint_folder, name)):
+                    shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(self.args.output_dir, name))
+            self.create_model_card()
+        super()._push_from_checkpoint(checkpoint_folder)
