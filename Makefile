@@ -65,15 +65,14 @@ demo: $(STAMP)
 	$(PY) collect_hidden_states.py --model_name_or_path $(DEMO_MODEL) --mode teacher_forced \
 	  --input_file $(DEMO_DATA)/eval_raw.jsonl --output_file $(DEMO_DATA)/eval.jsonl
 	rm -rf $(DEMO_DIR)
-	$(PY) train_actor.py --model_name_or_path $(DEMO_MODEL) \
+	# The fixed settings are in recipes/demo.yaml; the Make variables override it.
+	$(PY) train_actor.py recipes/demo.yaml --model_name_or_path $(DEMO_MODEL) \
 	  --train_file $(DEMO_DATA)/train.jsonl --eval_file $(DEMO_DATA)/eval.jsonl --output_dir $(DEMO_DIR) \
-	  --max_steps $(DEMO_STEPS) --per_device_train_batch_size $(DEMO_BATCH) --per_device_eval_batch_size 16 \
+	  --max_steps $(DEMO_STEPS) --per_device_train_batch_size $(DEMO_BATCH) \
 	  --learning_rate $(DEMO_LR) --head_learning_rate $(DEMO_HEAD_LR) --pure_latent_prob $(DEMO_PURE) \
 	  --head_warm_start_steps $(DEMO_WARM) --head_warm_start_lr $(DEMO_WARM_LR) \
-	  --lr_scheduler_type constant_with_warmup --warmup_ratio 0.05 --logging_steps 5 --load_best_model_at_end false \
-	  --evaluation_strategy steps --eval_steps $(DEMO_STEPS) --save_strategy steps \
-	  --save_steps $(DEMO_STEPS) --save_total_limit 1 --prepended_length 64 --model_max_length 512 \
-	  --enable_infoNCE_probe true --infoNCE_probe_interval $$(( $(DEMO_STEPS) / 2 )) --report_to none $(DEMO_FLAGS)
+	  --eval_steps $(DEMO_STEPS) --save_steps $(DEMO_STEPS) \
+	  --infoNCE_probe_interval $$(( $(DEMO_STEPS) / 2 )) $(DEMO_FLAGS)
 	$(PY) evaluate_actor.py --model_dir $(DEMO_DIR) --eval_file $(DEMO_DATA)/eval.jsonl \
 	  --output $(DEMO_DIR)/eval_report.json
 

@@ -8,9 +8,9 @@ The workload (../shared/bench: Qwen2.5-0.5B's shape, random bf16 weights, 128 AL
 conversations with plans and 64-256 x 896 sender latents) is built once under --workload_dir.
 Then `train_actor.main` runs unchanged (its parser, datasets, collator, LatentActorTrainer with
 the three-branch loss and default loss weights, bf16 auto-detection) for `steps` optimizer
-steps. The only changes, all outside the timed work: `LatentActorTrainer` is subclassed to add
-a timing callback and to skip writing the final model (saving is not a training step), and
-`latent_head.assemble_inputs` is wrapped to count each branch's real (unpadded) tokens.
+steps, through its public hooks only: a `TrainerCallback` times the steps and counts each branch's
+real (unpadded) tokens with a forward pre-hook on the base model's decoder (`torch.nn.Module`'s
+public hook), and `save_final_model=False` leaves out writing the final model (not a training step).
 
 Timing: `torch.cuda.synchronize()` at every step end; a step's time is the interval between
 consecutive step ends (data loading, three branches, backward, optimizer). Rates are total work over
@@ -37,68 +37,6 @@ N_PARAMS_MFU = 494e6  # Qwen2.5-0.5B, the convention of ../shared/bench/README.m
 PEAK_BF16_DENSE = 989e12  # H100/H200 SXM dense bf16 datasheet figure
 
 
-EXPERIMENTS = {
-    "no_cudnn_sdpa": "torch.backends.cuda.enable_cudnn_sdp(False): SDPA uses flash/mem-efficient kernels, "
-                     "no per-shape cuDNN graph build",
-    "pad128": "assembled sequences right-padded to a multiple of 128 (few distinct shapes: cuDNN graph cache hits)",
-    "tf32": "torch.backends.cuda.matmul.allow_tf32 = True: float32 matmuls (the loss's vocabulary projection, "
-            "the latent head) on tensor cores",
-    "one_autocast": "the whole compute_loss (three branches and the loss) inside one bf16 autocast region: "
-                    "weights are cast to bf16 once per step instead of once per branch; logits bf16 as bf16_lm_head",
-    "bf16_lm_head": "loss chunks project to the vocabulary with bf16 operands (fp32 accumulate), softmax etc. "
-                    "still fp32",
-}
-
-
-def apply_experiments(names: list[str]) -> None:
-    """Bench-only patches that try a change proposed for another file (see BENCHMARKS.md)."""
-    import torch
-
-    if "no_cudnn_sdpa" in names:
-        torch.backends.cuda.enable_cudnn_sdp(False)
-    if "tf32" in names:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    if "one_autocast" in names and torch.cuda.is_available():
-        import trainer as trainer_mod
-
-        compute_loss = trainer_mod.LatentActorTrainer.compute_loss
-
-        def one_autocast_compute_loss(self, *a, **k):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                return compute_loss(self, *a, **k)
-
-        trainer_mod.LatentActorTrainer.compute_loss = one_autocast_compute_loss
-    if "bf16_lm_head" in names:
-        import losses
-
-        inner = losses._chunk_terms
-
-        def _chunk_terms(pos_h, plan_h, neg_h, labels, plan_w, neg_w, project):
-            if not pos_h.is_cuda:
-                return inner(pos_h, plan_h, neg_h, labels, plan_w, neg_w, project)
-            if callable(project):  # the LM head as a function (losses.py since f690136)
-                def bf16_project(h, project=project):
-                    with torch.autocast("cuda", dtype=torch.bfloat16):
-                        return project(h)
-                return inner(pos_h, plan_h, neg_h, labels, plan_w, neg_w, bf16_project)
-            bf = lambda t: None if t is None else t.to(torch.bfloat16)  # noqa: E731  (older API: the weight)
-            return inner(bf(pos_h), bf(plan_h), bf(neg_h), labels, plan_w, neg_w, bf(project))
-
-        losses._chunk_terms = _chunk_terms
-
-
-def pad_assembled(out: dict, multiple: int, pad_id: int) -> dict:
-    import torch
-
-    t = out["input_ids"].shape[1]
-    extra = (-t) % multiple
-    if not extra:
-        return out
-    pad = lambda x, v: torch.nn.functional.pad(x, (0, extra), value=v)  # noqa: E731
-    return {"input_ids": pad(out["input_ids"], pad_id), "labels": pad(out["labels"], -100),
-            "attention_mask": pad(out["attention_mask"], 0), "latent_slots": pad(out["latent_slots"], False)}
-
-
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="qwen05", choices=["qwen05", "qwen7b", "tiny"])
@@ -107,23 +45,21 @@ def parse(argv=None):
     ap.add_argument("--min_words", type=int, default=500, help="workload conversation length (shared default)")
     ap.add_argument("--max_words", type=int, default=1800, help="workload conversation length (shared default)")
     ap.add_argument("--batch_size", type=int, default=2, help="per-device train batch size")
-    ap.add_argument("--model_max_length", type=int, default=3072)
+    ap.add_argument("--model_max_length", type=int, default=None, help="default: train_actor.py's")
     ap.add_argument("--steps", type=int, default=25, help="timed run length (optimizer steps)")
     ap.add_argument("--warmup", type=int, default=5, help="steps left out of the median")
     ap.add_argument("--profile_steps", type=int, default=0, help="extra steps after the timed ones, profiled")
     ap.add_argument("--profile_dir", default=None, help="where the profile table/trace go (default results_dir)")
     ap.add_argument("--measure_matmul", action="store_true", help="time an 8192^3 bf16 matmul first")
-    ap.add_argument("--experiment", default="", help="comma list of bench-only patches that try a proposed "
-                    "change without editing the code: " + ", ".join(EXPERIMENTS) + " (default: none = the real code)")
     ap.add_argument("--out_name", default=None)
     ap.add_argument("--results_dir", default=os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--output_dir", default=None, help="train_actor's --output_dir (default: a temp folder)")
     args, extra = ap.parse_known_args(argv)
     extra = [x for x in extra if x != "--"]
-    args.experiment = [x for x in args.experiment.split(",") if x]
-    unknown = set(args.experiment) - set(EXPERIMENTS)
-    if unknown:
-        ap.error(f"unknown --experiment {sorted(unknown)}; known: {sorted(EXPERIMENTS)}")
+    if args.model_max_length is None:
+        from latent_head import MODEL_MAX_LENGTH
+
+        args.model_max_length = MODEL_MAX_LENGTH
     args.out_name = args.out_name or f"{args.shape}_b{args.batch_size}_L{args.model_max_length}"
     default_words = (args.min_words, args.max_words) == (500, 1800)
     args.workload_dir = args.workload_dir or f"/tmp/interlat_bench/{args.shape}_n{args.n_samples}" + \
@@ -174,34 +110,34 @@ def measure_matmul_tflops(n: int = 8192, reps: int = 20) -> float | None:
 
 
 class TokenCounter:
-    """Wraps `latent_head.assemble_inputs`: real tokens of each assembled branch, on the device (no sync)."""
+    """Real tokens of each branch, counted by a forward pre-hook on the base model's decoder (on the device: no
+    sync): the attention mask's ones (padded rows), or the packed row's length (packed rows have no mask)."""
 
-    def __init__(self, pad_multiple: int = 0):
-        self.pad_multiple = pad_multiple
+    def __init__(self):
         self.reset()
 
     def reset(self):
         self.grad = self.nograd = self.grad_padded = self.nograd_padded = 0
         self.grad_calls = self.nograd_calls = self.grad_samples = 0
 
-    def wrap(self, fn):
+    def attach(self, decoder) -> None:
+        decoder.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs):
         import torch
 
-        def assemble_inputs(*a, **k):
-            out = fn(*a, **k)
-            if self.pad_multiple:
-                out = pad_assembled(out, self.pad_multiple, k.get("pad_id", a[9] if len(a) > 9 else 0))
-            real, padded = out["attention_mask"].sum(), out["attention_mask"].numel()
-            if torch.is_grad_enabled():
-                self.grad, self.grad_padded, self.grad_calls = self.grad + real, self.grad_padded + padded, \
-                    self.grad_calls + 1
-                self.grad_samples += out["attention_mask"].shape[0]  # a step's last batch of an epoch is smaller
-            else:
-                self.nograd, self.nograd_padded, self.nograd_calls = self.nograd + real, \
-                    self.nograd_padded + padded, self.nograd_calls + 1
-            return out
-
-        return assemble_inputs
+        mask, embeds = kwargs.get("attention_mask"), kwargs["inputs_embeds"]
+        if mask is not None:  # padded rows [B, T]
+            real, padded, samples = mask.sum(), mask.numel(), mask.shape[0]
+        else:  # one packed row of every sample's tokens: no padding
+            real = padded = embeds.shape[1]
+            samples = kwargs["cu_seq_lens_q"].shape[0] - 1
+        if torch.is_grad_enabled():
+            self.grad, self.grad_padded = self.grad + real, self.grad_padded + padded
+            self.grad_calls, self.grad_samples = self.grad_calls + 1, self.grad_samples + samples
+        else:
+            self.nograd, self.nograd_padded, self.nograd_calls = self.nograd + real, self.nograd_padded + padded, \
+                self.nograd_calls + 1
 
     def take(self) -> dict:
         val = lambda x: int(x.item()) if hasattr(x, "item") else int(x)  # noqa: E731
@@ -220,10 +156,16 @@ def make_timer_callback(bench, counter: TokenCounter):
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     class StepTimer(TrainerCallback):
+        """Times every optimizer step (synchronised at its end), profiles the steps after the timed ones, and
+        keeps the model and the log history for the report."""
+
         def __init__(self):
             self.records, self.prof, self.t_prev, self.t_begin = [], None, None, None
+            self.model, self.log_history = None, []
 
-        def on_train_begin(self, args, state, control, **kw):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            self.model = model
+            counter.attach(model.base_model.get_decoder())
             sync()
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -257,49 +199,10 @@ def make_timer_callback(bench, counter: TokenCounter):
             print(f"[bench] step {step}: {rec['interval_s'] * 1e3:.1f} ms (compute {rec['compute_s'] * 1e3:.1f} ms), "
                   f"tokens grad {rec['grad_tokens']} nograd {rec['nograd_tokens']}", flush=True)
 
+        def on_train_end(self, args, state, control, **kw):
+            self.log_history = list(state.log_history)
+
     return StepTimer()
-
-
-def install_hooks(bench, counter: TokenCounter, holder: dict):
-    """Subclass the trainer used by train_actor.main and wrap assemble_inputs (see module doc)."""
-    import latent_head
-    import train_actor
-    import trainer as trainer_mod
-
-    latent_head.assemble_inputs = counter.wrap(latent_head.assemble_inputs)
-    base_cls = trainer_mod.LatentActorTrainer
-
-    class BenchTrainer(base_cls):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            holder["trainer"] = self
-            holder["timer"] = make_timer_callback(bench, counter)
-            self.add_callback(holder["timer"])
-
-        def save_model(self, *a, **k):  # writing 2 GB of fp32 weights is not part of a training step
-            return None
-
-    train_actor.LatentActorTrainer = BenchTrainer
-
-    if bench.profile_steps:  # name the regions in the profile (a record_function costs microseconds)
-        import torch
-
-        def labelled(fn, name):
-            def inner(*a, **k):
-                label = name if not callable(name) else name()
-                with torch.profiler.record_function(label):
-                    return fn(*a, **k)
-            return inner
-
-        fwd = latent_head.LatentActor.forward
-        latent_head.LatentActor.forward = labelled(
-            fwd, lambda: "bench::branch_" + ("grad" if torch.is_grad_enabled() else "nograd"))
-        trainer_mod.latent_comm_loss_sums = labelled(trainer_mod.latent_comm_loss_sums, "bench::loss_sums")
-        trainer_mod.fused_latent_comm_loss_sums = labelled(trainer_mod.fused_latent_comm_loss_sums,
-                                                           "bench::loss_sums_fused")
-        base_cls._negatives = labelled(base_cls._negatives, "bench::negatives")
-        head_fwd = latent_head.LatentCommHead.forward
-        latent_head.LatentCommHead.forward = labelled(head_fwd, "bench::latent_head")
 
 
 def profile_report(prof, wall_s: float, steps: int, out_dir: str, name: str) -> dict:
@@ -311,7 +214,7 @@ def profile_report(prof, wall_s: float, steps: int, out_dir: str, name: str) -> 
     sort_total = "device_time_total" if torch.cuda.is_available() else "cpu_time_total"
     labelled = {}  # CPU and GPU-side ranges of one label come as two rows: keep the larger of each figure
     for e in ka:
-        if e.key.startswith("bench::") or e.key.startswith("Optimizer.step"):
+        if e.key.startswith("Optimizer.step"):
             row = labelled.setdefault(e.key, {"device_ms": 0.0, "cpu_ms": 0.0, "count": 0.0})
             row["device_ms"] = max(row["device_ms"], e.device_time_total / 1e3 / steps)
             row["cpu_ms"] = max(row["cpu_ms"], e.cpu_time_total / 1e3 / steps)
@@ -405,13 +308,10 @@ def main(argv=None) -> int:
 
     import train_actor
 
-    apply_experiments(bench.experiment)
-    counter, holder = TokenCounter(128 if "pad128" in bench.experiment else 0), {}
-    install_hooks(bench, counter, holder)
+    timer = make_timer_callback(bench, TokenCounter())
     result = {"name": bench.out_name, "shape": bench.shape, "per_device_batch_size": bench.batch_size,
               "model_max_length": bench.model_max_length, "steps": bench.steps, "warmup": bench.warmup,
-              "settings": {"train_actor_argv": argv_train, "extra_flags": extra, "n_samples": bench.n_samples,
-                           "experiment": bench.experiment},
+              "settings": {"train_actor_argv": argv_train, "extra_flags": extra, "n_samples": bench.n_samples},
               "code": code_version(),
               "workload": summary, "workload_build_s": t_workload,
               "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -419,7 +319,7 @@ def main(argv=None) -> int:
               "matmul_bf16_tflops": matmul}
     t1 = time.perf_counter()
     try:
-        rc = train_actor.main(argv_train)
+        rc = train_actor.main(argv_train, callbacks=[timer], save_final_model=False)
         result["rc"] = rc
     except torch.OutOfMemoryError as e:
         result["error"] = f"OutOfMemoryError: {str(e).splitlines()[0]}"
@@ -433,18 +333,14 @@ def main(argv=None) -> int:
         result["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2 ** 30
 
-    timer = holder.get("timer")
-    records = timer.records if timer else []
+    records = timer.records
     result["per_step"] = records
-    trainer = holder.get("trainer")
-    if trainer is not None:
-        losses = {r["step"]: r for r in trainer.state.log_history if "loss" in r}
+    if timer.model is not None:
+        losses = {r["step"]: r for r in timer.log_history if "loss" in r}
         for r in records:
             log = losses.get(r["step"], {})
             r.update({k: log[k] for k in ("loss", "ce_loss", "plan_similarity", "random_contrast") if k in log})
-        actor = trainer.accelerator.unwrap_model(trainer.model)
-        result["packed_sequences"] = getattr(actor, "packed", False)
-        result["loss_config"] = {k: v for k, v in vars(trainer.loss_config).items() if k != "mix_ratios"}
+        result["packed_sequences"] = getattr(timer.model, "packed", False)
     timed = [r for r in records if r["step"] > bench.warmup]
     if timed and "error" not in result:
         med = statistics.median(r["interval_s"] for r in timed)
@@ -458,8 +354,7 @@ def main(argv=None) -> int:
         if world > 1:  # every rank's tokens (ranks' batches differ in length): the global token rate
             torch.distributed.all_reduce(totals)
         grad_tok, nograd_tok, padded, samples = (totals / len(timed)).tolist()  # per step, all ranks
-        model = holder["trainer"].model
-        n_params = sum(p.numel() for p in model.base_model.parameters())
+        n_params = sum(p.numel() for p in timer.model.base_model.parameters())
         tps = grad_tok * len(timed) / window  # all ranks
         n = N_PARAMS_MFU if bench.shape == "qwen05" else n_params
         result.update({
@@ -484,7 +379,7 @@ def main(argv=None) -> int:
                            " no padding; mfu = 10*N*tokens_per_s/peak; mfu_branch_exact counts "
                            "6N x grad-branch + 2N x no-grad-branch tokens",
         })
-    if timer is not None and timer.prof is not None and hasattr(timer, "prof_wall"):
+    if timer.prof is not None and hasattr(timer, "prof_wall"):
         result["profile"] = profile_report(timer.prof, timer.prof_wall, bench.profile_steps,
                                            bench.profile_dir or bench.results_dir, bench.out_name)
     if rank:

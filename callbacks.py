@@ -1,4 +1,5 @@
-"""What watches training: `loss_log.csv` and `loss_curve.png`, and the InfoNCE probe."""
+"""What watches training: `loss_log.csv` and `loss_curve.png`, the InfoNCE probe, the latent conditions, and
+TensorBoard's metric groups."""
 from __future__ import annotations
 
 import csv
@@ -9,7 +10,10 @@ import threading
 
 import torch
 from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback
+from transformers.integrations.integration_utils import rewrite_logs
 
+from constants import LOSS_CURVE_FILE, LOSS_LOG_FILE
 from losses import infonce_from_scores
 
 logger = logging.getLogger(__name__)
@@ -81,13 +85,13 @@ class LossLogCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero:
             os.makedirs(self.output_dir, exist_ok=True)
-            write_loss_log(state.log_history, os.path.join(self.output_dir, "loss_log.csv"))
+            write_loss_log(state.log_history, os.path.join(self.output_dir, LOSS_LOG_FILE))
             if self.plot and logs and any(k.startswith(("eval_", "cond/")) for k in logs):
-                plot_loss_curve(state.log_history, os.path.join(self.output_dir, "loss_curve.png"))
+                plot_loss_curve(state.log_history, os.path.join(self.output_dir, LOSS_CURVE_FILE))
 
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.plot:
-            plot_loss_curve(state.log_history, os.path.join(self.output_dir, "loss_curve.png"))
+            plot_loss_curve(state.log_history, os.path.join(self.output_dir, LOSS_CURVE_FILE))
 
 
 @torch.no_grad()
@@ -96,7 +100,7 @@ def conditional_ce_matrix(actor, batch: dict[str, torch.Tensor]) -> torch.Tensor
 
     One batched forward per latent o over all K conversations (pure latents, head in eval mode).
     """
-    from evaluate_actor import ce_sums
+    from evaluation import ce_sums
 
     k = batch["input_ids"].shape[0]
     text = {name: batch[name] for name in ("input_ids", "labels", "attention_mask", "marker_index")}
@@ -142,21 +146,22 @@ class InfoNCEProbeCallback(TrainerCallback):
 
 class LatentConditionsCallback(TrainerCallback):
     """After each evaluation, logs the eval set's CE (bits/token) under the four messages of
-    `evaluate_actor.py` (true, shuffled, none, plan_text latents), so the curves show whether
+    `evaluation.py` (true, shuffled, none, plan_text latents), so the curves show whether
     the actor reads its latents while it trains."""
 
     def __init__(self, trainer, max_samples: int = 64):
         self.trainer, self.max_samples = trainer, max_samples
 
     def on_evaluate(self, args, state, control, **kwargs):
-        from evaluate_actor import evaluate_conditions
+        from evaluation import evaluate_conditions
 
         trainer = self.trainer
         actor = trainer.accelerator.unwrap_model(trainer.model)
         with torch.autocast(actor.device.type, dtype=torch.bfloat16, enabled=args.bf16):
             metrics = evaluate_conditions(actor, trainer.eval_dataset, trainer.data_collator,
                                           args.per_device_eval_batch_size, actor.device,
-                                          max_samples=self.max_samples)
+                                          max_samples=self.max_samples,
+                                          progress=not args.disable_tqdm and state.is_local_process_zero)
         trainer.log({f"cond/{k}": round(v, 6) for k, v in metrics.items()})
 
 
@@ -250,3 +255,36 @@ class InterruptCallback(TrainerCallback):
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
+
+
+# Metrics logged under a group of their own ("cond/...", "probe/...") keep it in TensorBoard.
+GROUPED_PREFIXES = ("cond/", "probe/")
+
+
+class MetricGroupTensorBoardCallback(TensorBoardCallback):
+    """TensorBoard as the Trainer writes it (`train/loss`, `eval/loss`), except that `cond/*` and `probe/*` stay
+    their own groups: the Trainer's `rewrite_logs` would file them under `train/cond/...`."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if self.tb_writer is None:
+            self._init_summary_writer(args)
+        if self.tb_writer is None:
+            return
+        grouped = {k: v for k, v in logs.items() if k.startswith(GROUPED_PREFIXES)}
+        rest = rewrite_logs({k: v for k, v in logs.items() if k not in grouped})
+        if grouped:  # a cond/probe log's bookkeeping ("epoch") adds nothing: the train logs carry it
+            rest = {k: v for k, v in rest.items() if k != "train/epoch"}
+        for key, value in {**rest, **grouped}.items():
+            if isinstance(value, (int, float)):
+                self.tb_writer.add_scalar(key, value, state.global_step)
+            elif isinstance(value, str):
+                self.tb_writer.add_text(key, value, state.global_step)
+        self.tb_writer.flush()
+
+
+def use_metric_group_tensorboard(trainer) -> None:
+    """With `--report_to tensorboard`, replace the Trainer's TensorBoard callback with `MetricGroupTensorBoardCallback`."""
+    if trainer.pop_callback(TensorBoardCallback) is not None:
+        trainer.add_callback(MetricGroupTensorBoardCallback())

@@ -32,7 +32,9 @@ import numpy as np
 import torch
 
 import models
-from data import ROLES, DataError, check_plain_text, read_records
+from constants import LATENT_OWNER_FILE
+from data import DataError, DatasetSource, Source, check_plain_text, read_records, record_messages, turns_field
+from generation import stop_token_ids, until_stop
 from safe_io import check_output_file, remove_quietly, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -51,17 +53,18 @@ def plan_prompt_messages(task: str, instruction: str = PLAN_INSTRUCTION) -> list
 
 
 def first_human_message(record: dict) -> str:
-    for turn in record.get("conversations") or []:
-        if ROLES.get(turn.get("from")) == "user":  # human or user, as in training
-            return turn["value"]
-    raise ValueError("no human message in `conversations`")
+    """The text of the record's first user turn (`human`/`user`, or `role: user`), read as training reads it."""
+    return chat_messages(record)[-1]["content"]
 
 
 def chat_messages(record: dict) -> list[dict[str, str]]:
-    """The record's turns up to its first human message as chat messages (the compressed sender's context)."""
-    turns = record["conversations"]
-    first = next(i for i, t in enumerate(turns) if t.get("from") == "human")
-    return [{"role": ROLES.get(t.get("from"), "user"), "content": t["value"]} for t in turns[:first + 1]]
+    """The record's turns up to its first user turn as chat messages (the compressed sender's context), from
+    either record format (`data.record_messages`)."""
+    messages = record_messages(record)
+    first = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+    if first is None:
+        raise DataError(field=turns_field(record), kind="no_human_turn", detail="no human/user turn")
+    return messages[:first + 1]
 
 
 def prompt_text(tokenizer, task: str, instruction: str = PLAN_INSTRUCTION) -> str:
@@ -151,18 +154,6 @@ def teacher_forced_states(model, tokenizer, tasks: Sequence[str], plans: Sequenc
     return states_for_token_ids(model, prompts, [plan_token_ids(tokenizer, p) for p in plans], device)
 
 
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """End-of-turn ids: the generation config's EOS ids plus the tokenizer's."""
-    ids: set[int] = set()
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (configured, tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif value is not None:
-            ids.update(value)
-    return sorted(ids)
-
-
 @torch.inference_mode()
 def generate_plans(model, tokenizer, tasks: Sequence[str], device: str | torch.device, max_new_tokens: int = 128,
                    temperature: float = 0.7, top_p: float = 0.9, min_new_tokens: int = 0,
@@ -180,27 +171,25 @@ def generate_plans(model, tokenizer, tasks: Sequence[str], device: str | torch.d
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                          min_new_tokens=min_new_tokens, pad_token_id=pad_id, eos_token_id=stops or None,
                          **sampling)
-    new = out[:, ids.shape[1]:].cpu()
-    # Keep tokens before the first stop token (generate pads finished rows afterwards).
-    is_stop = torch.isin(new, torch.tensor(stops, dtype=new.dtype)) if stops else torch.zeros_like(new, dtype=torch.bool)
-    keep = is_stop.cumsum(1) == 0
-    return [tokenizer.decode(row[k].tolist(), skip_special_tokens=True).strip() for row, k in zip(new, keep)]
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in until_stop(out[:, ids.shape[1]:], stops)]
 
 
 # -- files -------------------------------------------------------------------------------------
-def load_records(path: str) -> list[dict]:
-    """Records from a JSON list, a {"data": [...]} object, or JSONL, read and checked as training reads and
-    checks them (`data.read_records`, `validation.validate_files`): errors stop here, before any model work."""
+def load_records(path: Source) -> list[dict]:
+    """Records from a JSON list, a {"data": [...]} object, JSONL or a `data.DatasetSource`, read and checked as
+    training reads and checks them (`data.read_records`, `validation.validate_files`): errors stop here, before
+    any model work."""
     from validation import validate_files
 
+    flag = "--dataset_name" if isinstance(path, DatasetSource) else "--input_file"
     try:
         records = [rec for _, rec in read_records(path)]
     except DataError as e:
-        raise CollectError(f"--input_file {e}") from None
+        raise CollectError(f"{flag} {e}") from None
     report = validate_files([path], check_values=False)
     if not report.ok:
         print(report.format_errors(), file=sys.stderr)
-        raise CollectError(f"{path}: the input file has errors (listed above); nothing was written")
+        raise CollectError(f"{path}: the input has errors (listed above); nothing was written")
     return records
 
 
@@ -266,14 +255,11 @@ def save_npy(path: str, array: np.ndarray) -> None:
         raise
 
 
-OWNER_FILE = ".latents_of.json"  # in a latent folder: the output file whose latents it holds
-
-
 def claim_latent_dir(latent_dir: str, output_file: str) -> None:
     """Make `latent_dir` this output file's; refuse one that holds another output file's latents
     (both would write `<id>.npy` there, and one file would end up pointing at the other's latents)."""
     os.makedirs(latent_dir, exist_ok=True)
-    owner_path = os.path.join(latent_dir, OWNER_FILE)
+    owner_path = os.path.join(latent_dir, LATENT_OWNER_FILE)
     # relative to the folder: a data set moved with its latents keeps its claim
     me = os.path.relpath(os.path.realpath(output_file), os.path.realpath(latent_dir))
     if os.path.exists(owner_path):
@@ -305,7 +291,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model_name_or_path", default=models.EMBEDDED_MODEL, help="the sender model")
-    p.add_argument("--input_file", required=True, help="JSON list, JSONL, or {\"data\": [...]}")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input_file", help="JSON list, JSONL, or {\"data\": [...]}")
+    source.add_argument("--dataset_name", help="instead of --input_file: a hub dataset id or a local dataset folder or "
+                                               "file, read with datasets.load_dataset")
+    p.add_argument("--dataset_split", default="train", help="the split of --dataset_name")
     p.add_argument("--output_file", required=True, help="JSONL in the training format (appended to on resume)")
     p.add_argument("--latent_dir", default=None, help="default: <output_file stem>_latents/ next to output_file")
     p.add_argument("--mode", choices=("generate", "teacher_forced", "compressed"), default="teacher_forced")
@@ -343,8 +333,8 @@ def build_jobs(records: list[dict], input_file: str, mode: str) -> list[Job]:
             raise CollectError(f"{where} has no `plan`; teacher_forced mode needs one (or use --mode generate)")
         try:
             task = first_human_message(record)
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CollectError(f"{where}: {e}") from None
+        except DataError as e:
+            raise CollectError(f"{where}: {e.field}: {e.detail}") from None
         jobs.append(Job(i, record, task))
     return jobs
 
@@ -357,7 +347,9 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(args.output_file, "--output_file")
     except DataError as e:
         raise CollectError(str(e)) from None
-    records = load_records(args.input_file)
+    source = args.input_file or DatasetSource(args.dataset_name, args.dataset_split)
+    args.input_file = str(source)  # names the input in messages
+    records = load_records(source)
     jobs = build_jobs(records, args.input_file, args.mode)
     out_dir = os.path.dirname(os.path.abspath(args.output_file))
     latent_dir = args.latent_dir or os.path.join(out_dir, os.path.splitext(os.path.basename(args.output_file))[0]

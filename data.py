@@ -1,7 +1,9 @@
 """Everything from data files to batches: reading, formatting, labels, latents, collation.
 
-A record (see README) is `{"id", "conversations": [{"from", "value"}], "plan" | "plan_path",
-"hidden_state" | "hidden_state_path"}`. Each conversation is rendered with the tokenizer's
+A record (see README) is `{"id", "conversations": [{"from", "value"}] | "messages": [{"role", "content"}],
+"plan" | "plan_path", "hidden_state" | "hidden_state_path"}`, from a JSON/JSONL file or a `datasets`
+dataset (`DatasetSource`). This module is the one reader and role map of records for training, the
+sender, validation, evaluation and inference. Each conversation is rendered with the tokenizer's
 chat template; the first human message ends with the `<FIRST_HUMAN_END>` marker, which
 the model later replaces by `<bop> latents/plan <eop>`. Labels supervise assistant turns
 only (their content and end-of-turn token).
@@ -12,33 +14,111 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from latent_head import IGNORE_INDEX, MARKER_TOKEN, SPECIAL_TOKENS
+from constants import IGNORE_INDEX, MARKER_TOKEN, SPECIAL_TOKENS
 from safe_io import MAX_LINE_BYTES, DataError, check_regular_file, read_npy_header
 
 logger = logging.getLogger(__name__)
 
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
-         "system": "system"}
+# The two formats of a record's turns; the rest of a record is the same in both.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "system": "system"}
+ROLES = SHAREGPT_ROLES  # the older name
+MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+TURN_FORMATS = {  # field -> (role key, text key, role map to chat roles)
+    "conversations": ("from", "value", SHAREGPT_ROLES),  # ShareGPT
+    "messages": ("role", "content", MESSAGE_ROLES),  # the chat-template format (TRL, the Trainer's docs)
+}
 LATENT_SUFFIXES = (".npy", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """Records from `datasets.load_dataset(name, split=split)`: a hub dataset id, a local dataset folder or a
+    data file. Relative latent and plan paths are relative to the folder (or the file's folder) when local,
+    else to the working folder."""
+
+    name: str
+    split: str = "train"
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.split}"
+
+
+Source = Union[str, DatasetSource]  # a data file's path, or a dataset
+
+
+def source_dir(source: Source) -> str:
+    """The folder that relative paths in a source's records are relative to."""
+    if isinstance(source, DatasetSource):
+        name = os.path.abspath(source.name)
+        return name if os.path.isdir(name) else os.path.dirname(name) if os.path.isfile(name) else os.getcwd()
+    return os.path.dirname(os.path.abspath(source))
+
+
+# ---------------------------------------------------------------------------------------------
+# Turns: one role map for both formats
+# ---------------------------------------------------------------------------------------------
+def turns_field(record: dict) -> str:
+    """The field that holds a record's turns: `messages` when it is given (not null) and `conversations` is
+    not, else `conversations`."""
+    if record.get("messages") is not None and record.get("conversations") is None:
+        return "messages"
+    return "conversations"
+
+
+def chat_messages(turns: Sequence[Any], where: str = "", field: str = "conversations") -> list[dict]:
+    """Turns `[{from, value}]` (ShareGPT) or `[{role, content}]` as chat messages `[{role, content}]`.
+
+    A turn with `role` is read as a chat message, any other as ShareGPT. A bad turn is a `DataError` naming
+    `where`, the field (`conversations[2].from`) and what was expected (validation reports every one first)."""
+    if not isinstance(turns, (list, tuple)):
+        raise DataError(where=where, field=field, kind="conversations_not_list",
+                        detail="expected a list of turns")
+    out = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise DataError(where=where, field=f"{field}[{i}]", kind="turn_not_object", detail="expected an object")
+        role_key, text_key, roles = TURN_FORMATS["messages" if "role" in turn else "conversations"]
+        role, text = turn.get(role_key), turn.get(text_key)
+        if not isinstance(role, str) or role not in roles:
+            raise DataError(where=where, field=f"{field}[{i}].{role_key}", kind="unknown_role",
+                            detail=f"found {role!r}; expected one of {', '.join(sorted(roles))}")
+        if not isinstance(text, str):
+            raise DataError(where=where, field=f"{field}[{i}].{text_key}", kind="value_not_string",
+                            detail="expected a string")
+        out.append({"role": roles[role], "content": text})
+    return out
+
+
+def record_messages(record: dict, where: str = "") -> list[dict]:
+    """A record's turns as chat messages, from `conversations` or `messages` (see `chat_messages`)."""
+    field = turns_field(record)
+    if record.get(field) is None:
+        raise DataError(where=where, field="conversations", kind="missing_conversations",
+                        detail="missing; expected conversations [{from, value}] or messages [{role, content}]")
+    return chat_messages(record[field], where, field)
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading files
 # ---------------------------------------------------------------------------------------------
-def read_records(path: str) -> Iterator[tuple[str, Any]]:
-    """Yield `(where, record)` from a JSON list, a `{"data": [...]}` object, or JSONL.
+def read_records(path: Source) -> Iterator[tuple[str, Any]]:
+    """Yield `(where, record)` from a JSON list, a `{"data": [...]}` object, JSONL, or a `DatasetSource`.
 
-    `where` is `file:line` for JSONL and `file[index]` for JSON; malformed input (syntax, invalid
-    UTF-8, nesting too deep, numbers too long, a line longer than `MAX_LINE_BYTES`) raises
-    `DataError` naming the line. Only regular files are opened (a FIFO would block forever).
-    JSONL lines end at `\\n` only: U+2028 and other Unicode line breaks inside a string are text.
+    `where` is `file:line` for JSONL, `file[index]` for JSON and `name:split[index]` for a dataset;
+    malformed input (syntax, invalid UTF-8, nesting too deep, numbers too long, a line longer than
+    `MAX_LINE_BYTES`) raises `DataError` naming the line. Only regular files are opened (a FIFO would
+    block forever). JSONL lines end at `\\n` only: U+2028 and other Unicode line breaks inside a string are text.
     """
+    if isinstance(path, DatasetSource):
+        yield from _dataset_records(path)
+        return
     check_regular_file(path)
     with open(path, "rb") as f:
         head = f.read(4096).lstrip()
@@ -50,17 +130,17 @@ def read_records(path: str) -> Iterator[tuple[str, Any]]:
             obj = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
             line = raw[:e.start].count(b"\n") + 1
-            raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise _file_error(path, line, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+            raise _file_error(path, e.lineno, f"malformed JSON: {e.msg}", e.colno) from None
         except (ValueError, RecursionError) as e:  # an integer of thousands of digits; nesting too deep
-            raise DataError(f"{path}: malformed JSON: {_json_limit(e)}") from None
+            raise _file_error(path, None, f"malformed JSON: {_json_limit(e)}") from None
         if isinstance(obj, dict):
             if not isinstance(obj.get("data"), list):
-                raise DataError(f"{path}: a JSON object must hold the records as a list under \"data\"")
+                raise _file_error(path, None, "a JSON object must hold the records as a list under \"data\"")
             obj = obj["data"]
         if not isinstance(obj, list):
-            raise DataError(f"{path}: expected a JSON list of records, got {type(obj).__name__}")
+            raise _file_error(path, None, f"expected a JSON list of records, got {type(obj).__name__}")
         for i, rec in enumerate(obj):
             yield f"{path}[{i}]", rec
         return
@@ -72,21 +152,55 @@ def read_records(path: str) -> Iterator[tuple[str, Any]]:
                 return
             lineno += 1
             if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-                raise DataError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES} bytes; refused (store "
-                                "large latents in .npy files via hidden_state_path, or raise "
-                                "INTERLAT_MAX_LINE_BYTES)")
+                raise _file_error(path, lineno, f"line longer than {MAX_LINE_BYTES} bytes; refused (store "
+                                  "large latents in .npy files via hidden_state_path, or raise "
+                                  "INTERLAT_MAX_LINE_BYTES)")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at column {e.start + 1})") from None
+                raise _file_error(path, lineno, f"not UTF-8 text ({e.reason} at column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
-                yield f"{path}:{lineno}", json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}:{e.colno}: malformed JSON line: {e.msg}") from None
+                raise _file_error(path, lineno, f"malformed JSON line: {e.msg}", e.colno) from None
             except (ValueError, RecursionError) as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON line: {_json_limit(e)}") from None
+                raise _file_error(path, lineno, f"malformed JSON line: {_json_limit(e)}") from None
+            yield f"{path}:{lineno}", record
+
+
+def _file_error(path: str, line: int | None, detail: str, column: int | None = None) -> DataError:
+    """A data file's own problem: `path:line[:column]: detail`, and the same in parts (`where` the file and
+    line; `kind` malformed_json or unreadable_file, as validation names them)."""
+    place = path if line is None else f"{path}:{line}"
+    kind = "malformed_json" if detail.startswith("malformed JSON") else "unreadable_file"
+    return DataError(f"{place}{'' if column is None else f':{column}'}: {detail}", where=place, kind=kind,
+                     detail=detail if column is None else f"column {column}: {detail}")
+
+
+def _dataset_records(source: DatasetSource) -> Iterator[tuple[str, Any]]:
+    """`(where, record)` of each row of a `datasets` dataset; columns a row leaves null are left out, as if
+    absent (Arrow gives every row every column of the dataset)."""
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(source.name, split=source.split)
+    except Exception as e:  # not found, no such split, offline without a cached copy, unreadable files
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise DataError(where=str(source), kind="unreadable_file",
+                        detail=f"cannot be loaded with datasets.load_dataset ({type(e).__name__}: {first})") from None
+    for i, row in enumerate(rows):
+        yield f"{source}[{i}]", _without_nulls(row)
+
+
+def _without_nulls(value: Any) -> Any:
+    """Dict keys whose value is null dropped, recursively (a record's absent fields, a turn's absent keys)."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def _json_limit(e: Exception) -> str:
@@ -120,35 +234,50 @@ def load_latents(source: Any, where: str = "", max_rows: int | None = None) -> n
     `max_rows`, only the first rows are read (and checked).
     """
     field = "hidden_state_path" if isinstance(source, str) else "hidden_state"
+
+    def error(message: str, kind: str, detail: str) -> DataError:
+        return DataError(message, where=where or None, field=field, kind=kind, detail=detail)
+
     if isinstance(source, str):
         suffix = os.path.splitext(source)[1].lower()
         if suffix not in LATENT_SUFFIXES:
-            raise DataError(f"{where}: hidden_state_path {source!r}: unsupported file type {suffix!r} "
-                            f"(expected one of {', '.join(LATENT_SUFFIXES)})")
+            detail = f"unsupported file type {suffix or '(none)'!r}; expected one of {', '.join(LATENT_SUFFIXES)}"
+            raise error(f"{where}: hidden_state_path {source!r}: unsupported file type {suffix!r} "
+                        f"(expected one of {', '.join(LATENT_SUFFIXES)})", "latent_unsupported_type", detail)
         what = f"{where}: hidden_state_path" if where else "hidden_state_path"
-        if suffix == ".npy":
-            _, dtype = read_npy_header(source, what)
-            _check_latent_dtype(dtype, f"{what} {source!r}")
-            try:
-                array = np.load(source, mmap_mode="r", allow_pickle=False)
-            except Exception as e:  # checked above; anything left is a file changed under us
-                raise DataError(f"{what} {source!r}: cannot be read as a .npy array ({type(e).__name__})") from None
-        else:
-            from safe_io import load_torch_file
+        try:
+            if suffix == ".npy":
+                _, dtype = read_npy_header(source, what)
+                _check_latent_dtype(dtype, f"{what} {source!r}")
+                try:
+                    array = np.load(source, mmap_mode="r", allow_pickle=False)
+                except Exception as e:  # checked above; anything left is a file changed under us
+                    raise error(f"{what} {source!r}: cannot be read as a .npy array ({type(e).__name__})",
+                                "latent_unreadable", f"cannot be read as a .npy array ({type(e).__name__})") from None
+            else:
+                from safe_io import load_torch_file
 
-            obj = load_torch_file(source, what, mmap=True)
-            if not isinstance(obj, torch.Tensor):
-                raise DataError(f"{what} {source!r}: expected a plain tensor, found {type(obj).__name__}")
-            _check_latent_dtype(obj.dtype, f"{what} {source!r}")
-            array = obj
+                obj = load_torch_file(source, what, mmap=True)
+                if not isinstance(obj, torch.Tensor):
+                    raise error(f"{what} {source!r}: expected a plain tensor, found {type(obj).__name__}",
+                                "latent_unreadable", f"expected a plain tensor, found {type(obj).__name__}")
+                _check_latent_dtype(obj.dtype, f"{what} {source!r}")
+                array = obj
+        except DataError as e:  # the file's own problem (safe_io): this record's, under the latent field
+            if e.field:
+                raise
+            raise DataError(str(e), where=where or None, field=field, kind="latent_unreadable",
+                            detail=e.detail) from None
     else:
         try:
             array = np.asarray(source)
         except (ValueError, TypeError, RecursionError):
-            raise DataError(f"{_prefix(where)}hidden_state: expected a 2-D array of numbers [K, d]") from None
+            raise error(f"{_prefix(where)}hidden_state: expected a 2-D array of numbers [K, d]", "latent_not_numeric",
+                        "expected a 2-D array of numbers [K, d]") from None
         _check_latent_dtype(array.dtype, f"{_prefix(where)}hidden_state")
     if array.ndim != 2:
-        raise DataError(f"{_prefix(where)}{field}: expected a 2-D array [K, d], got shape {tuple(array.shape)}")
+        raise error(f"{_prefix(where)}{field}: expected a 2-D array [K, d], got shape {tuple(array.shape)}",
+                    "latent_not_2d", f"expected a 2-D array [K, d], got shape {tuple(array.shape)}")
     if max_rows is not None:
         array = array[:max_rows]
     if isinstance(array, torch.Tensor):
@@ -160,8 +289,9 @@ def load_latents(source: Any, where: str = "", max_rows: int | None = None) -> n
         r, c = np.argwhere(bad)[0]
         n_nan = int(np.isnan(array).sum())
         found = ", ".join(f"{n} {what}" for n, what in ((n_nan, "NaN"), (int(bad.sum()) - n_nan, "infinite")) if n)
-        raise DataError(f"{_prefix(where)}{field}: non-finite values: {found} (values beyond float32's range count as "
-                        f"infinite), first at row {r}, column {c}; expected finite numbers")
+        detail = (f"non-finite values: {found} (values beyond float32's range count as infinite), first at row {r}, "
+                  f"column {c}; expected finite numbers")
+        raise error(f"{_prefix(where)}{field}: {detail}", "latent_not_finite", detail)
     return array
 
 
@@ -176,15 +306,16 @@ def _check_latent_dtype(dtype, what: str) -> None:
     else:
         ok = np.dtype(dtype).kind in "iuf"
     if not ok:
-        raise DataError(f"{what}: values of dtype {dtype}; expected real numbers (float or int)")
+        detail = f"values of dtype {dtype}; expected real numbers (float or int)"
+        raise DataError(f"{what}: {detail}", kind="latent_not_numeric", field="hidden_state", detail=detail)
 
 
 # ---------------------------------------------------------------------------------------------
 # Records -> normalised samples
 # ---------------------------------------------------------------------------------------------
 def normalise_record(rec: dict, where: str, base_dir: str) -> dict:
-    """The fields training needs, with roles mapped to chat roles and paths made absolute."""
-    messages = [{"role": ROLES[t["from"]], "content": t["value"]} for t in rec["conversations"]]
+    """The fields training needs, with the turns of either format as chat messages and paths made absolute."""
+    messages = record_messages(rec, where)
     plan = rec.get("plan")
     if plan is None and rec.get("plan_path") is not None:
         plan = read_plan_file(resolve_path(rec["plan_path"], base_dir), f"{where}: plan_path")
@@ -203,14 +334,16 @@ def read_plan_file(path: str, what: str = "") -> str:
     """A plan file's text (stripped); a folder, FIFO, missing or non-UTF-8 file is a `DataError`."""
     size = check_regular_file(path, what)
     if size > MAX_LINE_BYTES:
-        raise DataError(f"{what}: {path}: {size} bytes; a plan is text of at most {MAX_LINE_BYTES} bytes")
+        detail = f"{size} bytes; a plan is text of at most {MAX_LINE_BYTES} bytes"
+        raise DataError(f"{what}: {path}: {detail}", where=path, detail=detail)
     with open(path, "rb") as f:
         raw = f.read()
     try:
         return raw.decode("utf-8").strip()
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"{what}: {path}:{line}: not UTF-8 text ({e.reason})") from None
+        detail = f"line {line}: not UTF-8 text ({e.reason})"
+        raise DataError(f"{what}: {path}:{line}: not UTF-8 text ({e.reason})", where=path, detail=detail) from None
 
 
 # Control tokens in data. Decision (the same in training, evaluation, inference and the sender):
@@ -321,13 +454,16 @@ def tokenize_sample(sample: dict, tokenizer, model_max_length: int, prepended_le
 # ---------------------------------------------------------------------------------------------
 # Dataset and collator
 # ---------------------------------------------------------------------------------------------
-def load_samples(path: str) -> list[dict]:
-    """Read and normalise every record of a file (validation reports problems before this)."""
-    base_dir = os.path.dirname(os.path.abspath(path))
+def load_samples(path: Source) -> list[dict]:
+    """Read and normalise every record of a file or dataset (validation reports problems before this)."""
+    base_dir = source_dir(path)
     samples = []
     for where, rec in read_records(path):
         try:
             samples.append(normalise_record(rec, where, base_dir))
+        except DataError as e:
+            raise DataError(where=where, sample_id=rec.get("id") if isinstance(rec, dict) else None, field=e.field,
+                            kind=e.kind, detail=f"{e.detail}; run with --validate_only") from None
         except (KeyError, TypeError, AttributeError, OSError) as e:
             raise DataError(f"{where}: id {rec.get('id') if isinstance(rec, dict) else None!r}: "
                             f"malformed record ({type(e).__name__}: {e}); run with --validate_only") from None
@@ -340,7 +476,7 @@ def plan_files_key(path: str) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    base_dir = os.path.dirname(os.path.abspath(path))
+    base_dir = source_dir(path)
     for _, rec in read_records(path):
         plan_path = rec.get("plan_path") if isinstance(rec, dict) and rec.get("plan") is None else None
         if isinstance(plan_path, str) and plan_path:
@@ -353,23 +489,26 @@ def plan_files_key(path: str) -> str:
     return digest.hexdigest()
 
 
-def build_hf_dataset(path: str):
-    """A memory-mapped `datasets.Dataset` of normalised records, cached by the data file's and its plan
-    files' paths, sizes and mtimes."""
+def build_hf_dataset(path: Source):
+    """A `datasets.Dataset` of normalised records. From a file: memory-mapped, cached by the file's and its plan
+    files' paths, sizes and mtimes; from a `DatasetSource`: in memory (`datasets` caches the source itself)."""
     import datasets
 
+    def row(sample: dict) -> dict:
+        return dict(sample, messages=json.dumps(sample["messages"]),
+                    hidden_state=None if sample["hidden_state"] is None else json.dumps(sample["hidden_state"]))
+
+    features = datasets.Features({k: datasets.Value("string") for k in
+                                  ("id", "where", "messages", "plan", "hidden_state_path", "hidden_state")})
+    if isinstance(path, DatasetSource):
+        return datasets.Dataset.from_list([row(s) for s in load_samples(path)], features=features)
     stat = os.stat(path)
     plans = plan_files_key(path)
 
     def generate(path, mtime, size, plans):  # mtime/size/plans only key the cache
         for s in load_samples(path):
-            s = dict(s)
-            s["messages"] = json.dumps(s["messages"])
-            s["hidden_state"] = None if s["hidden_state"] is None else json.dumps(s["hidden_state"])
-            yield s
+            yield row(s)
 
-    features = datasets.Features({k: datasets.Value("string") for k in
-                                  ("id", "where", "messages", "plan", "hidden_state_path", "hidden_state")})
     return datasets.Dataset.from_generator(generate, features=features,
                                            gen_kwargs={"path": os.path.abspath(path), "mtime": stat.st_mtime_ns,
                                                        "size": stat.st_size, "plans": plans})

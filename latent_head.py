@@ -18,12 +18,15 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from constants import (BOP_TOKEN, EOP_TOKEN, HEAD_FILE, HEAD_SAFETENSORS_FILE, IGNORE_INDEX,  # noqa: F401 (re-exported)
+                       MARKER_TOKEN, SPECIAL_TOKENS)
+from losses import LossConfig, LossSums, latent_comm_losses
+
 logger = logging.getLogger(__name__)
 
-MARKER_TOKEN, BOP_TOKEN, EOP_TOKEN = "<FIRST_HUMAN_END>", "<bop>", "<eop>"
-SPECIAL_TOKENS = (MARKER_TOKEN, BOP_TOKEN, EOP_TOKEN)
-HEAD_FILE = "latent_comm_head.pt"
-IGNORE_INDEX = -100
+PREPENDED_LENGTH = 256  # latent rows the head reads per sample (the first ones), unless configured
+MODEL_MAX_LENGTH = 3072  # the actor's longest sequence, latent block included, unless configured
+TEXT_KEYS = ("input_ids", "labels", "attention_mask", "marker_index")  # a batch's conversation, as collated
 PACKED_ATTENTION = "interlat_packed"  # registered with transformers by `register_packed_attention`
 
 
@@ -50,7 +53,7 @@ class HeadConfig:
     latent_dim: int  # width of the sender's hidden states
     hidden_size: int  # width of the actor's embeddings
     num_heads: int = 8
-    prepended_length: int = 256  # only the first this-many latent rows are used
+    prepended_length: int = PREPENDED_LENGTH  # only the first this-many latent rows are used
     dropout: float = 0.1
 
 
@@ -232,6 +235,47 @@ def packed_sequences_available() -> bool:
     return torch.cuda.is_available() and _varlen_options() is not None
 
 
+def set_training_backends() -> list[str]:
+    """Process-wide CUDA settings for training, set where training starts (never by building a model);
+    returns what was set, for the log (nothing without CUDA)."""
+    if not torch.cuda.is_available():
+        return []
+    # cuDNN's attention builds an execution plan for every new sequence length (milliseconds of CPU
+    # per layer call); with dynamic padding almost every call is new. The flash and memory-efficient
+    # kernels need no plan: 1.7x faster steps at batch 2 on an H100 (benchmarks/NOTES.md).
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    torch.backends.cuda.matmul.allow_tf32 = True  # float32 logits of the loss (see `LatentActor.logits`)
+    return ["torch.backends.cuda.enable_cudnn_sdp(False)", "torch.backends.cuda.matmul.allow_tf32 = True"]
+
+
+def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """`t` [B, K, ...] zero-padded along dim 1 to at least `rows` rows."""
+    return torch.nn.functional.pad(t, (0, 0, 0, rows - t.shape[1])) if t.shape[1] < rows else t
+
+
+def shift_left(ids: torch.Tensor, lengths: torch.Tensor, start: torch.Tensor, pad_id: int):
+    """Row b of the result is `ids[b, start[b]:lengths[b]]`, left-aligned and padded: (ids, lengths)."""
+    pos = torch.arange(ids.shape[1], device=ids.device)[None, :]
+    src = (pos + start[:, None]).clamp(max=max(ids.shape[1] - 1, 0))
+    new_lengths = (lengths - start).clamp_min(0)
+    out = torch.where(pos < new_lengths[:, None], ids.gather(1, src) if ids.shape[1] else ids, pad_id)
+    return out, new_lengths
+
+
+@dataclass
+class StepDraws:
+    """A training step's random choices, drawn by the trainer (its seeded, resumable streams) before the forward.
+
+    `mix_ratio` [B]: each sample's latent share (round(r*K) latent rows, then the plan from round(r*P) on).
+    The negative (None without the contrast term): per sample the latents of another one (`negative_lengths`
+    rows; for the published negative already cut or tiled to the sample's own K) and `has_negative` [B]."""
+
+    mix_ratio: torch.Tensor
+    negative_latents: torch.Tensor | None = None
+    negative_lengths: torch.Tensor | None = None
+    has_negative: torch.Tensor | None = None
+
+
 @dataclass
 class BranchOutput:
     """Final hidden states at the positions that predict supervised labels, in batch order."""
@@ -253,17 +297,11 @@ class LatentActor(nn.Module):
         self.marker_id, self.bop_id, self.eop_id = ids
         self.pad_id = tokenizer.pad_token_id
         self.packed = False
-        if torch.cuda.is_available():
-            # cuDNN's attention builds an execution plan for every new sequence length (milliseconds of CPU
-            # per layer call); with dynamic padding almost every call is new. The flash and memory-efficient
-            # kernels need no plan: 1.7x faster steps at batch 2 on an H100 (benchmarks/NOTES.md).
-            torch.backends.cuda.enable_cudnn_sdp(False)
-            torch.backends.cuda.matmul.allow_tf32 = True  # float32 logits of the loss (see `logits`)
 
     # -- construction -------------------------------------------------------------------
     @classmethod
     def from_base(cls, base_model: nn.Module, tokenizer, latent_dim: int | None = None, num_heads: int = 8,
-                  prepended_length: int = 256, dropout: float = 0.1) -> "LatentActor":
+                  prepended_length: int = PREPENDED_LENGTH, dropout: float = 0.1) -> "LatentActor":
         """Add the special tokens (resizing embeddings only if needed) and attach a fresh head."""
         add_special_tokens(tokenizer)
         if len(tokenizer) > base_model.get_input_embeddings().weight.shape[0]:
@@ -345,10 +383,71 @@ class LatentActor(nn.Module):
         rows = processed.gather(1, k[..., None].expand(-1, -1, processed.shape[-1]))
         return torch.where(latent_slots[..., None], rows.to(embeds.dtype), embeds)  # cast: float32 rows crash a bf16 model
 
-    def forward(self, *args, compute: Callable[["LatentActor"], Any] | None = None, **kwargs):
-        """One branch (`branch`'s arguments), or `compute(self)`: a whole loss computed inside one call of
-        the model, where a wrapper (FSDP) has gathered the parameters that it shards outside its forward."""
+    def forward(self, *args, draws: StepDraws | None = None, loss_config: LossConfig | None = None,
+                compute: Callable[["LatentActor"], Any] | None = None, **kwargs):
+        """The training step when `draws` is given (`loss_step(batch=..., draws, loss_config)`: one call of the
+        wrapped model, where FSDP has gathered what it shards), else one branch (`branch`'s arguments).
+        `compute(self)`: other work inside one call (the evaluation's and the compression stage's)."""
+        if draws is not None:
+            return self.loss_step(*args, draws=draws, loss_config=loss_config, **kwargs)
         return compute(self) if compute is not None else self.branch(*args, **kwargs)
+
+    def loss_step(self, batch: dict[str, torch.Tensor], draws: StepDraws, loss_config: LossConfig) -> LossSums:
+        """The three branches of one batch and their loss sums (`losses.latent_comm_losses`).
+
+        positive (with gradient): round(r*K) latent rows, then the plan tokens from round(r*P) on;
+        plan (no gradient): the plan text between <bop>/<eop>;
+        negative (no gradient): another sample's latents in the positive's latent rows, then the positive's own
+        plan suffix (`negative_form` published), or the other sample's latents alone (latents_only).
+        Every branch supervises the same tokens in the same order: row k of each is the same target token."""
+        text = {k: batch[k] for k in TEXT_KEYS}
+        latents, latent_lengths = batch["latents"], batch["latent_lengths"]
+        plan_ids, plan_lengths = batch["plan_ids"], batch["plan_lengths"]
+        has_latent, has_plan, no_rows = latent_lengths > 0, plan_lengths > 0, torch.zeros_like(latent_lengths)
+        # Samples without a plan read pure latents; samples without latents the plan.
+        ratio = torch.where(has_latent, torch.where(has_plan, draws.mix_ratio, 1.0), 0.0)
+        latent_rows = torch.round(ratio * latent_lengths).long()
+        block_ids, block_lengths = shift_left(plan_ids, plan_lengths, torch.round(ratio * plan_lengths).long(),
+                                              self.pad_id)
+        pos = self.branch(**text, latents=latents, latent_lengths=latent_lengths, latent_rows=latent_rows,
+                          block_ids=block_ids, block_lengths=block_lengths)
+
+        targets = {}  # the no-grad branches, run as one forward (batch stacked): half the launches of two
+        if loss_config.plan_similarity_weight:
+            targets["plan"] = dict(latents=latents, latent_lengths=no_rows, block_ids=plan_ids,
+                                   block_lengths=plan_lengths)
+        found = draws.has_negative
+        if draws.negative_latents is not None and loss_config.negative_form == "published":
+            targets["negative"] = dict(latents=draws.negative_latents, latent_lengths=latent_lengths * found,
+                                       latent_rows=latent_rows * found, block_ids=block_ids,
+                                       block_lengths=block_lengths)
+        elif draws.negative_latents is not None:
+            targets["negative"] = dict(latents=draws.negative_latents, latent_lengths=draws.negative_lengths,
+                                       block_ids=plan_ids[:, :0], block_lengths=no_rows)
+        with torch.no_grad():
+            hidden = dict(zip(targets, self.stacked_branches(text, list(targets.values()))))
+        row = pos.sample_index
+        return latent_comm_losses(pos.hidden, pos.labels, self.output_weight(), self.logits,
+                                  hidden.get("plan"), has_plan[row] if "plan" in hidden else None,
+                                  hidden.get("negative"), (found & has_latent)[row] if "negative" in hidden else None,
+                                  row, loss_config)
+
+    def stacked_branches(self, text: dict[str, torch.Tensor], branches: list[dict]) -> list[torch.Tensor]:
+        """Several branches of one batch (each: latents, latent_lengths, block_ids, block_lengths, and
+        latent_rows where fewer than latent_lengths) as one forward, stacked along the batch; returns each
+        branch's supervised hidden states (the same positions of the same conversations, in batch order)."""
+        if not branches:
+            return []
+        width = max(b["block_ids"].shape[1] for b in branches)
+        rows = max(b["latents"].shape[1] for b in branches)
+        pad_ids = lambda ids: torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=self.pad_id)
+        out = self.branch(**{k: torch.cat([v] * len(branches)) for k, v in text.items()},
+                          latents=torch.cat([pad_rows(b["latents"], rows) for b in branches]),
+                          latent_lengths=torch.cat([b["latent_lengths"] for b in branches]),
+                          latent_rows=torch.cat([b.get("latent_rows", b["latent_lengths"]) for b in branches]),
+                          block_ids=torch.cat([pad_ids(b["block_ids"]) for b in branches]),
+                          block_lengths=torch.cat([b["block_lengths"] for b in branches]))
+        return list(out.hidden.chunk(len(branches)))
 
     def branch(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
                marker_index: torch.Tensor, latents: torch.Tensor | None = None,
@@ -413,7 +512,8 @@ class LatentActor(nn.Module):
     # -- saving and loading -----------------------------------------------------------------
     def save_pretrained(self, output_dir: str, save_tokenizer: bool = True,
                         state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Write the base model (`save_pretrained`), the tokenizer and `latent_comm_head.pt`.
+        """Write the base model (`save_pretrained`), the tokenizer and the head (`latent_comm_head.pt` and
+        `latent_comm_head.safetensors`, the same weights).
 
         `state_dict`: this actor's full weights when its own are sharded (gathered by FSDP on one rank).
 
@@ -428,7 +528,9 @@ class LatentActor(nn.Module):
             self.base_model.save_pretrained(stage, state_dict=part("base_model."))
             if save_tokenizer:
                 self.tokenizer.save_pretrained(stage)
-            save_head(self.head.config, part("head.") or self.head.state_dict(), os.path.join(stage, HEAD_FILE))
+            head_state = part("head.") or self.head.state_dict()
+            save_head(self.head.config, head_state, os.path.join(stage, HEAD_FILE))
+            save_head_safetensors(self.head.config, head_state, os.path.join(stage, HEAD_SAFETENSORS_FILE))
 
     def load_weights(self, checkpoint_dir: str) -> None:
         """Load base-model and head weights saved by `save_pretrained` into this actor (resume, best model)."""
@@ -467,13 +569,22 @@ class LatentActor(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | str | None = None,
                         device: str | torch.device | None = None) -> "LatentActor":
-        """Restore an actor saved by `save_pretrained`: base model + head + tokenizer."""
+        """Restore an actor saved by `save_pretrained`: base model + head + tokenizer. `path` is a folder or a
+        hub id (from the Hugging Face cache, or downloaded when the hub can be reached)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from models import ModelNotFoundError, resolve_model_dir
         from safe_io import DataError, check_model_folder
 
+        try:
+            path = resolve_model_dir(path, "actor")
+        except ModelNotFoundError as e:
+            raise DataError(str(e)) from None
         check_model_folder(path)  # every artifact reads safely and no save was cut short
-        state = load_head_file(os.path.join(path, HEAD_FILE))
+        only_safetensors = not os.path.lexists(os.path.join(path, HEAD_FILE)) and \
+            os.path.exists(os.path.join(path, HEAD_SAFETENSORS_FILE))
+        state = load_head_safetensors(os.path.join(path, HEAD_SAFETENSORS_FILE)) if only_safetensors \
+            else load_head_file(os.path.join(path, HEAD_FILE))
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
@@ -503,6 +614,33 @@ def save_head(config: HeadConfig, state_dict: dict[str, torch.Tensor], path: str
     tmp = path + ".tmp"
     torch.save({"config": asdict(config), "state_dict": state}, tmp)
     os.replace(tmp, path)  # never leave a half-written head in place of a good one
+
+
+def save_head_safetensors(config: HeadConfig, state_dict: dict[str, torch.Tensor], path: str) -> None:
+    """The head as safetensors, its configuration as JSON in the file's metadata (`interlat_head_config`).
+    Written in place: `save_pretrained` writes it into a staging folder, which is what makes the save whole."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    save_file(state, path, metadata={"format": "pt", "interlat_head_config": json.dumps(asdict(config))})
+
+
+def load_head_safetensors(path: str) -> dict:
+    """`latent_comm_head.safetensors` as `load_head_file` returns the `.pt`: {"config", "state_dict"}."""
+    from safetensors import safe_open
+
+    from safe_io import DataError, check_safetensors_file
+
+    check_safetensors_file(path)
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        config = json.loads(metadata["interlat_head_config"])
+        HeadConfig(**config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{path}: no valid head configuration in its metadata ({type(e).__name__})") from None
+    return {"config": config, "state_dict": state}
 
 
 def load_head_file(path: str) -> dict:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from losses import CONTRAST_MARGIN, PLAN_COS_WEIGHT, PLAN_KL_WEIGHT, row_sums
+from losses import CONTRAST_MARGIN, PLAN_COS_WEIGHT, PLAN_KL_WEIGHT, RowTerms
 
 try:
     import triton
@@ -155,6 +155,6 @@ def chunk_values_and_grad(pos_logits: torch.Tensor, labels: torch.Tensor,
             float(plan_weight), float(contrast_weight), PLAN_KL_WEIGHT, PLAN_COS_WEIGHT, CONTRAST_MARGIN,
             HAS_PLAN=plan_logits is not None, HAS_NEG=neg_logits is not None, NEED_GRAD=need_grad,
             BLOCK=block, num_warps=num_warps, num_stages=num_stages)
-    ce, plan_term, js, neg_ce = per_row.unbind(1)
-    return row_sums(ce, plan_term if plan_logits is not None else None, plan_w,
-                    js if neg_logits is not None else None, neg_ce, neg_w), grad
+    ce, plan_term, js, neg_ce = per_row.unbind(1)  # the kernel's output layout
+    return RowTerms(ce, plan_term if plan_logits is not None else None, js if neg_logits is not None else None,
+                    neg_ce if neg_logits is not None else None), grad

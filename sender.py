@@ -25,12 +25,12 @@ import torch
 import torch.nn as nn
 
 from data import LatentCollator, with_marker
-from latent_head import MARKER_TOKEN, LatentActor
+from constants import MARKER_TOKEN, SENDER_FILE
+from latent_head import LatentActor
 
 REQUEST = "Please generate a plan to solve this task: "  # the published student's fixed request
 NOTES_PREFIX = "What you know: "  # before the plan, for a sender with knowledge="plan"
 KNOWLEDGE = ("none", "plan")
-SENDER_FILE = "latent_sender.pt"  # bridge, start vector and configuration, next to the student's weights
 
 
 @dataclass

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from losses import (COMPRESSION_ALIGN_WEIGHT, COMPRESSION_KL_WEIGHT, DISTILL_TEMPERATURE, DISTILL_WINDOW,
-                    UNCERTAINTY_QUANTILE, alignment_loss, compression_loss, distillation_kl, first_rows_per_sample,
-                    latent_comm_loss_sums, token_ce, token_entropy, uncertainty_weights)
+                    LOSS_CHUNK_SIZE, UNCERTAINTY_QUANTILE, alignment_loss, compression_loss, distillation_kl,
+                    first_rows_per_sample, latent_comm_loss_sums, token_ce, token_entropy, uncertainty_weights)
 from sender import CompressionModel, fit_rows
 from trainer import LatentActorTrainer
 
@@ -35,7 +35,7 @@ class CompressionLossConfig:
     temperature: float = DISTILL_TEMPERATURE
     window: int = DISTILL_WINDOW
     quantile: float = UNCERTAINTY_QUANTILE
-    loss_chunk_size: int | None = 1024
+    loss_chunk_size: int | None = LOSS_CHUNK_SIZE
 
 
 class SenderTrainer(LatentActorTrainer):
@@ -70,7 +70,7 @@ class SenderTrainer(LatentActorTrainer):
         data = fit_rows(inputs["latents"], inputs["latent_lengths"], k)
         no_block = inputs["input_ids"][:, :0]
         with torch.no_grad():  # the teacher (data latents) and no-message branches, as one stacked forward
-            data_hidden, none_hidden = self._stacked_no_grad_forward(actor, text, [
+            data_hidden, none_hidden = actor.stacked_branches(text, [
                 dict(latents=data, latent_lengths=torch.where(has_data, rows, 0), block_ids=no_block,
                      block_lengths=no_rows),
                 dict(latents=data, latent_lengths=no_rows, block_ids=no_block, block_lengths=no_rows)])

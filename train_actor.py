@@ -1,6 +1,7 @@
 """Train an actor that reads a sender's latent message: arguments, building, running, saving.
 
     python train_actor.py --train_file data/train.jsonl --output_dir checkpoints/actor ...
+    python train_actor.py recipes/qwen2.5-0.5b.yaml --output_dir checkpoints/mine   # a config file, flags override it
     torchrun --nproc_per_node 2 train_actor.py ...
 
 See README.md for the data format, the flags and the outputs.
@@ -20,13 +21,16 @@ from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 from transformers.training_args import ParallelMode
 
 from callbacks import (InfoNCEProbeCallback, InterruptCallback, LatentConditionsCallback, LossLogCallback,
-                       NonFiniteGuardCallback, StepsToReadCallback)
-from data import ActorDataset, DataError, LatentCollator, build_hf_dataset, control_tokens, split_train_eval
-from latent_head import HEAD_FILE, LatentActor, load_head_file, packed_sequences_available
+                       NonFiniteGuardCallback, StepsToReadCallback, use_metric_group_tensorboard)
+from data import (ActorDataset, DataError, DatasetSource, LatentCollator, Source, build_hf_dataset, control_tokens,
+                  split_train_eval)
+from latent_head import (HEAD_FILE, MODEL_MAX_LENGTH, PREPENDED_LENGTH, LatentActor, load_head_file,
+                         packed_sequences_available, set_training_backends)
+from losses import LossConfig
 from models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
 from runs import check_output_dir, check_resume_matches, run_fingerprint
 from safe_io import check_model_folder
-from trainer import LatentActorTrainer, LossConfig, resolve_loss_kernel, resolve_resume
+from trainer import LatentActorTrainer, resolve_resume
 from validation import validate_files
 
 logger = logging.getLogger("train_actor")
@@ -36,13 +40,16 @@ logger = logging.getLogger("train_actor")
 class ModelArguments:
     model_name_or_path: str = field(default="Qwen/Qwen2.5-0.5B-Instruct", metadata={
         "help": f"Hub id or local folder of a causal LM; offline, {EMBEDDED_MODEL} is embedded."})
-    prepended_length: int = field(default=256, metadata={"help": "Latent rows used per sample (the first ones)."})
+    prepended_length: int = field(default=PREPENDED_LENGTH, metadata={
+        "help": "Latent rows used per sample (the first ones)."})
     num_heads: int = field(default=8, metadata={"help": "Attention heads of the latent head's MHA."})
-    plan_similarity_weight: float = field(default=1.0, metadata={"help": "Weight of 0.7 KL + 0.3 (1-cos)."})
-    random_contrast_weight: float = field(default=2.0, metadata={"help": "Weight of max(0, 0.69 - JS)."})
-    mix_ratios: str = field(default="0.2,0.3,0.4,0.5,0.6,0.7,0.8", metadata={
+    plan_similarity_weight: float = field(default=LossConfig.plan_similarity_weight, metadata={
+        "help": "Weight of 0.7 KL + 0.3 (1-cos)."})
+    random_contrast_weight: float = field(default=LossConfig.random_contrast_weight, metadata={
+        "help": "Weight of max(0, 0.69 - JS)."})
+    mix_ratios: str = field(default=",".join(map(str, LossConfig.mix_ratios)), metadata={
         "help": "Comma-separated latent shares drawn per sample and step (rest of the block is plan text)."})
-    pure_latent_prob: float = field(default=0.5, metadata={
+    pure_latent_prob: float = field(default=LossConfig.pure_latent_prob, metadata={
         "help": "Share of training samples that get pure latents (ratio 1), the condition used at inference."})
     negative_form: Literal["published", "latents_only"] = field(default="published", metadata={
         "help": "The contrast's negative branch. published: another sample's latents (cut or tiled to this "
@@ -61,7 +68,7 @@ class ModelArguments:
                 "(benchmarks/steps_to_read.py). 0: off."})
     head_warm_start_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the warm start."})
     head_dropout: float = field(default=0.1, metadata={"help": "Attention dropout of the latent head."})
-    loss_chunk_size: int = field(default=1024, metadata={
+    loss_chunk_size: int = field(default=LossConfig.loss_chunk_size, metadata={
         "help": "Supervised tokens per chunk when projecting to the vocabulary (bounds logits memory)."})
     fused_loss: bool = field(default=True, metadata={
         "help": "Compute the loss terms and their gradients in one pass per chunk (bias-free linear LM "
@@ -94,10 +101,17 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     train_file: str | None = field(default=None, metadata={"help": "JSON, JSONL or {\"data\": [...]} records."})
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "Instead of --train_file: a hub dataset id, or a local dataset folder or file, read with "
+                "datasets.load_dataset (records as in a data file)."})
+    dataset_split: str = field(default="train", metadata={"help": "The split of --dataset_name to train on."})
+    eval_split: str | None = field(default=None, metadata={
+        "help": "A split of --dataset_name held out for evaluation (else --eval_file or --eval_ratio)."})
     eval_file: str | None = field(default=None, metadata={"help": "Held-out records (else see --eval_ratio)."})
     eval_ratio: float = field(default=0.0, metadata={"help": "Share of train_file held out when no eval_file."})
     lazy_preprocess: bool = field(default=False, metadata={"help": "Tokenize on access instead of up front."})
-    model_max_length: int = field(default=3072, metadata={"help": "Longest sequence, latent block included."})
+    model_max_length: int = field(default=MODEL_MAX_LENGTH, metadata={
+        "help": "Longest sequence, latent block included."})
 
 
 @dataclass
@@ -144,6 +158,9 @@ class ActorTrainingArguments(TrainingArguments):
     nonfinite_policy: str = field(default="skip", metadata={
         "help": "On a NaN/inf gradient: 'skip' drops that step's update, 'stop' ends training; both report it."})
     validate_only: bool = field(default=False, metadata={"help": "Check the data files and exit."})
+    sender_model_name_or_path: str | None = field(default=None, metadata={
+        "help": "The model whose hidden states the latents are: named in the model card (README.md, pushed with "
+                "--push_to_hub). Changes nothing in training."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Train into an --output_dir that holds another run (its files are replaced); without it such a "
                 "folder is refused."})
@@ -193,14 +210,84 @@ def _schedules_match(args: TrainingArguments) -> bool:
     return args.save_strategy != "steps" or args.save_steps % args.eval_steps == 0
 
 
-def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, ActorTrainingArguments))
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def read_config_file(path: str) -> dict:
+    """A YAML or JSON config file as a mapping of argument names to values; a `ValueError` line otherwise."""
+    import json
+
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    except (ValueError, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'YAML'} ({first})") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
+        raise ValueError(f"{path}: expected a mapping of argument names to values, e.g. `learning_rate: 1.0e-4`")
+    return config
+
+
+def config_as_flags(config: dict, parser: HfArgumentParser, path: str) -> list[str]:
+    """A config file's entries as command-line flags, so that the parser checks them exactly as typed flags (types,
+    choices) and later flags override them. An unknown key is a `ValueError` naming the file and the key."""
+    import json
+
+    known = {option[2:] for option in parser._option_string_actions if option.startswith("--")}
+    unknown = [key for key in config if key not in known]
+    if unknown:
+        raise ValueError(f"{path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                         f"(not an argument of {os.path.basename(sys.argv[0]) or 'this script'}; see --help)")
+    flags = []
+    for key, value in config.items():
+        if value is None:  # `key: null` or `key:` leaves the default
+            continue
+        if isinstance(value, bool):
+            values = [str(value).lower()]
+        elif isinstance(value, (list, tuple)):
+            values = [str(v) for v in value]
+        elif isinstance(value, dict):
+            values = [json.dumps(value)]
+        else:
+            values = [str(value)]
+        flags += [f"--{key}", *values]
+    return flags
+
+
+def parse_config_and_flags(dataclass_types: tuple, argv: list[str] | None = None):
+    """`[config.yaml | config.json] [--flag value ...]`: the file's values first, command-line flags overriding
+    them (HfArgumentParser does the parsing); unknown keys and flags are a one-line `ValueError`."""
+    parser = HfArgumentParser(dataclass_types)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0].lower().endswith(CONFIG_SUFFIXES):
+        path = argv.pop(0)
+        argv = config_as_flags(read_config_file(path), parser, path) + argv
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+def parse_args(argv: list[str] | None = None):
+    return parse_config_and_flags((ModelArguments, DataArguments, ActorTrainingArguments), argv)
+
+
+def data_sources(data_args: DataArguments) -> tuple[Source, Source | None]:
+    """(training records, held-out records or None): files, or splits of --dataset_name."""
+    if data_args.dataset_name:
+        train = DatasetSource(data_args.dataset_name, data_args.dataset_split)
+        held_out = DatasetSource(data_args.dataset_name, data_args.eval_split) if data_args.eval_split else None
+        return train, held_out or data_args.eval_file or None
+    return data_args.train_file, data_args.eval_file or None
+
+
 def build_datasets(data_args: DataArguments, seed: int):
-    train = build_hf_dataset(data_args.train_file)
-    evaluation = build_hf_dataset(data_args.eval_file) if data_args.eval_file else None
+    train_source, eval_source = data_sources(data_args)
+    train = build_hf_dataset(train_source)
+    evaluation = build_hf_dataset(eval_source) if eval_source else None
     if evaluation is None and data_args.eval_ratio > 0:
         train, evaluation = split_train_eval(train, data_args.eval_ratio, seed)
     return train, evaluation
@@ -236,10 +323,31 @@ def parse_mix_ratios(text: str) -> tuple[float, ...]:
     return ratios
 
 
+def check_data_source(data_args: DataArguments) -> None:
+    """Exactly one of --train_file and --dataset_name; --eval_split only with --dataset_name."""
+    if bool(data_args.train_file) == bool(data_args.dataset_name):
+        raise UserError("--train_file or --dataset_name is required (one of them)" if not data_args.train_file else
+                        "--train_file and --dataset_name both given; expected one of them")
+    if data_args.eval_split and not data_args.dataset_name:
+        raise UserError("--eval_split names a split of --dataset_name; with --train_file use --eval_file")
+    if data_args.eval_split and data_args.eval_file:
+        raise UserError("--eval_split and --eval_file both given; expected one of them")
+
+
+# The Trainer applies Liger's kernels only to a PreTrainedModel (this actor is a wrapper: it would log a warning and
+# apply nothing), and Liger's gain is its fused linear cross-entropy, which never runs here: the actor projects to
+# the vocabulary and computes every loss itself. Its other kernels fail under Triton's CPU interpreter (RMSNorm,
+# liger-kernel 0.8.5), so they cannot be tested here, nor were they measured on a GPU: refused, not ignored.
+LIGER_REFUSAL = ("--use_liger_kernel is not supported: the actor computes its losses itself (losses.py, --fused_loss), "
+                 "so Liger's fused linear cross-entropy would never run, and its other kernels are unmeasured for this "
+                 "trainer; for speed use --compile_layers and --loss_kernel triton (BENCHMARKS.md)")
+
+
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, args: ActorTrainingArguments) -> None:
     """Argument errors found from the flags alone, before any file is read."""
-    if not data_args.train_file:
-        raise UserError("--train_file is required")
+    check_data_source(data_args)
+    if args.use_liger_kernel:
+        raise UserError(LIGER_REFUSAL)
     try:
         parse_mix_ratios(model_args.mix_ratios)
     except ValueError as e:
@@ -290,7 +398,7 @@ def check_data(model_args: ModelArguments, data_args: DataArguments, args: Actor
     resume or None)."""
     check_arguments(model_args, data_args, args)
     try:
-        resolve_loss_kernel(model_args.loss_kernel, "cuda" if args.trains_on_gpu else "cpu")
+        resolve_auto_settings(model_args, args)
         loss_config(model_args).check_loss_path()
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -322,7 +430,7 @@ def check_data(model_args: ModelArguments, data_args: DataArguments, args: Actor
         raise UserError(str(e)) from None
     # Full tokenization checks with --validate_only; training refuses control tokens in the data up front and
     # tokenizes (cached) while building its datasets.
-    report = validate_files([f for f in (data_args.train_file, data_args.eval_file) if f],
+    report = validate_files([f for f in data_sources(data_args) if f],
                             tokenizer=tokenizer if args.validate_only else None,
                             control_strings=control_tokens(tokenizer),
                             model_max_length=data_args.model_max_length,
@@ -333,6 +441,28 @@ def check_data(model_args: ModelArguments, data_args: DataArguments, args: Actor
     if not report.ok:
         raise UserError("the data files have errors (listed above); nothing was trained", status=1)
     return report, resume
+
+
+def resolve_auto_settings(model_args: ModelArguments, args: ActorTrainingArguments) -> dict:
+    """Decide every setting left "auto" for this machine, once, before anything is built, and log them in one
+    line. The Trainer's own (precision, data loader workers, best model) are decided when the arguments are
+    parsed (`ActorTrainingArguments.__post_init__`: transformers checks them there); they are logged here too."""
+    # Speed options are on where they pay: on CUDA (packed rows: flash varlen attention on bf16/fp16 rows).
+    if model_args.packed_sequences is None:
+        model_args.packed_sequences = packed_sequences_available() and (args.bf16 or args.fp16)
+    if model_args.compile_layers is None:  # not under FSDP: its hooks around each layer are not compiled with it
+        model_args.compile_layers = torch.cuda.is_available() and not args.fsdp
+    loss = loss_config(model_args).resolved("cuda" if args.trains_on_gpu else "cpu", args.bf16)
+    model_args.loss_kernel, model_args.loss_matmul_dtype = loss.loss_kernel, loss.loss_matmul_dtype
+    settings = {"bf16": args.bf16, "fp16": args.fp16, "packed_sequences": model_args.packed_sequences,
+                "compile_layers": model_args.compile_layers, "loss_kernel": model_args.loss_kernel,
+                "loss_matmul_dtype": model_args.loss_matmul_dtype,
+                "dataloader_num_workers": args.dataloader_num_workers,
+                "dataloader_pin_memory": args.dataloader_pin_memory,
+                "load_best_model_at_end": args.load_best_model_at_end}
+    if args.should_log:
+        logger.info("Settings: %s", ", ".join(f"{k}={v}" for k, v in settings.items()))
+    return settings
 
 
 def loss_config(model_args: ModelArguments) -> LossConfig:
@@ -408,6 +538,8 @@ def build_trainer(actor: LatentActor, model_args: ModelArguments, data_args: Dat
         data_collator=LatentCollator(actor.pad_id, actor.head.config.latent_dim),
         processing_class=actor.tokenizer, loss_config=loss_config(model_args),
         callbacks=[LossLogCallback(args.output_dir, plot=args.enable_loss_plot)])
+    trainer.card_info = {"base_model": model_args.model_name_or_path, "sender_model": args.sender_model_name_or_path}
+    use_metric_group_tensorboard(trainer)
     if args.enable_infoNCE_probe:
         probe_set = datasets.get("eval") or datasets["train"]
         k = min(args.infoNCE_probe_samples, len(probe_set))
@@ -422,21 +554,23 @@ def build_trainer(actor: LatentActor, model_args: ModelArguments, data_args: Dat
     return trainer
 
 
-def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrainingArguments) -> int:
+def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrainingArguments,
+          callbacks: list[TrainerCallback] = (), save_final_model: bool = True) -> int:
+    """Check, build, train, save. `callbacks`: more `TrainerCallback`s (e.g. bench.py's step timer);
+    `save_final_model` False: leave out the final model (a benchmark measures steps, not saving)."""
     report, resume = check_data(model_args, data_args, args)
     if args.validate_only:
         return 0
-    # Speed options left unset ("auto") are on where they pay: on CUDA (packed rows need bf16/fp16).
-    if model_args.packed_sequences is None:
-        model_args.packed_sequences = packed_sequences_available() and (args.bf16 or args.fp16)
-    if model_args.compile_layers is None:  # not under FSDP: its hooks around each layer are not compiled with it
-        model_args.compile_layers = torch.cuda.is_available() and not args.fsdp
+    for setting in set_training_backends():
+        logger.info("Training backend: %s", setting)
     actor = build_actor(model_args, report.latent_dim, args.seed)
     try:
         trainer = build_trainer(actor, model_args, data_args, args)
     except DataError as e:  # found while tokenizing: e.g. no sample fits --model_max_length
         raise UserError(str(e), status=1) from None
     trainer.run_fingerprint = run_fingerprint(model_args, data_args, args)  # into every checkpoint (runs.py)
+    for callback in callbacks:
+        trainer.add_callback(callback)
     if model_args.head_warm_start_steps > 0 and resume is None:
         warm_start(trainer, model_args, args)
     interrupt = InterruptCallback()
@@ -459,17 +593,19 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
     if interrupt.interrupted:
         raise UserError(f"interrupted (Ctrl-C) after step {trainer.state.global_step}: "
                         f"{last_checkpoint_note(args.output_dir)}", status=130)
-    actor.merge_lora()  # the final folder is a plain HF model + head, whatever the training mode
-    try:
-        trainer.save_model(args.output_dir)  # staged: on failure the folder's earlier model is untouched
-        trainer.save_state()
-        if trainer.is_world_process_zero():
-            actor.tokenizer.save_pretrained(os.path.join(args.output_dir, "tokenizer"))
-    except Exception as e:
-        if not write_failure(e):
-            raise
-        raise UserError(f"saving the final model into {args.output_dir} failed: {write_failure(e)}; the model the "
-                        f"folder held before is unchanged; {last_checkpoint_note(args.output_dir)}", status=1) from None
+    if save_final_model:
+        actor.merge_lora()  # the final folder is a plain HF model + head, whatever the training mode
+        try:
+            trainer.save_model(args.output_dir)  # staged: on failure the folder's earlier model is untouched
+            trainer.save_state()
+            if trainer.is_world_process_zero():
+                actor.tokenizer.save_pretrained(os.path.join(args.output_dir, "tokenizer"))
+        except Exception as e:
+            if not write_failure(e):
+                raise
+            raise UserError(f"saving the final model into {args.output_dir} failed: {write_failure(e)}; the model "
+                            f"the folder held before is unchanged; {last_checkpoint_note(args.output_dir)}",
+                            status=1) from None
     if trainer.nonfinite_guard.stopped:
         raise UserError(f"training stopped at step {trainer.state.global_step} on a non-finite gradient (see the "
                         f"log); the weights saved in {args.output_dir} never received it", status=1)
@@ -498,7 +634,8 @@ def last_checkpoint_note(output_dir: str) -> str:
     return f"the last complete checkpoint is {last} (continue with --resume_from_checkpoint latest)"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] = (), save_final_model: bool = True) -> int:
+    """The command line: `argv` (default sys.argv); `callbacks`/`save_final_model` as in `train`."""
     try:
         model_args, data_args, args = parse_args(argv)
     except ValueError as e:  # raised by an argument dataclass's checks
@@ -508,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
                         level=logging.INFO if args.should_log else logging.WARNING)
     transformers.utils.logging.set_verbosity_warning()
     try:
-        return train(model_args, data_args, args)
+        return train(model_args, data_args, args, callbacks, save_final_model)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.status

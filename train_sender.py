@@ -2,6 +2,7 @@
 
     python train_sender.py --actor_dir checkpoints/actor --model_name_or_path SENDER \
         --train_file data/train.jsonl --output_dir checkpoints/sender --num_latents 8 ...
+    python train_sender.py config.yaml [--flag value ...]   # a YAML/JSON config file, flags override it
     torchrun --nproc_per_node 2 train_sender.py ...
 
 The data files are train_actor.py's (conversations + data latents of the written plans). The
@@ -19,17 +20,18 @@ from dataclasses import dataclass, field
 
 import torch
 import transformers
-from transformers import AutoTokenizer, HfArgumentParser
+from transformers import AutoTokenizer
 
 from callbacks import LossLogCallback, NonFiniteGuardCallback
 from data import ActorDataset, DataError
-from latent_head import HEAD_FILE, LatentActor, load_head_file
+from latent_head import HEAD_FILE, LatentActor, load_head_file, set_training_backends
 from losses import (COMPRESSION_ALIGN_WEIGHT, COMPRESSION_KL_WEIGHT, DISTILL_TEMPERATURE, DISTILL_WINDOW,
                     UNCERTAINTY_QUANTILE)
 from models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
 from sender import KNOWLEDGE, REQUEST, SENDER_FILE, CompressionModel, LatentSender, SenderCollator, SenderConfig, SenderDataset
 from sender_trainer import CompressionLossConfig, SenderTrainer
-from train_actor import ActorTrainingArguments, DataArguments, UserError, build_datasets, exit_process
+from train_actor import (LIGER_REFUSAL, ActorTrainingArguments, DataArguments, UserError, build_datasets,
+                         check_data_source, data_sources, exit_process, parse_config_and_flags)
 from trainer import resolve_resume
 from validation import validate_files
 
@@ -70,22 +72,24 @@ class SenderTrainingArguments(ActorTrainingArguments):
     infoNCE_probe_interval: int = field(default=200, metadata=UNUSED)
     infoNCE_probe_samples: int = field(default=8, metadata=UNUSED)
     eval_latent_conditions: int = field(default=0, metadata=UNUSED)
+    sender_model_name_or_path: str | None = field(default=None, metadata=UNUSED)
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser((SenderArguments, DataArguments, SenderTrainingArguments))
-    return parser.parse_args_into_dataclasses(args=argv)
+    """Flags, or a YAML/JSON config file first and flags overriding it (as train_actor.py)."""
+    return parse_config_and_flags((SenderArguments, DataArguments, SenderTrainingArguments), argv)
 
 
 def check_inputs(sender_args: SenderArguments, data_args: DataArguments, args: SenderTrainingArguments):
     """Everything that can be refused before a model is loaded; returns (head config, report, resume)."""
-    if not data_args.train_file:
-        raise UserError("--train_file is required")
+    check_data_source(data_args)
     if not sender_args.actor_dir:
         raise UserError("--actor_dir is required: an output folder of train_actor.py (the frozen actor)")
     if not os.path.exists(os.path.join(sender_args.actor_dir, HEAD_FILE)):
         raise UserError(f"--actor_dir {sender_args.actor_dir}: no {HEAD_FILE} here; is this an output folder of "
                         "train_actor.py?")
+    if args.use_liger_kernel:
+        raise UserError(LIGER_REFUSAL)
     if args.fsdp:
         raise UserError("--fsdp is not supported by train_sender.py: use DDP (torchrun without --fsdp)")
     if args.gradient_checkpointing:
@@ -104,7 +108,7 @@ def check_inputs(sender_args: SenderArguments, data_args: DataArguments, args: S
         check_tokenizer = AutoTokenizer.from_pretrained(sender_args.actor_dir) if args.validate_only else None
     except (FileNotFoundError, ModelNotFoundError) as e:
         raise UserError(str(e)) from None
-    report = validate_files([f for f in (data_args.train_file, data_args.eval_file) if f], tokenizer=check_tokenizer,
+    report = validate_files([f for f in data_sources(data_args) if f], tokenizer=check_tokenizer,
                             model_max_length=data_args.model_max_length, prepended_length=head["prepended_length"],
                             expected_latent_dim=head["latent_dim"])
     if args.should_log or args.validate_only:
@@ -164,6 +168,8 @@ def train(sender_args: SenderArguments, data_args: DataArguments, args: SenderTr
         return 0
     if sender_args.num_latents == 1:  # the bridge feeds step 2 onwards: with one step it gets no gradient
         args.ddp_find_unused_parameters = True
+    for setting in set_training_backends():
+        logger.info("Training backend: %s", setting)
     model = build_model(sender_args, head, args.seed)
     trainer = build_trainer(model, sender_args, data_args, args)
     try:
@@ -185,7 +191,11 @@ def train(sender_args: SenderArguments, data_args: DataArguments, args: SenderTr
 
 
 def main(argv: list[str] | None = None) -> int:
-    sender_args, data_args, args = parse_args(argv)
+    try:
+        sender_args, data_args, args = parse_args(argv)
+    except ValueError as e:  # an unknown flag or config key, or an argument dataclass's checks
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if args.should_log else logging.WARNING)
     transformers.utils.logging.set_verbosity_warning()

@@ -1,10 +1,9 @@
-"""`LatentActorTrainer`: a `transformers.Trainer` whose `compute_loss` runs the three branches.
+"""`LatentActorTrainer`: a `transformers.Trainer` whose step draws its random choices, runs the three
+branches inside one call of the model (`LatentActor.loss_step`) and normalises and logs the loss sums.
 
-positive (with gradient): the curriculum mix of latents and plan tokens;
-plan (no gradient): the plan text between <bop>/<eop>;
-negative (no gradient): the positive's layout with another sample's latents (any rank; never the sample's
-own) in its latent rows, then the sample's own plan suffix (as published; `--negative_form`).
-Loss terms come from `losses.py`; every component is logged the Trainer way (see `log`).
+The trainer owns what needs the run's state: the seeded random streams (they survive resumption), the
+negatives drawn from every rank's batch (one all-gather), the token count of the optimizer step, and the
+metrics. Every component is logged the Trainer way (see `log`).
 """
 from __future__ import annotations
 
@@ -13,50 +12,16 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
 
 import torch
 from transformers import Trainer
 
-import loss_kernel
 from data import RankBalancedLengthSampler
-from latent_head import LatentActor
-from losses import LN2, chunk_values_and_grad, fused_latent_comm_loss_sums, latent_comm_loss_sums
+from latent_head import LatentActor, StepDraws, pad_rows
+from losses import LN2, METRIC_FIELDS, LossConfig, LossSums, resolve_loss_kernel  # noqa: F401 (re-exported)
 from safe_io import INCOMPLETE_MARKER
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class LossConfig:
-    plan_similarity_weight: float = 1.0
-    random_contrast_weight: float = 2.0
-    mix_ratios: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-    pure_latent_prob: float = 0.5  # share of training samples that see pure latents (ratio 1)
-    loss_chunk_size: int | None = 1024
-    fused_loss: bool = True  # closed-form gradients per chunk (bias-free linear LM heads); else autograd
-    loss_kernel: str = "auto"  # the fused chunk: "triton", "compile", "eager"; auto: triton/compile on CUDA, else eager
-    loss_matmul_dtype: str = "auto"  # projections' operands: "auto" = bfloat16 under bf16 on CUDA, else float32
-    # The negative branch: "published" = the donor's latents in the positive's latent rows, then the sample's
-    # own plan suffix (only the latent part differs from the positive); "latents_only" = the donor's latents
-    # alone (this project's earlier form, kept for ablation: in mixed samples it differs in the text too).
-    negative_form: str = "published"
-    contrast_divergence: str = "js"  # "js": per-position Jensen-Shannon; "published": 0.5 KL(M||P)+0.5 KL(M||Q) of means
-    loss_weighting: str = "fixed"  # "fixed": the weights above; "adaptive": the published code's loss-driven weights
-
-    def __post_init__(self):
-        for name, allowed in (("negative_form", ("published", "latents_only")),
-                              ("contrast_divergence", ("js", "published")), ("loss_weighting", ("fixed", "adaptive"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
-
-    def check_loss_path(self) -> None:
-        """The fused loss computes each chunk's gradient in one pass with fixed weights, per position: the
-        published divergence (of per-sample means) and adaptive weights (of the whole batch's values) need
-        the autograd path."""
-        if self.fused_loss and (self.contrast_divergence != "js" or self.loss_weighting != "fixed"):
-            raise ValueError(f"--contrast_divergence {self.contrast_divergence} / --loss_weighting "
-                             f"{self.loss_weighting} run on the autograd loss only: add --fused_loss false")
 
 
 def draw_mix_ratios(batch_size: int, mix_ratios: tuple[float, ...], pure_latent_prob: float,
@@ -67,15 +32,6 @@ def draw_mix_ratios(batch_size: int, mix_ratios: tuple[float, ...], pure_latent_
     ratios = choices[torch.randint(len(choices), (batch_size,), generator=generator, device=device)]
     pure = torch.rand(batch_size, generator=generator, device=device) < pure_latent_prob
     return torch.where(pure, torch.ones_like(ratios), ratios)
-
-
-def shift_left(ids: torch.Tensor, lengths: torch.Tensor, start: torch.Tensor, pad_id: int):
-    """Row b of the result is `ids[b, start[b]:lengths[b]]`, left-aligned and padded: (ids, lengths)."""
-    pos = torch.arange(ids.shape[1], device=ids.device)[None, :]
-    src = (pos + start[:, None]).clamp(max=max(ids.shape[1] - 1, 0))
-    new_lengths = (lengths - start).clamp_min(0)
-    out = torch.where(pos < new_lengths[:, None], ids.gather(1, src) if ids.shape[1] else ids, pad_id)
-    return out, new_lengths
 
 
 def pick_negatives(own_index: torch.Tensor, candidate_valid: torch.Tensor, bank_valid: torch.Tensor,
@@ -109,32 +65,10 @@ def fit_donor_latents(donor: torch.Tensor, donor_lengths: torch.Tensor, lengths:
     """
     noise_std = NEGATIVE_NOISE_STD if noise_std is None else noise_std
     k = torch.arange(rows, device=donor.device)[None, :] % donor_lengths.clamp_min(1)[:, None]
-    fitted = _pad_rows(donor, 1).gather(1, k[..., None].expand(-1, -1, donor.shape[-1]))
+    fitted = pad_rows(donor, 1).gather(1, k[..., None].expand(-1, -1, donor.shape[-1]))
     tiled = (donor_lengths < lengths)[:, None, None]
     noise = torch.randn(fitted.shape, generator=generator, device=donor.device, dtype=fitted.dtype) * noise_std
     return torch.where(tiled, fitted + noise, fitted)
-
-
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    return torch.nn.functional.pad(t, (0, 0, 0, rows - t.shape[1])) if t.shape[1] < rows else t
-
-
-def resolve_loss_kernel(choice: str, device_type: str) -> str:
-    """`--loss_kernel` on a device. On CUDA the chunk's ~30 elementwise passes over [chunk, vocab] float32
-    logits are memory-bound: the Triton kernel makes them 3 passes, torch.compile about 10; so `auto` is
-    triton on CUDA where triton is installed, else compile on CUDA, else eager."""
-    if choice == "auto":
-        return ("triton" if loss_kernel.available() else "compile") if device_type == "cuda" else "eager"
-    if choice == "triton":
-        if not loss_kernel.available():
-            raise ValueError("--loss_kernel triton: triton is not installed (it comes with torch's CUDA builds); "
-                             "use --loss_kernel compile or eager")
-        if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"--loss_kernel triton needs a CUDA device (training runs on {device_type}); "
-                             "use --loss_kernel compile or eager")
-    elif choice not in ("compile", "eager"):
-        raise ValueError(f"--loss_kernel {choice!r}: expected auto, triton, compile or eager")
-    return choice
 
 
 def checkpoint_is_complete(path: str, weights_file: str = "latent_comm_head.pt") -> bool:
@@ -190,7 +124,8 @@ class LatentActorTrainer(Trainer):
         self._draw_key = (-1, 0)  # (global_step, micro-batch within it) -> random stream
         self._eval_draws = 0  # batches seen in the current evaluation
         self.step_sample_indices: list[torch.Tensor] = []  # dataset rows of the current optimizer step
-        self._compiled_chunk_fn = None  # built on first use (see `_chunk_fn`)
+        # "auto" settings decided for this run's device, once (train_actor.py passes them decided already)
+        self.loss_config = self.loss_config.resolved(self.args.device.type, self.args.bf16)
 
     # -- randomness that survives resumption: a stream per (seed, rank, step, micro-batch) ------------
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -207,8 +142,9 @@ class LatentActorTrainer(Trainer):
         return torch.Generator(device=device).manual_seed(seed)
 
     # -- negatives from every rank ----------------------------------------------------------------------
-    def _negatives(self, latents: torch.Tensor, lengths: torch.Tensor, gen: torch.Generator, max_rows: int):
-        """Donor latents [B, K, d], their lengths [B], and whether a donor was found [B]."""
+    def _negative_pool(self, latents: torch.Tensor, lengths: torch.Tensor, max_rows: int):
+        """Every rank's latents [M, K, d] (then the bank's), their lengths, which are candidates (pool and
+        bank entries with latents) and this batch's own indices into the pool [B]."""
         own = torch.arange(lengths.shape[0], device=lengths.device)
         pool, pool_lengths = latents, lengths
         if self.accelerator.num_processes > 1:
@@ -226,116 +162,49 @@ class LatentActorTrainer(Trainer):
             own = own + self.accelerator.process_index * batch
         bank_latents, bank_lengths = self._bank if self._bank is not None else (pool[:0], pool_lengths[:0])
         rows = max(pool.shape[1], bank_latents.shape[1])
-        everything = torch.cat([_pad_rows(pool, rows), _pad_rows(bank_latents, rows)])
-        all_lengths = torch.cat([pool_lengths, bank_lengths])
-        donor, found = pick_negatives(own, pool_lengths > 0, bank_lengths > 0, gen)
-        self.last_negatives = {"own": own, "donor": donor, "found": found, "pool_size": pool.shape[0]}
+        everything = torch.cat([pad_rows(pool, rows), pad_rows(bank_latents, rows)])
+        return everything, torch.cat([pool_lengths, bank_lengths]), own, pool_lengths > 0, bank_lengths > 0
+
+    def _draw(self, inputs: dict[str, torch.Tensor], max_rows: int) -> StepDraws:
+        """The step's random choices, in a fixed order from one stream: each sample's latent share (training:
+        `draw_mix_ratios`; evaluation: pure latents), then its negative (never itself; any rank's sample)."""
+        cfg = self.loss_config
+        latents, lengths = inputs["latents"], inputs["latent_lengths"]
+        gen = self._generator(lengths.device)
+        ratio = (draw_mix_ratios(len(lengths), cfg.mix_ratios, cfg.pure_latent_prob, gen) if self.model.training
+                 else torch.ones(len(lengths), device=lengths.device))
+        if not cfg.random_contrast_weight:
+            return StepDraws(ratio)
+        everything, all_lengths, own, candidates, bank = self._negative_pool(latents, lengths, max_rows)
+        donor, found = pick_negatives(own, candidates, bank, gen)
+        self.last_negatives = {"own": own, "donor": donor, "found": found, "pool_size": candidates.shape[0]}
         if self.model.training:
             self._bank = (latents.detach(), lengths.detach())
-        return everything[donor], all_lengths[donor] * found, found
+        negative, negative_lengths = everything[donor], all_lengths[donor] * found
+        if cfg.negative_form == "published":  # cut or tiled to the sample's own K, for its own latent rows
+            negative = fit_donor_latents(negative, negative_lengths, lengths, latents.shape[1], gen)
+        return StepDraws(ratio, negative, negative_lengths, found)
 
     # -- the loss ---------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # The whole step runs inside one call of the (DDP- or FSDP-wrapped) model: FSDP gathers its
-        # sharded parameters only there, and the loss projects with the LM head's weight directly.
-        # One autocast region: also for evaluation, where the model's forward is not autocast-wrapped.
+        """Draw, run the three branches inside one call of the (DDP- or FSDP-wrapped) model, normalise, log.
+
+        One call: FSDP gathers its sharded parameters only there, and the loss projects with the LM head's
+        weight directly. One autocast region: also for evaluation, where the model's forward is not wrapped."""
+        actor: LatentActor = self.accelerator.unwrap_model(model)
+        draws = self._draw(inputs, actor.head.config.prepended_length)
         with self.accelerator.autocast():
-            loss = model(compute=lambda actor: self._three_branch_loss(actor, inputs, num_items_in_batch))
-        return (loss, {"loss": loss}) if return_outputs else loss
-
-    def _three_branch_loss(self, actor: LatentActor, inputs, num_items_in_batch):
-        cfg = self.loss_config
-        gen = self._generator(inputs["latent_lengths"].device)
-        text = {k: inputs[k] for k in ("input_ids", "labels", "attention_mask", "marker_index")}
-        latents, latent_lengths = inputs["latents"], inputs["latent_lengths"]
-        plan_ids, plan_lengths = inputs["plan_ids"], inputs["plan_lengths"]
-        has_latent, has_plan = latent_lengths > 0, plan_lengths > 0
-
-        # Curriculum: first round(r*K) latent rows, then the plan tokens from round(r*P) on.
-        # Evaluation (and samples without a plan) use pure latents; samples without latents the plan.
-        if actor.training:
-            ratio = draw_mix_ratios(len(latent_lengths), cfg.mix_ratios, cfg.pure_latent_prob, gen)
-        else:
-            ratio = torch.ones(len(latent_lengths), device=latent_lengths.device)
-        ratio = torch.where(has_plan, ratio, 1.0)
-        ratio = torch.where(has_latent, ratio, 0.0)
-        latent_rows = torch.round(ratio * latent_lengths).long()
-        block_ids, block_lengths = shift_left(plan_ids, plan_lengths, torch.round(ratio * plan_lengths).long(),
-                                              actor.pad_id)
-        pos = actor.branch(**text, latents=latents, latent_lengths=latent_lengths, latent_rows=latent_rows,
-                           block_ids=block_ids, block_lengths=block_lengths)
-
-        plan_hidden = neg_hidden = plan_mask = neg_mask = None
-        with torch.no_grad():
-            # The plan and negative branches share one forward (batch stacked twice): half the
-            # per-layer launch and CPU cost of two passes, and larger matrix products.
-            branches = {}
-            no_rows = torch.zeros_like(latent_lengths)
-            if cfg.plan_similarity_weight:
-                branches["plan"] = dict(latents=latents, latent_lengths=no_rows, block_ids=plan_ids,
-                                        block_lengths=plan_lengths)
-            if cfg.random_contrast_weight:
-                neg_latents, neg_lengths, found = self._negatives(latents, latent_lengths, gen,
-                                                                  actor.head.config.prepended_length)
-                if cfg.negative_form == "published":
-                    # The positive's layout with the donor's latents in its latent rows: same round(r*K)
-                    # rows, same own plan suffix; the donor is cut or tiled to the sample's own K.
-                    neg_latents = fit_donor_latents(neg_latents, neg_lengths, latent_lengths, latents.shape[1], gen)
-                    branches["negative"] = dict(latents=neg_latents, latent_lengths=latent_lengths * found,
-                                                latent_rows=latent_rows * found, block_ids=block_ids,
-                                                block_lengths=block_lengths)
-                else:
-                    branches["negative"] = dict(latents=neg_latents, latent_lengths=neg_lengths,
-                                                block_ids=plan_ids[:, :0], block_lengths=no_rows)
-            hidden = dict(zip(branches, self._stacked_no_grad_forward(actor, text, list(branches.values()))))
-            if "plan" in hidden:
-                plan_hidden, plan_mask = hidden["plan"], has_plan[pos.sample_index]
-            if "negative" in hidden:
-                neg_hidden, neg_mask = hidden["negative"], (found & has_latent)[pos.sample_index]
-
-        weights = dict(chunk_size=cfg.loss_chunk_size, plan_weight=cfg.plan_similarity_weight,
-                       contrast_weight=cfg.random_contrast_weight)
-        output_weight = actor.output_weight()
-        if cfg.fused_loss and output_weight is not None:
-            cfg.check_loss_path()
-            sums = fused_latent_comm_loss_sums(pos.hidden, pos.labels, output_weight, plan_hidden, plan_mask,
-                                               neg_hidden, neg_mask, chunk_fn=self._chunk_fn(pos.hidden.device),
-                                               matmul_dtype=self._loss_matmul_dtype(pos.hidden.device), **weights)
-        else:  # the reference path: autograd through any LM head (e.g. one wrapped by adapters)
-            sums = latent_comm_loss_sums(pos.hidden, pos.labels, actor.logits, plan_hidden, plan_mask,
-                                         neg_hidden, neg_mask, contrast_divergence=cfg.contrast_divergence,
-                                         loss_weighting=cfg.loss_weighting, sample_index=pos.sample_index,
-                                         **weights)
-        tokens = pos.labels.new_tensor(pos.labels.numel(), dtype=torch.float32)
+            sums: LossSums = model(batch=inputs, draws=draws, loss_config=self.loss_config)
         if num_items_in_batch is None:
-            loss = sums.total / tokens.clamp_min(1)
+            loss = sums.total / sums.tokens.clamp_min(1)
         else:
             # DDP averages gradients over ranks, while num_items_in_batch counts every rank's tokens.
             scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
             loss = sums.total / num_items_in_batch * scale
-        if actor.training:
+        if model.training:
             self.step_sample_indices.append(inputs["index"])
-        self._accumulate_metrics("train" if actor.training else "eval", sums, tokens)
-        return loss
-
-    def _loss_matmul_dtype(self, device: torch.device) -> torch.dtype:
-        """The fused loss's projection operands: the training precision's (bf16 under bf16 on CUDA: the
-        projections are a quarter of a large batch's GPU time in TF32), else float32."""
-        choice = self.loss_config.loss_matmul_dtype
-        if choice == "auto":
-            return torch.bfloat16 if device.type == "cuda" and self.args.bf16 else torch.float32
-        return getattr(torch, choice)
-
-    def _chunk_fn(self, device: torch.device):
-        """The fused loss's per-chunk function (see `resolve_loss_kernel`)."""
-        kernel = resolve_loss_kernel(self.loss_config.loss_kernel, device.type)
-        if kernel == "triton":
-            return loss_kernel.chunk_values_and_grad
-        if kernel == "eager":
-            return chunk_values_and_grad
-        if self._compiled_chunk_fn is None:
-            self._compiled_chunk_fn = torch.compile(chunk_values_and_grad, dynamic=True)
-        return self._compiled_chunk_fn
+        self._add_metric_sums("train" if model.training else "eval", sums.metrics())
+        return (loss, {"loss": loss}) if return_outputs else loss
 
     def sample_ids(self, indices: list[torch.Tensor]) -> list[str]:
         """The ids of training-set rows, for messages about a batch."""
@@ -344,26 +213,6 @@ class LatentActorTrainer(Trainer):
             return [str(self.train_dataset.rows[i]["id"]) for i in rows]
         except (AttributeError, KeyError, IndexError):
             return [f"#{i}" for i in rows]
-
-    @staticmethod
-    def _stacked_no_grad_forward(actor: LatentActor, text: dict, branches: list[dict]) -> list[torch.Tensor]:
-        """Run several branches of one batch (each: latents, latent_lengths, block_ids, block_lengths, and
-        latent_rows where fewer than latent_lengths) as one forward, stacked along the batch; returns each
-        branch's supervised hidden states."""
-        if not branches:
-            return []
-        width = max(b["block_ids"].shape[1] for b in branches)
-        rows = max(b["latents"].shape[1] for b in branches)
-        pad_ids = lambda ids: torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=actor.pad_id)
-        stack = lambda key: torch.cat([b[key] for b in branches])
-        out = actor.branch(**{k: torch.cat([v] * len(branches)) for k, v in text.items()},
-                           latents=torch.cat([_pad_rows(b["latents"], rows) for b in branches]),
-                           latent_lengths=stack("latent_lengths"),
-                           latent_rows=torch.cat([b.get("latent_rows", b["latent_lengths"]) for b in branches]),
-                           block_ids=torch.cat([pad_ids(b["block_ids"]) for b in branches]),
-                           block_lengths=stack("block_lengths"))
-        # Every branch supervises the same positions of the same conversations, in batch order.
-        return list(out.hidden.chunk(len(branches)))
 
     # -- metrics: detached sums per log period; averaged (and synced) only when logging ------------------
     def _add_metric_sums(self, mode: str, vec: torch.Tensor) -> None:
@@ -378,23 +227,19 @@ class LatentActorTrainer(Trainer):
             vec = self.accelerator.reduce(vec, reduction="sum")
         return vec
 
-    def _accumulate_metrics(self, mode, sums, tokens):
-        self._add_metric_sums(mode, torch.stack([sums.ce, sums.plan_similarity, sums.random_contrast, sums.neg_ce,
-                                                 sums.js, tokens, sums.plan_tokens, sums.contrast_tokens,
-                                                 sums.ce_on_contrast]))
-
     def _pop_metrics(self, mode: str) -> dict[str, float]:
+        """The log period's means per token (and per token with a plan / a negative), over all ranks."""
         vec = self._take_metric_sums(mode)
         if vec is None:
             return {}
-        ce, plan, contrast, neg_ce, js, tokens, plan_tokens, contrast_tokens, ce_on_contrast = vec.tolist()
-        out = {"ce_loss": ce / max(tokens, 1)}
-        if plan_tokens:
-            out["plan_similarity"] = plan / plan_tokens
-        if contrast_tokens:
-            out["random_contrast"] = contrast / contrast_tokens
-            out["delta_nll_bits"] = (neg_ce - ce_on_contrast) / contrast_tokens / LN2
-            out["js_bits"] = js / contrast_tokens / LN2
+        s = dict(zip(METRIC_FIELDS, vec.tolist()))  # `LossSums.metrics()` order
+        out = {"ce_loss": s["ce"] / max(s["tokens"], 1)}
+        if s["plan_tokens"]:
+            out["plan_similarity"] = s["plan_similarity"] / s["plan_tokens"]
+        if s["contrast_tokens"]:
+            out["random_contrast"] = s["random_contrast"] / s["contrast_tokens"]
+            out["delta_nll_bits"] = (s["neg_ce"] - s["ce_on_contrast"]) / s["contrast_tokens"] / LN2
+            out["js_bits"] = s["js"] / s["contrast_tokens"] / LN2
         return out
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
@@ -459,3 +304,32 @@ class LatentActorTrainer(Trainer):
         logger.info("Loading best model from %s (score: %s).", self.state.best_model_checkpoint,
                     self.state.best_metric)
         self.accelerator.unwrap_model(self.model).load_weights(self.state.best_model_checkpoint)
+
+    # -- the hub: every push carries the head and a model card -----------------------------------------------
+    def create_model_card(self, *args, **kwargs) -> None:
+        """The Trainer's draft card describes a plain fine-tune; write this actor's card (model_card.py) instead."""
+        if not self.is_world_process_zero():
+            return
+        from model_card import write_actor_card
+
+        actor: LatentActor = self.accelerator.unwrap_model(self.model)
+        info = getattr(self, "card_info", {})
+        repo_id = self.hub_model_id or self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        write_actor_card(self.args.output_dir, repo_id, info.get("base_model"), info.get("sender_model"),
+                         actor.head.config, self.state.log_history, lora=actor.is_lora)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """The Trainer copies only the base model's files from a checkpoint into the folder it uploads: copy the
+        head as well (else the hub pairs new weights with an old head or none) and write the card."""
+        busy = not self.args.hub_always_push and self.push_in_progress is not None \
+            and not self.push_in_progress.is_done()  # the Trainer skips this push: leave the uploading folder alone
+        if self.is_world_process_zero() and self.args.hub_strategy != "end" and not busy:
+            import shutil
+
+            from latent_head import HEAD_FILE, HEAD_SAFETENSORS_FILE
+
+            for name in (HEAD_FILE, HEAD_SAFETENSORS_FILE):
+                if os.path.isfile(os.path.join(checkpoint_folder, name)):
+                    shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(self.args.output_dir, name))
+            self.create_model_card()
+        super()._push_from_checkpoint(checkpoint_folder)

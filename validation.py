@@ -2,7 +2,7 @@
 
     python validation.py data/train.jsonl data/eval.jsonl [--tokenizer DIR --model_max_length 3072]
 
-`validate_files(paths, ...)` reads each file with `data.read_records`, checks every record
+`validate_files(paths, ...)` reads each file (or `data.DatasetSource`) with `data.read_records`, checks every record
 and returns a `Report`: a list of `Problem`s (severity, location `file:line` or
 `file[index]`, sample id, field, message saying what was found and what was expected),
 `report.ok` (no errors) and `report.format()` (one line per problem, then counts per kind).
@@ -21,12 +21,13 @@ learns less than the file suggests. Training should refuse to start on any error
 | malformed_json | error | JSON/JSONL syntax error (line and column); the rest of that file is not checked |
 | empty_file | error | a file with no records |
 | record_not_object | error | a record that is not a JSON object |
-| missing_conversations | error | no `conversations` (or null) |
-| conversations_not_list | error | `conversations` is not a list |
-| empty_conversations | error | `conversations` is `[]` |
+| missing_conversations | error | neither `conversations` nor `messages` (or null) |
+| conversations_and_messages | error | both `conversations` and `messages`: which one is meant is unclear |
+| conversations_not_list | error | `conversations` (or `messages`) is not a list |
+| empty_conversations | error | `conversations` (or `messages`) is `[]` |
 | turn_not_object | error | a turn that is not an object |
-| unknown_role | error | `from` missing or not one of human, user, gpt, assistant, model, system |
-| value_not_string | error | `value` missing or not a string |
+| unknown_role | error | `from` missing or not one of human, user, gpt, assistant, model, system; in `messages`, `role` not one of system, user, assistant |
+| value_not_string | error | `value` (in `messages`: `content`) missing or not a string |
 | reserved_token | error | a message or plan spelling a control token: `<FIRST_HUMAN_END>`, `<bop>`, `<eop>`, or (with a tokenizer or `control_strings`) its special tokens (chat control strings, e.g. ChatML's end of turn); refused, see `data.control_tokens` |
 | no_human_turn | error | no human/user turn (the latent message goes after the first one) |
 | assistant_first | error | an assistant turn before the first human/user turn (training cannot place the latent message) |
@@ -65,7 +66,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -73,15 +73,15 @@ from typing import Any
 
 import numpy as np
 
-from data import (LATENT_SUFFIXES, ROLES, DataError, control_tokens, load_latents, read_plan_file, read_records,
-                  resolve_path)
-from latent_head import SPECIAL_TOKENS
+from data import (LATENT_SUFFIXES, TURN_FORMATS, DataError, Source, control_tokens, load_latents, read_plan_file,
+                  read_records, record_messages, resolve_path, source_dir)
+from constants import SPECIAL_TOKENS
 from safe_io import read_npy_header
 
 SEVERITY = {
     "unreadable_file": "error", "malformed_json": "error", "empty_file": "error", "record_not_object": "error",
     "missing_conversations": "error", "conversations_not_list": "error", "empty_conversations": "error",
-    "turn_not_object": "error", "unknown_role": "error", "value_not_string": "error", "reserved_token": "error",
+    "conversations_and_messages": "error", "turn_not_object": "error", "unknown_role": "error", "value_not_string": "error", "reserved_token": "error",
     "no_human_turn": "error", "assistant_first": "error", "no_assistant_turn": "warning",
     "plan_not_string": "error", "plan_file_missing": "error", "plan_file_unreadable": "error",
     "plan_path_ignored": "warning",
@@ -181,9 +181,9 @@ class _Checker:
         self._order.append(self.report.records + (0.5 if file_level else 0))
 
     # -- files -------------------------------------------------------------------------------------
-    def check_file(self, path: str) -> None:
+    def check_file(self, path: Source) -> None:
         self.report.files += 1
-        base_dir = os.path.dirname(os.path.abspath(path))
+        base_dir = source_dir(path)
         n = 0
         try:
             for where, rec in read_records(path):
@@ -194,8 +194,10 @@ class _Checker:
                 except Exception as e:  # never a traceback for bad data
                     sid = _sample_id(rec)
                     self.add("check_failed", where, sid, None, f"could not be checked: {type(e).__name__}: {e}")
-        except DataError as e:
-            self._file_error(path, str(e))
+        except DataError as e:  # the file's own problem: its place and kind come with it
+            kind = e.kind if e.kind in ("malformed_json", "unreadable_file") else "unreadable_file"
+            rest = "; the rest of this file was not checked" if kind == "malformed_json" else ""
+            self.add(kind, e.where or str(path), None, None, e.detail + rest, file_level=True)
             return
         except (OSError, UnicodeDecodeError) as e:
             self.add("unreadable_file", path, None, None, f"cannot be read: {type(e).__name__}: {e}",
@@ -204,18 +206,6 @@ class _Checker:
         if n == 0:
             self.add("empty_file", path, None, None, "holds no records; expected a JSON list, "
                      "{\"data\": [...]} or one JSON object per line", file_level=True)
-
-    def _file_error(self, path: str, msg: str) -> None:
-        rest = msg[len(path) + 1:].lstrip() if msg.startswith(path + ":") else msg
-        m = re.match(r"(\d+)(?::(\d+))?: (.*)$", rest, re.S)
-        if m:
-            where, rest = f"{path}:{m.group(1)}", (f"column {m.group(2)}: " if m.group(2) else "") + m.group(3)
-        else:
-            where = path
-        kind = "malformed_json" if "malformed JSON" in rest else "unreadable_file"
-        if kind == "malformed_json":
-            rest += "; the rest of this file was not checked"
-        self.add(kind, where, None, None, rest, file_level=True)
 
     # -- records -----------------------------------------------------------------------------------
     def check_record(self, where: str, rec: Any, base_dir: str) -> None:
@@ -248,57 +238,66 @@ class _Checker:
             self.check_length(where, sid, rec, plan)
 
     def check_conversations(self, where, sid, rec) -> bool:
-        conv = rec.get("conversations")
+        """The turns, in either format (`data.TURN_FORMATS`): every problem of every turn, with its field."""
+        if rec.get("conversations") is not None and rec.get("messages") is not None:
+            self.add("conversations_and_messages", where, sid, "conversations, messages",
+                     "both are given; expected one: conversations [{from, value}] or messages [{role, content}]")
+            return False
+        key = "messages" if rec.get("messages") is not None else "conversations"
+        role_key, text_key, role_map = TURN_FORMATS[key]
+        shape = f"{{\"{role_key}\", \"{text_key}\"}}"
+        conv = rec.get(key)
         if conv is None:
             self.add("missing_conversations", where, sid, "conversations",
-                     "missing; expected a list of {\"from\", \"value\"} turns")
+                     "missing; expected conversations, a list of {\"from\", \"value\"} turns, or messages, a list "
+                     "of {\"role\", \"content\"} turns")
             return False
         if not isinstance(conv, list):
-            self.add("conversations_not_list", where, sid, "conversations",
-                     f"found a {_json_type(conv)}; expected a list of {{\"from\", \"value\"}} turns")
+            self.add("conversations_not_list", where, sid, key,
+                     f"found a {_json_type(conv)}; expected a list of {shape} turns")
             return False
         if not conv:
-            self.add("empty_conversations", where, sid, "conversations",
+            self.add("empty_conversations", where, sid, key,
                      "empty; expected at least a human turn and an assistant turn")
             return False
         ok, roles = True, []
         for i, turn in enumerate(conv):
-            f = f"conversations[{i}]"
+            f = f"{key}[{i}]"
             if not isinstance(turn, dict):
                 self.add("turn_not_object", where, sid, f, f"found a {_json_type(turn)}; "
-                         "expected an object {\"from\": ..., \"value\": ...}")
+                         f"expected an object {{\"{role_key}\": ..., \"{text_key}\": ...}}")
                 ok = False
                 continue
-            role = turn.get("from")
-            if role not in ROLES:
-                found = "missing" if "from" not in turn else f"found {role!r}"
-                self.add("unknown_role", where, sid, f + ".from",
-                         f"{found}; expected one of {', '.join(sorted(ROLES))}")
+            role = turn.get(role_key)
+            if not isinstance(role, str) or role not in role_map:
+                found = "missing" if role_key not in turn else f"found {role!r}"
+                self.add("unknown_role", where, sid, f"{f}.{role_key}",
+                         f"{found}; expected one of {', '.join(sorted(role_map))}")
                 ok = False
             else:
-                roles.append(ROLES[role])
-            value = turn.get("value")
+                roles.append(role_map[role])
+            value = turn.get(text_key)
             if not isinstance(value, str):
-                found = "missing" if "value" not in turn else f"found a {_json_type(value)}"
-                self.add("value_not_string", where, sid, f + ".value", f"{found}; expected a string")
+                found = "missing" if text_key not in turn else f"found a {_json_type(value)}"
+                self.add("value_not_string", where, sid, f"{f}.{text_key}", f"{found}; expected a string")
                 ok = False
             else:
-                if not self.check_control_strings(where, sid, f + ".value", value):
+                if not self.check_control_strings(where, sid, f"{f}.{text_key}", value):
                     ok = False
         if len(roles) == len(conv):  # every role known: else the unknown one may be the missing side
             if "user" not in roles:
-                self.add("no_human_turn", where, sid, "conversations",
-                         f"no human/user turn (roles: {', '.join(t['from'] for t in conv)}); expected one: "
+                self.add("no_human_turn", where, sid, key,
+                         f"no human/user turn (roles: {', '.join(t[role_key] for t in conv)}); expected one: "
                          "the latent message goes after the first")
                 ok = False
             elif "assistant" in roles[:roles.index("user")]:
                 i = roles.index("assistant")
-                self.add("assistant_first", where, sid, f"conversations[{i}].from",
-                         f"an assistant turn ({conv[i]['from']!r}) before the first human/user turn; expected the "
+                self.add("assistant_first", where, sid, f"{key}[{i}].{role_key}",
+                         f"an assistant turn ({conv[i][role_key]!r}) before the first human/user turn; expected the "
                          "conversation to start with a human turn (after an optional system turn)")
                 ok = False
             elif "assistant" not in roles:
-                self.add("no_assistant_turn", where, sid, "conversations",
+                self.add("no_assistant_turn", where, sid, key,
                          "no assistant (gpt) turn: nothing to learn, the sample is skipped")
         return ok
 
@@ -336,9 +335,12 @@ class _Checker:
             return "", False
         try:
             plan = read_plan_file(full)
-        except (DataError, OSError) as e:
-            text = str(e)[len(full) + 2:] if str(e).startswith(full + ": ") else str(e)
-            self.add("plan_file_unreadable", where, sid, "plan_path", f"{plan_path!r}: {text}")
+        except DataError as e:
+            self.add("plan_file_unreadable", where, sid, "plan_path", f"{plan_path!r}: {e.detail}")
+            return "", False
+        except OSError as e:
+            self.add("plan_file_unreadable", where, sid, "plan_path",
+                     f"{plan_path!r}: cannot be read ({e.strerror or type(e).__name__})")
             return "", False
         return plan, self.check_control_strings(where, sid, "plan_path", plan)
 
@@ -392,8 +394,7 @@ class _Checker:
                 read_npy_header(full)  # a folder, FIFO, non-NumPy, pickled or truncated file; never allocates
                 array = np.load(full, mmap_mode="r", allow_pickle=False)
             except DataError as e:
-                text = str(e)[len(full) + 2:] if str(e).startswith(full + ": ") else str(e)
-                self.add("latent_unreadable", where, sid, f, f"{path!r}: {text}")
+                self.add("latent_unreadable", where, sid, f, f"{path!r}: {e.detail}")
                 return True
             except Exception as e:  # no permission, changed under us
                 self.add("latent_unreadable", where, sid, f,
@@ -412,15 +413,8 @@ class _Checker:
         else:
             try:  # weights_only=True and a plain tensor only: a file from elsewhere never runs code here
                 array = load_latents(full, where)
-            except DataError as e:
-                msg = str(e)
-                msg = msg[len(where) + 2:] if msg.startswith(where + ": ") else msg
-                for prefix in (f"hidden_state_path {full!r}: ", f"hidden_state_path: {full}: ", "hidden_state_path: ",
-                               "hidden_state: "):
-                    msg = msg[len(prefix):] if msg.startswith(prefix) else msg
-                kind = "latent_not_2d" if "2-D" in msg else "latent_not_finite" if "non-finite" in msg else \
-                    "latent_not_numeric" if "dtype" in msg else "latent_unreadable"
-                self.add(kind, where, sid, f, f"{path!r}: {msg}")
+            except DataError as e:  # structured: its kind and the reason alone
+                self.add(e.kind if e.kind in SEVERITY else "latent_unreadable", where, sid, f, f"{path!r}: {e.detail}")
                 return True
         return self._check_array(where, sid, f, array, name=f"{path!r}: ")
 
@@ -487,7 +481,7 @@ class _Checker:
     def check_length(self, where, sid, rec, plan: str) -> None:
         from data import tokenize_sample
 
-        messages = [{"role": ROLES[t["from"]], "content": t["value"]} for t in rec["conversations"]]
+        messages = record_messages(rec, where)
         limit = self.model_max_length if self.model_max_length is not None else sys.maxsize // 2
         try:
             out = tokenize_sample({"messages": messages, "plan": plan}, self.tokenizer, limit, self.prepended_length)
@@ -518,7 +512,7 @@ class _Checker:
         return self.report
 
 
-def validate_files(paths: list[str], tokenizer=None, model_max_length: int | None = None,
+def validate_files(paths: list[Source], tokenizer=None, model_max_length: int | None = None,
                    prepended_length: int = 256, expected_latent_dim: int | None = None,
                    check_values: bool = True, control_strings: tuple[str, ...] | None = None) -> Report:
     """Check every record of every file; return all problems found (never raises for bad data).

@@ -12,6 +12,9 @@ sys.path.insert(0, ROOT)
 # Tests have no GPU: Triton kernels (loss_kernel.py) run in Triton's interpreter on CPU tensors. Read
 # when triton is first imported, so set before anything imports it.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# No test may reach the network: the hub is only ever the local HF cache (models.py's resolvers honour this;
+# huggingface_hub reads it when first imported, below).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import models  # noqa: E402
 from latent_head import LatentActor  # noqa: E402

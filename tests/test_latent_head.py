@@ -123,3 +123,22 @@ def test_packed_sequences_equal_padded_batch_and_are_not_saved(actor_dir, tmp_pa
     assert torch.allclose(together[0, 4:], alone[0], atol=1e-5)
     packed.save_pretrained(tmp_path / "saved")
     assert "interlat" not in (tmp_path / "saved" / "config.json").read_text()
+
+
+def test_building_an_actor_sets_no_global_backend_flag_training_does(tiny_model_dir, monkeypatch):
+    """Process-wide CUDA flags belong where training starts (`set_training_backends`), not in a constructor."""
+    from latent_head import set_training_backends
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    before = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.matmul.allow_tf32)
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+        LatentActor.from_base(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tok, latent_dim=24, num_heads=4)
+        assert (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.matmul.allow_tf32) == (True, False)
+        assert len(set_training_backends()) == 2  # what it set, for the log
+        assert (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.matmul.allow_tf32) == (False, True)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before[0])
+        torch.backends.cuda.matmul.allow_tf32 = before[1]

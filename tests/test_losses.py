@@ -198,12 +198,13 @@ def test_triton_chunk_kernel_matches_the_torch_chunk_function(interpreted_loss_k
     plan_w = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 1.0])
     neg_w = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
     args = (pos, labels, plan if with_plan else None, plan_w, neg if with_neg else None, neg_w, 1.3, 2.0, need_grad)
-    want_sums, want_grad = losses.chunk_values_and_grad(*args)
-    got_sums, got_grad = interpreted_loss_kernel.chunk_values_and_grad(*args, block=128, num_warps=4)
-    torch.testing.assert_close(got_sums, want_sums, rtol=1e-5, atol=1e-5)
+    want_terms, want_grad = losses.chunk_values_and_grad(*args)
+    got_terms, got_grad = interpreted_loss_kernel.chunk_values_and_grad(*args, block=128, num_warps=4)
+    sums = lambda terms: losses.sum_rows(terms, plan_w, neg_w).metrics()
+    torch.testing.assert_close(sums(got_terms), sums(want_terms), rtol=1e-5, atol=1e-5)
     if with_neg:  # the test's premise: one row with the hinge clamped, the others with it active
         js = interpreted_loss_kernel.chunk_values_and_grad(pos[:2], labels[:2], None, plan_w[:2], neg[:2],
-                                                            neg_w[:2], 1.0, 1.0, False, block=128)[0][4]
+                                                            neg_w[:2], 1.0, 1.0, False, block=128)[0].js.sum()
         assert js > losses.CONTRAST_MARGIN
     if need_grad:
         torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)
@@ -263,10 +264,11 @@ def test_triton_plan_term_keeps_float32_accuracy_when_plan_and_positive_nearly_a
         pos = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 2
         plan = pos + 0.01 * torch.randn(rows, vocab, generator=g, dtype=torch.float64)  # KL ~ 5e-5 a row
         labels, w = torch.randint(vocab, (rows,), generator=g), torch.ones(rows)
-        exact = losses.chunk_values_and_grad(pos, labels, plan, w.double(), None, w.double(), 1.0, 2.0, False)[0][1]
+        exact = losses.chunk_values_and_grad(pos, labels, plan, w.double(), None, w.double(), 1.0, 2.0,
+                                             False)[0].plan.sum()
         for block in (512, 2048):
             got = interpreted_loss_kernel.chunk_values_and_grad(pos.float(), labels, plan.float(), w, None, w, 1.0,
-                                                                2.0, False, block=block)[0][1]
+                                                                2.0, False, block=block)[0].plan.sum()
             assert abs(got.item() - exact.item()) < 1e-3 * exact.item(), (seed, block, got.item(), exact.item())
 
 

@@ -347,7 +347,6 @@ def test_stacked_no_grad_branches_equal_separate_forwards(tiny_model_dir, tiny_d
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from latent_head import LatentActor
-    from trainer import LatentActorTrainer
 
     train, _ = tiny_data
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -363,7 +362,7 @@ def test_stacked_no_grad_branches_equal_separate_forwards(tiny_model_dir, tiny_d
                 dict(latents=neg_latents, latent_lengths=neg_lengths, block_ids=plan_ids[:, :0],
                      block_lengths=torch.zeros(2, dtype=torch.long))]
     with torch.no_grad():
-        plan_h, neg_h = LatentActorTrainer._stacked_no_grad_forward(actor, text, branches)
+        plan_h, neg_h = actor.stacked_branches(text, branches)
         plan_alone = actor(**text, block_ids=plan_ids, block_lengths=plan_lengths).hidden
         neg_alone = actor(**text, latents=neg_latents, latent_lengths=neg_lengths, latent_rows=neg_lengths).hidden
     assert torch.allclose(plan_h, plan_alone, atol=1e-5) and torch.allclose(neg_h, neg_alone, atol=1e-5)
@@ -510,3 +509,25 @@ def test_autograd_only_switches_are_refused_on_the_fused_loss_before_training(sw
     assert train_actor.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "add --fused_loss false" in err and len(err.splitlines()) == 1, err
+
+
+def test_auto_settings_are_decided_once_before_training_and_logged_in_one_line(caplog):
+    """Every "auto" value is decided by `resolve_auto_settings` (CPU here) and listed in one log line; the
+    loss's are decided by `LossConfig.resolved`, which gives a CUDA run the Triton kernel and bf16 operands."""
+    import logging
+
+    from losses import LossConfig
+
+    model, _, args = train_actor.parse_args(["--output_dir", "x"])
+    assert (model.loss_kernel, model.loss_matmul_dtype, model.packed_sequences) == ("auto", "auto", None)
+    with caplog.at_level(logging.INFO, logger="train_actor"):
+        settings = train_actor.resolve_auto_settings(model, args)
+    assert (model.loss_kernel, model.loss_matmul_dtype) == ("eager", "float32")
+    assert model.packed_sequences is False and model.compile_layers is False
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Settings: ")]
+    assert all(f"{k}={v}" in line for k, v in settings.items()) and "loss_kernel=eager" in line
+    on_cuda = LossConfig().resolved("cuda", bf16=True)
+    assert on_cuda.loss_kernel in ("triton", "compile") and on_cuda.loss_matmul_dtype == "bfloat16"
+    assert LossConfig(loss_matmul_dtype="float32").resolved("cuda", bf16=True).loss_matmul_dtype == "float32"
+    assert LossConfig().resolved("cuda", bf16=False).loss_matmul_dtype == "float32"
+    assert LossConfig(loss_kernel="eager").resolved("cuda", bf16=True).loss_kernel == "eager"
