@@ -57,7 +57,7 @@ def parse(argv=None):
     args, extra = ap.parse_known_args(argv)
     extra = [x for x in extra if x != "--"]
     if args.model_max_length is None:
-        from latent_head import MODEL_MAX_LENGTH
+        from constants import MODEL_MAX_LENGTH
 
         args.model_max_length = MODEL_MAX_LENGTH
     args.out_name = args.out_name or f"{args.shape}_b{args.batch_size}_L{args.model_max_length}"

@@ -11,6 +11,10 @@ MARKER_TOKEN, BOP_TOKEN, EOP_TOKEN = "<FIRST_HUMAN_END>", "<bop>", "<eop>"
 SPECIAL_TOKENS = (MARKER_TOKEN, BOP_TOKEN, EOP_TOKEN)
 IGNORE_INDEX = -100  # label of a token that is not supervised (PyTorch's cross-entropy default)
 
+# Defaults that every tool must agree on (training, validation, evaluation, inference)
+PREPENDED_LENGTH = 256  # latent rows the head reads per sample (the first ones), unless configured
+MODEL_MAX_LENGTH = 3072  # the actor's longest sequence, latent block included, unless configured
+
 # Files
 HEAD_FILE = "latent_comm_head.pt"  # the latent head's configuration and weights, next to the actor's model
 # (the specification's file: torch.load(..., weights_only=True))

@@ -21,6 +21,7 @@ from data import ActorDataset, DataError, LatentCollator, build_hf_dataset, read
 from evaluation import (CONDITIONS, LOGIT_CHUNK, TEXT_KEYS, answer_in_reply, ce_and_exact, ce_sums,  # noqa: F401
                         condition_applies, condition_inputs, donor_indices, evaluate, evaluate_conditions,
                         iter_batches, normalise_text)
+from constants import MODEL_MAX_LENGTH
 from latent_head import HEAD_FILE, LatentActor, load_head_file
 from models import ModelNotFoundError, resolve_model_dir
 from safe_io import check_model_folder, check_output_file, remove_quietly, write_text_atomic
@@ -95,7 +96,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--generate", type=_str2bool, default=True, help="Generate replies where records have `answer`.")
     p.add_argument("--max_new_tokens", type=int, default=32)
     p.add_argument("--plot", default=None, help="Bar chart path (default: the output's name with .png).")
-    p.add_argument("--model_max_length", type=int, default=3072, help="As in training: longer samples are cut.")
+    p.add_argument("--model_max_length", type=int, default=MODEL_MAX_LENGTH, help="As in training: longer samples are cut.")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--disable_tqdm", type=_str2bool, default=False, help="No progress bar (as the Trainer's flag).")
     return p.parse_args(argv)

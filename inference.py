@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from constants import PREPENDED_LENGTH
 from data import DataError, load_latents, normalise_record, read_records
 from generation import (LatentLike, build_prompt_batch, encode_prompt, generate_replies, generate_reply,  # noqa: F401
                         generate_token_ids, prompt_embeddings, prompt_messages, stop_token_ids, to_chat_messages)
@@ -27,7 +28,7 @@ from safe_io import check_model_folder
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
-def find_record(spec: str, expected_latent_dim: int | None = None, prepended_length: int = 256) -> dict:
+def find_record(spec: str, expected_latent_dim: int | None = None, prepended_length: int = PREPENDED_LENGTH) -> dict:
     """`FILE`, `FILE:INDEX` (0-based) or `FILE:ID` -> the normalised record (see `data.normalise_record`),
     checked as training checks it (`validation.validate_record`) first."""
     from validation import validate_record

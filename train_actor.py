@@ -260,6 +260,11 @@ def config_as_flags(config: dict, parser: HfArgumentParser, path: str) -> list[s
     return flags
 
 
+# A data source typed as a flag -> the config file's keys it replaces.
+DATA_SOURCE_FLAGS = {"dataset_name": ("train_file", "eval_file"), "train_file": ("dataset_name", "dataset_split"),
+                     "eval_file": ("eval_split",)}
+
+
 def parse_config_and_flags(dataclass_types: tuple, argv: list[str] | None = None):
     """`[config.yaml | config.json] [--flag value ...]`: the file's values first, command-line flags overriding
     them (HfArgumentParser does the parsing); unknown keys and flags are a one-line `ValueError`."""
@@ -267,7 +272,13 @@ def parse_config_and_flags(dataclass_types: tuple, argv: list[str] | None = None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-") and argv[0].lower().endswith(CONFIG_SUFFIXES):
         path = argv.pop(0)
-        argv = config_as_flags(read_config_file(path), parser, path) + argv
+        config = read_config_file(path)
+        # The data source is one choice: a source typed on the command line replaces the file's.
+        typed = {a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+        for flag, replaces in DATA_SOURCE_FLAGS.items():
+            if flag in typed and isinstance(config, dict):
+                config = {k: v for k, v in config.items() if k not in replaces}
+        argv = config_as_flags(config, parser, path) + argv
     return parser.parse_args_into_dataclasses(args=argv)
 
 

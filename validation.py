@@ -75,7 +75,7 @@ import numpy as np
 
 from data import (LATENT_SUFFIXES, TURN_FORMATS, DataError, Source, control_tokens, load_latents, read_plan_file,
                   read_records, record_messages, resolve_path, source_dir)
-from constants import SPECIAL_TOKENS
+from constants import MODEL_MAX_LENGTH, PREPENDED_LENGTH, SPECIAL_TOKENS
 from safe_io import read_npy_header
 
 SEVERITY = {
@@ -513,7 +513,7 @@ class _Checker:
 
 
 def validate_files(paths: list[Source], tokenizer=None, model_max_length: int | None = None,
-                   prepended_length: int = 256, expected_latent_dim: int | None = None,
+                   prepended_length: int = PREPENDED_LENGTH, expected_latent_dim: int | None = None,
                    check_values: bool = True, control_strings: tuple[str, ...] | None = None) -> Report:
     """Check every record of every file; return all problems found (never raises for bad data).
 
@@ -532,7 +532,7 @@ def validate_files(paths: list[Source], tokenizer=None, model_max_length: int | 
 
 
 def validate_record(where: str, record: Any, base_dir: str, tokenizer=None, expected_latent_dim: int | None = None,
-                    prepended_length: int = 256) -> Report:
+                    prepended_length: int = PREPENDED_LENGTH) -> Report:
     """The checks of `validate_files` for one record (e.g. the one `inference.py --record` replies to)."""
     checker = _Checker(tokenizer, None, prepended_length, expected_latent_dim, True)
     checker.report.files = checker.report.records = 1
@@ -600,10 +600,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Check interlat actor data files (JSON/JSONL) and their latents.")
     parser.add_argument("files", nargs="+", metavar="FILE")
     parser.add_argument("--tokenizer", help="tokenizer folder or hub id: enables chat-template and length checks")
-    parser.add_argument("--model_max_length", type=int, default=3072,
-                        help="longest sequence, latent block included (default 3072, as train_actor.py); "
+    parser.add_argument("--model_max_length", type=int, default=MODEL_MAX_LENGTH,
+                        help="longest sequence, latent block included (default %(default)s, as train_actor.py); "
                              "used with --tokenizer")
-    parser.add_argument("--prepended_length", type=int, default=256, help="latent rows used per sample")
+    parser.add_argument("--prepended_length", type=int, default=PREPENDED_LENGTH, help="latent rows used per sample")
     parser.add_argument("--latent_dim", type=int, default=None,
                         help="the width every latent must have (default: the majority width)")
     parser.add_argument("--max_per_kind", type=int, default=None, help="print at most N lines of each kind")

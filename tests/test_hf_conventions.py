@@ -121,6 +121,20 @@ def test_a_json_config_and_flags_after_it(tmp_path):
     assert model_args.mix_ratios == "0.5" and args.output_dir == "b" and args.report_to == ["tensorboard"]
 
 
+def test_a_data_source_flag_replaces_the_recipe_s(tmp_path):
+    """A recipe names files; `--dataset_name` on the command line is the data instead (not "both given")."""
+    recipe = os.path.join(RECIPES, "qwen2.5-0.5b.yaml")
+    _, data_args, _ = train_actor.parse_args([recipe, "--dataset_name", "org/data", "--output_dir", "o"])
+    assert data_args.dataset_name == "org/data" and not data_args.train_file and not data_args.eval_file
+    train_actor.check_data_source(data_args)  # one source: accepted
+    config = tmp_path / "c.yaml"
+    config.write_text("dataset_name: org/data\ndataset_split: train\noutput_dir: o\n")
+    _, data_args, _ = train_actor.parse_args([str(config), "--train_file", "mine.jsonl"])
+    assert data_args.train_file == "mine.jsonl" and not data_args.dataset_name
+    _, data_args, _ = train_actor.parse_args([recipe])  # nothing typed: the recipe's files stay
+    assert data_args.train_file and not data_args.dataset_name
+
+
 # ---------------------------------------------------------------------------------------------
 # 9. The head as safetensors; hub ids through a local folder posing as the HF cache
 # ---------------------------------------------------------------------------------------------
