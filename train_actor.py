@@ -13,7 +13,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import transformers
@@ -617,9 +617,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
             raise UserError(f"saving the final model into {args.output_dir} failed: {write_failure(e)}; the model "
                             f"the folder held before is unchanged; {last_checkpoint_note(args.output_dir)}",
                             status=1) from None
+    return finish_run(trainer, args.output_dir)
+
+
+def finish_run(trainer, output_dir: str) -> int:
+    """After the final save: refuse a run stopped by a non-finite gradient, else evaluate the final model."""
     if trainer.nonfinite_guard.stopped:
         raise UserError(f"training stopped at step {trainer.state.global_step} on a non-finite gradient (see the "
-                        f"log); the weights saved in {args.output_dir} never received it", status=1)
+                        f"log); the weights saved in {output_dir} never received it", status=1)
     if trainer.eval_dataset is not None:
         trainer.evaluate()
     return 0
@@ -647,16 +652,23 @@ def last_checkpoint_note(output_dir: str) -> str:
 
 def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] = (), save_final_model: bool = True) -> int:
     """The command line: `argv` (default sys.argv); `callbacks`/`save_final_model` as in `train`."""
+    return run_cli(parse_args, lambda *parsed: train(*parsed, callbacks, save_final_model), argv)
+
+
+def run_cli(parse: Callable[[list[str] | None], tuple], run: Callable[..., int], argv: list[str] | None) -> int:
+    """A training script's command line (the actor's and the sender's): parse (config file and flags), set up
+    logging, run; a user's mistake is one line and an exit status, Ctrl-C says where training can go on from."""
     try:
-        model_args, data_args, args = parse_args(argv)
-    except ValueError as e:  # raised by an argument dataclass's checks
+        parsed = parse(argv)
+    except ValueError as e:  # an unknown flag or config key, or an argument dataclass's checks
         print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
+    args = parsed[-1]  # the TrainingArguments
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if args.should_log else logging.WARNING)
     transformers.utils.logging.set_verbosity_warning()
     try:
-        return train(model_args, data_args, args, callbacks, save_final_model)
+        return run(*parsed)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.status

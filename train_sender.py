@@ -31,7 +31,8 @@ from models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
 from sender import KNOWLEDGE, REQUEST, SENDER_FILE, CompressionModel, LatentSender, SenderCollator, SenderConfig, SenderDataset
 from sender_trainer import CompressionLossConfig, SenderTrainer
 from train_actor import (LIGER_REFUSAL, ActorTrainingArguments, DataArguments, UserError, build_datasets,
-                         check_data_source, data_sources, exit_process, parse_config_and_flags)
+                         check_data_source, data_sources, exit_process, finish_run, parse_config_and_flags,
+                         run_cli)
 from trainer import resolve_resume
 from validation import validate_files
 
@@ -182,28 +183,12 @@ def train(sender_args: SenderArguments, data_args: DataArguments, args: SenderTr
         raise UserError(f"{message} (the sender so far is in {args.output_dir}/interrupted)", status=1) from None
     trainer.save_model(args.output_dir)
     trainer.save_state()
-    if trainer.nonfinite_guard.stopped:
-        raise UserError(f"training stopped at step {trainer.state.global_step} on a non-finite gradient (see the "
-                        f"log); the weights saved in {args.output_dir} never received it", status=1)
-    if trainer.eval_dataset is not None:
-        trainer.evaluate()
-    return 0
+    return finish_run(trainer, args.output_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        sender_args, data_args, args = parse_args(argv)
-    except ValueError as e:  # an unknown flag or config key, or an argument dataclass's checks
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=logging.INFO if args.should_log else logging.WARNING)
-    transformers.utils.logging.set_verbosity_warning()
-    try:
-        return train(sender_args, data_args, args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.status
+    """The command line: `argv` (default sys.argv), as train_actor.py's."""
+    return run_cli(parse_args, train, argv)
 
 
 if __name__ == "__main__":
