@@ -56,7 +56,8 @@ compression_eval() {  # actor dir, data dir, out dir, max length, then more comp
   timeout -k 10 $(( $(left) - 30 )) python3 benchmarks/compression_eval.py --actor_dir "$actor" --sender_model $MODEL \
     --train_file "$data/train.jsonl" --eval_file "$data/eval.jsonl" --out_dir "$out" --eval_batch_size 32 \
     --model_max_length "$maxlen" --latency_batches 1,32 --reps 10 --train_flags "--max_steps $SENDER_STEPS \
-    --per_device_train_batch_size $BATCH --learning_rate 1e-4 --sender_knowledge plan --disable_tqdm true" "$@"
+    --per_device_train_batch_size $BATCH --learning_rate 1e-4 --sender_knowledge plan --disable_tqdm true \
+    --logging_steps 10" "$@"
 }
 
 setup_model() {  # the carried wheels and the embedded model's GGUF (first part left in /tmp by part1)
