@@ -22,9 +22,9 @@ from evaluation import (CONDITIONS, LOGIT_CHUNK, TEXT_KEYS, answer_in_reply, ce_
                         condition_applies, condition_inputs, donor_indices, evaluate, evaluate_conditions,
                         iter_batches, normalise_text)
 from constants import MODEL_MAX_LENGTH
-from latent_head import HEAD_FILE, LatentActor, load_head_file
-from models import ModelNotFoundError, resolve_model_dir
-from safe_io import check_model_folder, check_output_file, remove_quietly, write_text_atomic
+from inference import check_model_dir
+from latent_head import LatentActor
+from safe_io import check_output_file, remove_quietly, write_text_atomic
 
 COLORS = {"true": "C0", "shuffled": "C3", "none": "C7", "plan_text": "C2"}
 
@@ -114,12 +114,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[dict, object]:
         raise DataError("--batch_size and --max_samples must be positive")
     check_output_file(args.output, "--output")
     check_output_file(args.plot or os.path.splitext(args.output)[0] + ".png", "--plot")
-    try:  # a hub id: the HF cache's (or a downloaded) snapshot folder
-        args.model_dir = resolve_model_dir(args.model_dir, "--model_dir")
-    except ModelNotFoundError as e:
-        raise DataError(str(e)) from None
-    check_model_folder(args.model_dir, "--model_dir")
-    head = load_head_file(os.path.join(args.model_dir, HEAD_FILE))
+    args.model_dir, head = check_model_dir(args.model_dir)  # a hub id: the HF cache's (or a downloaded) snapshot
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     except (OSError, ValueError) as e:
