@@ -100,10 +100,10 @@ def conditional_ce_matrix(actor, batch: dict[str, torch.Tensor]) -> torch.Tensor
 
     One batched forward per latent o over all K conversations (pure latents, head in eval mode).
     """
-    from evaluation import ce_sums
+    from evaluation import TEXT_KEYS, ce_sums
 
     k = batch["input_ids"].shape[0]
-    text = {name: batch[name] for name in ("input_ids", "labels", "attention_mask", "marker_index")}
+    text = {name: batch[name] for name in TEXT_KEYS}
     scores = torch.empty(k, k)
     for o in range(k):
         lengths = batch["latent_lengths"][o:o + 1].expand(k)
