@@ -19,7 +19,7 @@ import torch
 from constants import PREPENDED_LENGTH
 from data import DataError, load_latents, normalise_record, read_records
 from generation import (LatentLike, build_prompt_batch, encode_prompt, generate_replies, generate_reply,  # noqa: F401
-                        generate_token_ids, prompt_embeddings, prompt_messages, stop_token_ids, to_chat_messages)
+                        generate_token_ids, prompt_embeddings, prompt_messages, to_chat_messages)
 from latent_head import HEAD_FILE, LatentActor, load_head_file
 from models import ModelNotFoundError, resolve_model_dir
 from safe_io import check_model_folder
