@@ -227,9 +227,10 @@ def read_done_ids(output_file: str) -> set[str]:
 
 def _is_record_line(line: bytes) -> bool:
     try:
-        return isinstance(json.loads(line), dict) and "id" in json.loads(line)
+        record = json.loads(line)
     except (ValueError, RecursionError):
         return False
+    return isinstance(record, dict) and "id" in record
 
 
 def safe_name(record_id: Any) -> str:
@@ -366,7 +367,7 @@ def run(args: argparse.Namespace) -> int:
     model_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         if args.mode == "compressed":
-            from sender import LatentSender
+            from sender import LatentSender, plan_notes
 
             sender = LatentSender.from_pretrained(args.sender_dir, dtype=model_dtype, device=device,
                                                   trust_remote_code=args.trust_remote_code)
@@ -378,11 +379,12 @@ def run(args: argparse.Namespace) -> int:
         raise CollectError(str(e)) from None
     if args.mode == "compressed":
         tokenizer = sender.tokenizer
-        if sender.config.knowledge == "plan":  # this sender reads each record's plan: all must have one
-            for job in todo:
-                if not isinstance(job.record.get("plan"), str) or not job.record["plan"].strip():
-                    raise CollectError(f"{args.input_file}: record {job.index} (id {job.record['id']!r}) has no "
-                                       f"`plan`; the sender in {args.sender_dir} reads it (knowledge='plan')")
+        for job in todo:  # a sender with knowledge='plan' reads each record's plan: all must have one
+            try:
+                plan_notes(sender.config.knowledge, job.record.get("plan"))
+            except ValueError:
+                raise CollectError(f"{args.input_file}: record {job.index} (id {job.record['id']!r}) has no "
+                                   f"`plan`; the sender in {args.sender_dir} reads it (knowledge='plan')") from None
     for job in todo:  # the sender's control tokens in a task or plan: refused before any work, as in training
         try:
             check_plain_text(job.task, tokenizer, f"{args.input_file}: record {job.index} (id {job.record['id']!r}): "

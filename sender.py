@@ -71,15 +71,7 @@ class LatentSender(nn.Module):
     def context_ids(self, messages: Sequence[dict], plan: str | None = None) -> list[int]:
         """This sender's context for a conversation (see `context_ids`); `plan` is read only when the
         sender was trained with `knowledge="plan"`."""
-        return context_ids(self.tokenizer, messages, self.config.request, self.notes(plan))
-
-    def notes(self, plan: str | None) -> str | None:
-        """The private notes this sender reads: the plan with `knowledge="plan"`, else none."""
-        if self.config.knowledge == "none":
-            return None
-        if not isinstance(plan, str) or not plan.strip():
-            raise ValueError("this sender reads the record's `plan` (knowledge='plan'), and the record has none")
-        return plan
+        return context_ids(self.tokenizer, messages, self.config.request, plan_notes(self.config.knowledge, plan))
 
     def encode_contexts(self, conversations: Sequence[Sequence[dict]],
                         plans: Sequence[str | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,9 +147,13 @@ class LatentSender(nn.Module):
 
         saved = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=self.lat_bos.dtype)
         self.student.load_state_dict(saved.state_dict())
-        missing, unexpected = self.load_state_dict(load_sender_file(checkpoint_dir)["state_dict"], strict=False)
+        self._load_bridge(checkpoint_dir, load_sender_file(checkpoint_dir))
+
+    def _load_bridge(self, path: str, saved: dict) -> None:
+        """Bridge and start vector from a loaded `latent_sender.pt`; every key but the student's must match."""
+        missing, unexpected = self.load_state_dict(saved["state_dict"], strict=False)
         if unexpected or any(not k.startswith("student.") for k in missing):
-            raise RuntimeError(f"{checkpoint_dir}: {SENDER_FILE} does not match the sender (missing {missing}, "
+            raise RuntimeError(f"{path}: {SENDER_FILE} does not match the sender (missing {missing}, "
                                f"unexpected {unexpected})")
 
     @classmethod
@@ -170,10 +166,7 @@ class LatentSender(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         student = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
         sender = cls(student, tokenizer, SenderConfig(**state["config"]))
-        missing, unexpected = sender.load_state_dict(state["state_dict"], strict=False)
-        if unexpected or any(not k.startswith("student.") for k in missing):
-            raise RuntimeError(f"{path}: {SENDER_FILE} does not match the sender (missing {missing}, "
-                               f"unexpected {unexpected})")
+        sender._load_bridge(path, state)
         if dtype is not None:  # the bridge follows the student's dtype when one is asked for
             sender.h2e.to(student.dtype)
             sender.lat_bos.data = sender.lat_bos.data.to(student.dtype)
@@ -197,6 +190,15 @@ def context_ids(tokenizer, messages: Sequence[dict], request: str = REQUEST, not
     if notes is not None:
         ids += tokenizer(f"{NOTES_PREFIX}{notes}\n\n", add_special_tokens=False)["input_ids"]
     return ids + tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def plan_notes(knowledge: str, plan: str | None) -> str | None:
+    """The private notes a sender of this `knowledge` reads: the plan with "plan" (which must have text), else none."""
+    if knowledge == "none":
+        return None
+    if not isinstance(plan, str) or not plan.strip():
+        raise ValueError("this sender reads the record's `plan` (knowledge='plan'), and the record has none")
+    return plan
 
 
 def load_sender_file(path: str) -> dict:
@@ -271,9 +273,10 @@ class SenderDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         item = self.actor_dataset[i]
         row = self.rows[int(i)]
-        notes = row["plan"] if self.knowledge == "plan" else None
-        if notes is not None and not notes.strip():
-            raise ValueError(f"{row['where']}: --sender_knowledge plan needs the record's `plan` text")
+        try:
+            notes = plan_notes(self.knowledge, row["plan"])
+        except ValueError:
+            raise ValueError(f"{row['where']}: --sender_knowledge plan needs the record's `plan` text") from None
         item["context_ids"] = context_ids(self.tokenizer, json.loads(row["messages"]), self.request, notes)
         return item
 

@@ -8,6 +8,7 @@ See README.md for the data format, the flags and the outputs.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -215,8 +216,6 @@ CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 def read_config_file(path: str) -> dict:
     """A YAML or JSON config file as a mapping of argument names to values; a `ValueError` line otherwise."""
-    import json
-
     import yaml
 
     try:
@@ -237,8 +236,6 @@ def read_config_file(path: str) -> dict:
 def config_as_flags(config: dict, parser: HfArgumentParser, path: str) -> list[str]:
     """A config file's entries as command-line flags, so that the parser checks them exactly as typed flags (types,
     choices) and later flags override them. An unknown key is a `ValueError` naming the file and the key."""
-    import json
-
     known = {option[2:] for option in parser._option_string_actions if option.startswith("--")}
     unknown = [key for key in config if key not in known]
     if unknown:
@@ -276,7 +273,7 @@ def parse_config_and_flags(dataclass_types: tuple, argv: list[str] | None = None
         # The data source is one choice: a source typed on the command line replaces the file's.
         typed = {a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
         for flag, replaces in DATA_SOURCE_FLAGS.items():
-            if flag in typed and isinstance(config, dict):
+            if flag in typed:
                 config = {k: v for k, v in config.items() if k not in replaces}
         argv = config_as_flags(config, parser, path) + argv
     return parser.parse_args_into_dataclasses(args=argv)
@@ -589,15 +586,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
     try:
         trainer.train(resume_from_checkpoint=resume)
     except DataError as e:  # a latent file that broke mid-run: keep what was trained
-        trainer.save_model(os.path.join(args.output_dir, "interrupted"))
-        message = str(e)
-        if "Original Traceback" in message:  # raised in a data loader worker: the message carries its traceback
-            message = message.rsplit("DataError: ", 1)[-1].rstrip()
-        raise UserError(f"{message} (the model so far is in {args.output_dir}/interrupted)", status=1) from None
+        raise save_interrupted(trainer, e, args.output_dir, "the model") from None
     except Exception as e:  # a checkpoint or log that could not be written (full disk, permissions)
-        if not write_failure(e):
+        if not (failure := write_failure(e)):
             raise
-        raise UserError(f"training stopped at step {trainer.state.global_step}: writing failed: {write_failure(e)}; "
+        raise UserError(f"training stopped at step {trainer.state.global_step}: writing failed: {failure}; "
                         f"{last_checkpoint_note(args.output_dir)}", status=1) from None
     finally:
         interrupt.restore()
@@ -612,12 +605,22 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
             if trainer.is_world_process_zero():
                 actor.tokenizer.save_pretrained(os.path.join(args.output_dir, "tokenizer"))
         except Exception as e:
-            if not write_failure(e):
+            if not (failure := write_failure(e)):
                 raise
-            raise UserError(f"saving the final model into {args.output_dir} failed: {write_failure(e)}; the model "
+            raise UserError(f"saving the final model into {args.output_dir} failed: {failure}; the model "
                             f"the folder held before is unchanged; {last_checkpoint_note(args.output_dir)}",
                             status=1) from None
     return finish_run(trainer, args.output_dir)
+
+
+def save_interrupted(trainer, e: DataError, output_dir: str, what: str) -> UserError:
+    """A `DataError` mid-run (a latent file that broke): save what was trained into `<output_dir>/interrupted` and
+    return the error to raise, one line naming that folder (`what`: "the model", "the sender")."""
+    trainer.save_model(os.path.join(output_dir, "interrupted"))
+    message = str(e)
+    if "Original Traceback" in message:  # raised in a data loader worker: the message carries its traceback
+        message = message.rsplit("DataError: ", 1)[-1].rstrip()
+    return UserError(f"{message} ({what} so far is in {output_dir}/interrupted)", status=1)
 
 
 def finish_run(trainer, output_dir: str) -> int:

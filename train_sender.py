@@ -26,13 +26,13 @@ from callbacks import LossLogCallback, NonFiniteGuardCallback
 from data import ActorDataset, DataError
 from latent_head import HEAD_FILE, LatentActor, load_head_file, set_training_backends
 from losses import (COMPRESSION_ALIGN_WEIGHT, COMPRESSION_KL_WEIGHT, DISTILL_TEMPERATURE, DISTILL_WINDOW,
-                    UNCERTAINTY_QUANTILE)
+                    LOSS_CHUNK_SIZE, UNCERTAINTY_QUANTILE)
 from models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
 from sender import KNOWLEDGE, REQUEST, SENDER_FILE, CompressionModel, LatentSender, SenderCollator, SenderConfig, SenderDataset
 from sender_trainer import CompressionLossConfig, SenderTrainer
 from train_actor import (LIGER_REFUSAL, ActorTrainingArguments, DataArguments, UserError, build_datasets,
                          check_data_source, data_sources, exit_process, finish_run, parse_config_and_flags,
-                         run_cli)
+                         run_cli, save_interrupted)
 from trainer import resolve_resume
 from validation import validate_files
 
@@ -58,7 +58,7 @@ class SenderArguments:
         "help": "Supervised tokens per sample (the first ones) that the distillation KL covers."})
     uncertainty_quantile: float = field(default=UNCERTAINTY_QUANTILE, metadata={
         "help": "Token weights relu(H_none - H_data) are clipped at this quantile of the positive ones."})
-    loss_chunk_size: int = field(default=1024, metadata={"help": "Supervised tokens per vocabulary projection (CE)."})
+    loss_chunk_size: int = field(default=LOSS_CHUNK_SIZE, metadata={"help": "Supervised tokens per vocabulary projection (CE)."})
     attn_implementation: str | None = field(default=None, metadata={"help": "The student's, e.g. sdpa or eager."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the model's folder."})
 
@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None):
 
 
 def check_inputs(sender_args: SenderArguments, data_args: DataArguments, args: SenderTrainingArguments):
-    """Everything that can be refused before a model is loaded; returns (head config, report, resume)."""
+    """Everything that can be refused before a model is loaded; returns (head config, resume)."""
     check_data_source(data_args)
     if not sender_args.actor_dir:
         raise UserError("--actor_dir is required: an output folder of train_actor.py (the frozen actor)")
@@ -176,11 +176,7 @@ def train(sender_args: SenderArguments, data_args: DataArguments, args: SenderTr
     try:
         trainer.train(resume_from_checkpoint=resume)
     except DataError as e:  # a latent file that broke mid-run: keep what was trained
-        trainer.save_model(os.path.join(args.output_dir, "interrupted"))
-        message = str(e)
-        if "Original Traceback" in message:
-            message = message.rsplit("DataError: ", 1)[-1].rstrip()
-        raise UserError(f"{message} (the sender so far is in {args.output_dir}/interrupted)", status=1) from None
+        raise save_interrupted(trainer, e, args.output_dir, "the sender") from None
     trainer.save_model(args.output_dir)
     trainer.save_state()
     return finish_run(trainer, args.output_dir)

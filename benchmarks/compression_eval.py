@@ -32,6 +32,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from constants import SENDER_FILE  # noqa: E402  (after the path: the package's modules live in ROOT)
+
 
 def run(cmd: list[str], log: str) -> None:
     """A step as a subprocess (its GPU memory is freed when it ends), its output in `log`."""
@@ -47,7 +49,8 @@ def evaluate(args, eval_file: str, out: str) -> dict:
         run([sys.executable, "evaluate_actor.py", "--model_dir", args.actor_dir, "--eval_file", eval_file,
              "--output", out, "--batch_size", str(args.eval_batch_size), "--model_max_length", str(args.model_max_length)],
             out + ".log")
-    report = json.load(open(out))
+    with open(out) as f:
+        report = json.load(f)
     return {c: {"ce_bits": v["ce_bits"], "accuracy": v.get("accuracy"), "samples": v["samples"]}
             for c, v in report["conditions"].items()}
 
@@ -56,7 +59,7 @@ def train_and_evaluate(args, k: int, seed: int) -> dict:
     folder = os.path.join(args.out_dir, f"K{k}_seed{seed}")
     sender_dir, report = os.path.join(folder, "sender"), os.path.join(folder, "eval_report.json")
     os.makedirs(folder, exist_ok=True)
-    if not os.path.exists(os.path.join(sender_dir, "latent_sender.pt")):
+    if not os.path.exists(os.path.join(sender_dir, SENDER_FILE)):
         launcher = [sys.executable] if args.nproc == 1 else \
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc)]
         run(launcher + ["train_sender.py", "--actor_dir", args.actor_dir, "--model_name_or_path", args.sender_model,
@@ -109,8 +112,8 @@ def latency(args, sender_dirs: dict[int, str]) -> dict:
     data_tokens = round(statistics.mean(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in plans)) \
         if plans else args.max_plan_tokens
     out["data_plan_tokens"] = data_tokens
-    for b in args.latency_batches:
-        batch = [records[i % len(records)] for i in range(b)]
+    batches = {b: [records[i % len(records)] for i in range(b)] for b in args.latency_batches}
+    for b, batch in batches.items():
         tasks = [first_human_message(r) for r in batch]
         lengths = []
 
@@ -123,16 +126,18 @@ def latency(args, sender_dirs: dict[int, str]) -> dict:
         row = {"plan_text_s": timed(write_plans, args.reps, args.warmup)}
         row["plan_tokens_mean"] = sum(lengths) / len(lengths)
         row["data_length_plan_s"] = timed(lambda: write_plans(data_tokens), args.reps, args.warmup)
-        for k, sender_dir in sender_dirs.items():
-            sender = LatentSender.from_pretrained(sender_dir, dtype=dtype, device=device)
+        out["batches"][str(b)] = row
+    for k, sender_dir in sender_dirs.items():  # each sender loaded once, timed at every batch size
+        sender = LatentSender.from_pretrained(sender_dir, dtype=dtype, device=device)
+        for b, batch in batches.items():
+            row = out["batches"][str(b)]
             ids, mask = sender.encode_contexts([chat_messages(r) for r in batch], [r.get("plan") for r in batch])
             ids, mask = ids.to(device), mask.to(device)
             with torch.inference_mode():
                 row[f"K{k}_s"] = timed(lambda: sender.rollout(ids, mask), args.reps, args.warmup)
             row[f"K{k}_speedup"] = row["plan_text_s"] / row[f"K{k}_s"]
             row[f"K{k}_speedup_data_length"] = row["data_length_plan_s"] / row[f"K{k}_s"]
-            del sender
-        out["batches"][str(b)] = row
+        del sender
     return out
 
 

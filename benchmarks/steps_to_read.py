@@ -102,13 +102,17 @@ def common_flags(data: str, task: str, seed: int, out_dir: str, max_steps: int, 
             "--compile_layers", "false", "--loss_kernel", "eager", "--disable_tqdm", "true"]
 
 
-def read_curve(out_dir: str) -> list[dict]:
-    """The cond/* rows of a run's loss_log.csv, as floats."""
+def read_log(out_dir: str) -> list[dict]:
+    """The rows of a run's loss_log.csv ([] when it has none)."""
     path = os.path.join(out_dir, "loss_log.csv")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        rows = list(csv.DictReader(f))
+        return list(csv.DictReader(f))
+
+
+def read_curve(rows: list[dict]) -> list[dict]:
+    """The cond/* rows of a run's loss log (`read_log`), as floats."""
     keys = ("cond/delta_bits_shuffled_minus_true", "cond/true_exact_match", "cond/shuffled_exact_match",
             "cond/none_exact_match", "cond/true_ce_bits", "cond/shuffled_ce_bits", "cond/plan_text_exact_match")
     curve = []
@@ -168,7 +172,8 @@ def grid(args) -> None:
                 continue
             proc.wait()
             log.close()
-            curve = read_curve(out_dir)
+            rows = read_log(out_dir)  # read once: the curve and the warm start's entry
+            curve = read_curve(rows)
             recipe, task, seed = job
             result = {"recipe": recipe, "task": task, "seed": seed, "steps_to_read": steps_to_read(curve),
                       "last_step": curve[-1]["step"] if curve else 0, "wall_s": round(time.time() - t0, 1),
@@ -176,9 +181,7 @@ def grid(args) -> None:
             if proc.returncode not in (0, None) and not curve:
                 with open(os.path.join(out_dir, "log.txt")) as f:
                     result["error"] = f.read()[-2000:]
-            with open(os.path.join(out_dir, "loss_log.csv")) if os.path.exists(
-                    os.path.join(out_dir, "loss_log.csv")) else open(os.devnull) as f:
-                warm = [r for r in csv.DictReader(f) if r.get("warm_start/loss")]
+            warm = [r for r in rows if r.get("warm_start/loss")]
             if warm:
                 result["warm_start"] = {k: float(v) for k, v in warm[0].items() if k.startswith("warm_start/") and v}
             with open(args.results, "a") as f:
@@ -186,7 +189,8 @@ def grid(args) -> None:
             print(f"[{time.time() - start:6.0f}s] {recipe:>16} {task:>15} seed {seed}: steps_to_read "
                   f"{result['steps_to_read']} (last {result['last_step']}, {result['wall_s']} s, rc {proc.returncode})",
                   flush=True)
-            shutil.rmtree(out_dir, ignore_errors=True) if not args.keep else None
+            if not args.keep:
+                shutil.rmtree(out_dir, ignore_errors=True)
             del running[job]
     for recipe, task, seed in jobs:
         print(f"not run (deadline): {recipe} {task} {seed}", flush=True)
