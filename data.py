@@ -28,7 +28,6 @@ logger = logging.getLogger(__name__)
 # The two formats of a record's turns; the rest of a record is the same in both.
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "system": "system"}
-ROLES = SHAREGPT_ROLES  # the older name
 MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 TURN_FORMATS = {  # field -> (role key, text key, role map to chat roles)
     "conversations": ("from", "value", SHAREGPT_ROLES),  # ShareGPT
