@@ -360,16 +360,22 @@ def control_tokens(tokenizer) -> tuple[str, ...]:
 
 
 def check_plain_text(text: str, tokenizer, field: str) -> None:
-    """Raise `DataError` if `text` holds a control token of `tokenizer` (see `control_tokens`)."""
-    found = [t for t in (control_tokens(tokenizer) if tokenizer is not None else SPECIAL_TOKENS) if t in text]
-    if found:
-        raise DataError(f"{field}: contains the control token(s) {', '.join(found)} as text; control tokens in "
-                        "data are refused (they would change the conversation's structure): remove them")
+    """Raise `DataError` if `text` holds a control token of `tokenizer` (see `control_tokens`; with no
+    tokenizer, the latent head's)."""
+    _refuse_control_tokens(text, control_tokens(tokenizer), field)
 
 
 def check_messages_text(messages: list[dict], tokenizer) -> None:
+    tokens = control_tokens(tokenizer)  # once per conversation, not per message
     for i, m in enumerate(messages):
-        check_plain_text(m["content"], tokenizer, f"message {i} ({m['role']})")
+        _refuse_control_tokens(m["content"], tokens, f"message {i} ({m['role']})")
+
+
+def _refuse_control_tokens(text: str, tokens: tuple[str, ...], field: str) -> None:
+    found = [t for t in tokens if t in text]
+    if found:
+        raise DataError(f"{field}: contains the control token(s) {', '.join(found)} as text; control tokens in "
+                        "data are refused (they would change the conversation's structure): remove them")
 
 
 def encode_plan(tokenizer, plan: str) -> np.ndarray:
