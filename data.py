@@ -21,7 +21,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from constants import IGNORE_INDEX, MARKER_TOKEN, SPECIAL_TOKENS
-from safe_io import MAX_LINE_BYTES, DataError, check_regular_file, read_npy_header
+from safe_io import MAX_LINE_BYTES, DataError, check_regular_file, load_torch_file, read_npy_header
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def load_latents(source: Any, where: str = "", max_rows: int | None = None) -> n
             detail = f"unsupported file type {suffix or '(none)'!r}; expected one of {', '.join(LATENT_SUFFIXES)}"
             raise error(f"{where}: hidden_state_path {source!r}: unsupported file type {suffix!r} "
                         f"(expected one of {', '.join(LATENT_SUFFIXES)})", "latent_unsupported_type", detail)
-        what = f"{where}: hidden_state_path" if where else "hidden_state_path"
+        what = f"{_prefix(where)}hidden_state_path"
         try:
             if suffix == ".npy":
                 _, dtype = read_npy_header(source, what)
@@ -254,8 +254,6 @@ def load_latents(source: Any, where: str = "", max_rows: int | None = None) -> n
                     raise error(f"{what} {source!r}: cannot be read as a .npy array ({type(e).__name__})",
                                 "latent_unreadable", f"cannot be read as a .npy array ({type(e).__name__})") from None
             else:
-                from safe_io import load_torch_file
-
                 obj = load_torch_file(source, what, mmap=True)
                 if not isinstance(obj, torch.Tensor):
                     raise error(f"{what} {source!r}: expected a plain tensor, found {type(obj).__name__}",
