@@ -439,13 +439,17 @@ def find_marker(ids: np.ndarray, tokenizer) -> int:
     return int(positions[0])
 
 
+def token_budget(model_max_length: int, prepended_length: int, plan_tokens: int) -> int:
+    """The conversation's tokens that fit: the marker becomes <bop> block <eop>, and the longest block of any
+    branch is the latents (<= prepended_length rows) or the whole plan. Truncation only ever cuts the end."""
+    return max(0, model_max_length - 1 - max(prepended_length, plan_tokens))
+
+
 def tokenize_sample(sample: dict, tokenizer, model_max_length: int, prepended_length: int) -> dict:
     """Tokenize one normalised sample; truncate the conversation's end so that every branch fits."""
     enc = encode_conversation(tokenizer, sample["messages"])
     plan_ids = encode_plan(tokenizer, sample["plan"])
-    # The marker becomes <bop> block <eop>; the longest block of any branch is the latents
-    # (<= prepended_length rows) or the whole plan. Truncation only ever cuts the end.
-    budget = max(0, model_max_length - 1 - max(prepended_length, len(plan_ids)))
+    budget = token_budget(model_max_length, prepended_length, len(plan_ids))
     ids, labels = enc["input_ids"], enc["labels"]
     truncated = max(0, len(ids) - budget)
     if truncated:

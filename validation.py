@@ -74,7 +74,8 @@ from typing import Any
 import numpy as np
 
 from data import (LATENT_SUFFIXES, TURN_FORMATS, DataError, Source, control_tokens, load_latents, read_plan_file,
-                  read_records, record_messages, resolve_path, source_dir, turns_field)
+                  read_records, record_messages, resolve_path, source_dir, token_budget,
+                  tokenize_sample, turns_field)
 from constants import MODEL_MAX_LENGTH, PREPENDED_LENGTH, SPECIAL_TOKENS
 from safe_io import read_npy_header
 
@@ -479,8 +480,6 @@ class _Checker:
 
     # -- length ------------------------------------------------------------------------------------
     def check_length(self, where, sid, rec, plan: str) -> None:
-        from data import tokenize_sample
-
         messages = record_messages(rec, where)
         limit = self.model_max_length if self.model_max_length is not None else sys.maxsize // 2
         try:
@@ -493,8 +492,8 @@ class _Checker:
             return
         cut = out["truncated_tokens"]
         total = len(out["input_ids"]) + cut
-        budget = self.model_max_length - 1 - max(self.prepended_length, len(out["plan_ids"]))
-        detail = (f"the conversation is {total} tokens, the budget {max(budget, 0)} = model_max_length "
+        budget = token_budget(self.model_max_length, self.prepended_length, len(out["plan_ids"]))
+        detail = (f"the conversation is {total} tokens, the budget {budget} = model_max_length "
                   f"{self.model_max_length} - 1 - max(prepended_length {self.prepended_length}, plan "
                   f"{len(out['plan_ids'])} tokens)")
         if out["supervised_tokens"] == 0:
