@@ -21,14 +21,13 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from constants import IGNORE_INDEX, MARKER_TOKEN, SPECIAL_TOKENS
-from safe_io import MAX_LINE_BYTES, DataError, check_regular_file, read_npy_header
+from safe_io import MAX_LINE_BYTES, DataError, check_regular_file, load_torch_file, read_npy_header
 
 logger = logging.getLogger(__name__)
 
 # The two formats of a record's turns; the rest of a record is the same in both.
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "system": "system"}
-ROLES = SHAREGPT_ROLES  # the older name
 MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 TURN_FORMATS = {  # field -> (role key, text key, role map to chat roles)
     "conversations": ("from", "value", SHAREGPT_ROLES),  # ShareGPT
@@ -244,7 +243,7 @@ def load_latents(source: Any, where: str = "", max_rows: int | None = None) -> n
             detail = f"unsupported file type {suffix or '(none)'!r}; expected one of {', '.join(LATENT_SUFFIXES)}"
             raise error(f"{where}: hidden_state_path {source!r}: unsupported file type {suffix!r} "
                         f"(expected one of {', '.join(LATENT_SUFFIXES)})", "latent_unsupported_type", detail)
-        what = f"{where}: hidden_state_path" if where else "hidden_state_path"
+        what = f"{_prefix(where)}hidden_state_path"
         try:
             if suffix == ".npy":
                 _, dtype = read_npy_header(source, what)
@@ -255,8 +254,6 @@ def load_latents(source: Any, where: str = "", max_rows: int | None = None) -> n
                     raise error(f"{what} {source!r}: cannot be read as a .npy array ({type(e).__name__})",
                                 "latent_unreadable", f"cannot be read as a .npy array ({type(e).__name__})") from None
             else:
-                from safe_io import load_torch_file
-
                 obj = load_torch_file(source, what, mmap=True)
                 if not isinstance(obj, torch.Tensor):
                     raise error(f"{what} {source!r}: expected a plain tensor, found {type(obj).__name__}",
@@ -361,16 +358,22 @@ def control_tokens(tokenizer) -> tuple[str, ...]:
 
 
 def check_plain_text(text: str, tokenizer, field: str) -> None:
-    """Raise `DataError` if `text` holds a control token of `tokenizer` (see `control_tokens`)."""
-    found = [t for t in (control_tokens(tokenizer) if tokenizer is not None else SPECIAL_TOKENS) if t in text]
-    if found:
-        raise DataError(f"{field}: contains the control token(s) {', '.join(found)} as text; control tokens in "
-                        "data are refused (they would change the conversation's structure): remove them")
+    """Raise `DataError` if `text` holds a control token of `tokenizer` (see `control_tokens`; with no
+    tokenizer, the latent head's)."""
+    _refuse_control_tokens(text, control_tokens(tokenizer), field)
 
 
 def check_messages_text(messages: list[dict], tokenizer) -> None:
+    tokens = control_tokens(tokenizer)  # once per conversation, not per message
     for i, m in enumerate(messages):
-        check_plain_text(m["content"], tokenizer, f"message {i} ({m['role']})")
+        _refuse_control_tokens(m["content"], tokens, f"message {i} ({m['role']})")
+
+
+def _refuse_control_tokens(text: str, tokens: tuple[str, ...], field: str) -> None:
+    found = [t for t in tokens if t in text]
+    if found:
+        raise DataError(f"{field}: contains the control token(s) {', '.join(found)} as text; control tokens in "
+                        "data are refused (they would change the conversation's structure): remove them")
 
 
 def encode_plan(tokenizer, plan: str) -> np.ndarray:
@@ -436,13 +439,17 @@ def find_marker(ids: np.ndarray, tokenizer) -> int:
     return int(positions[0])
 
 
+def token_budget(model_max_length: int, prepended_length: int, plan_tokens: int) -> int:
+    """The conversation's tokens that fit: the marker becomes <bop> block <eop>, and the longest block of any
+    branch is the latents (<= prepended_length rows) or the whole plan. Truncation only ever cuts the end."""
+    return max(0, model_max_length - 1 - max(prepended_length, plan_tokens))
+
+
 def tokenize_sample(sample: dict, tokenizer, model_max_length: int, prepended_length: int) -> dict:
     """Tokenize one normalised sample; truncate the conversation's end so that every branch fits."""
     enc = encode_conversation(tokenizer, sample["messages"])
     plan_ids = encode_plan(tokenizer, sample["plan"])
-    # The marker becomes <bop> block <eop>; the longest block of any branch is the latents
-    # (<= prepended_length rows) or the whole plan. Truncation only ever cuts the end.
-    budget = max(0, model_max_length - 1 - max(prepended_length, len(plan_ids)))
+    budget = token_budget(model_max_length, prepended_length, len(plan_ids))
     ids, labels = enc["input_ids"], enc["labels"]
     truncated = max(0, len(ids) - budget)
     if truncated:

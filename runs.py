@@ -15,11 +15,13 @@ import os
 import re
 from typing import Any
 
+from constants import HEAD_FILE, LOSS_LOG_FILE
+
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "run_fingerprint.json"
 # Files and folders that say "a run wrote here".
-RUN_ARTIFACTS = ("trainer_state.json", "latent_comm_head.pt", "loss_log.csv", "training_args.bin", RUN_FILE,
+RUN_ARTIFACTS = ("trainer_state.json", HEAD_FILE, LOSS_LOG_FILE, "training_args.bin", RUN_FILE,
                  "model.safetensors", "adapter_model.safetensors", "interrupted")
 # Arguments a resumed run must share with its checkpoint: they define the model, the data and its order.
 # (Learning rates, loss weights, logging and saving may change on resumption, as with the Trainer.)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import shutil
 import stat
 import tempfile
@@ -130,7 +131,7 @@ def load_torch_file(path: str, what: str = "", mmap: bool = False, allow_numpy: 
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         text = str(e)
-        if isinstance(e, __import__("pickle").UnpicklingError) or "Weights only load failed" in text:
+        if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in text:
             reason = "holds pickled Python objects other than tensors: refused, never unpickled"
         elif "zip archive" in text or "PytorchStreamReader" in text or isinstance(e, EOFError):
             reason = "truncated or corrupt (its zip archive cannot be read)"
@@ -144,16 +145,14 @@ def check_safetensors_file(path: str, what: str = "") -> list[str]:
     """The tensor names of a `.safetensors` file whose header and length check out (no tensor is read)."""
     from safetensors import safe_open
 
-    size = check_regular_file(path, what)
-    where = f"{_prefix(what)}{path}"
-    if size == 0:
-        raise DataError(f"{where}: is empty (0 bytes)")
+    if check_regular_file(path, what) == 0:
+        raise _file_error(what, path, "is empty (0 bytes)")
     try:
         with safe_open(path, "pt") as f:
             return list(f.keys())
     except Exception as e:
         detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise DataError(f"{where}: truncated or corrupt safetensors file ({detail})") from None
+        raise _file_error(what, path, f"truncated or corrupt safetensors file ({detail})") from None
 
 
 # The files of an output folder or checkpoint that are read back, and how to check each.
@@ -173,10 +172,10 @@ def check_artifact(path: str, what: str = "") -> None:
 def check_model_folder(folder: str, what: str = "") -> None:
     """Every artifact present in an output folder or checkpoint reads safely, and no save was cut short."""
     if not os.path.isdir(folder):
-        raise DataError(f"{_prefix(what)}{folder}: no such folder")
+        raise _file_error(what, folder, "no such folder")
     if os.path.exists(os.path.join(folder, INCOMPLETE_MARKER)):
-        raise DataError(f"{_prefix(what)}{folder}: a save into this folder was interrupted ({INCOMPLETE_MARKER} "
-                        "is there): its weights and head may come from different runs; use a checkpoint")
+        raise _file_error(what, folder, f"a save into this folder was interrupted ({INCOMPLETE_MARKER} is there): "
+                          "its weights and head may come from different runs; use a checkpoint")
     for name in sorted(os.listdir(folder)):
         if name in ARTIFACT_NAMES or (name.startswith("model-") and name.endswith(".safetensors")) or \
                 (name.startswith("rng_state") and name.endswith(".pth")):

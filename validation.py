@@ -74,7 +74,8 @@ from typing import Any
 import numpy as np
 
 from data import (LATENT_SUFFIXES, TURN_FORMATS, DataError, Source, control_tokens, load_latents, read_plan_file,
-                  read_records, record_messages, resolve_path, source_dir)
+                  read_records, record_messages, resolve_path, source_dir, token_budget,
+                  tokenize_sample, turns_field)
 from constants import MODEL_MAX_LENGTH, PREPENDED_LENGTH, SPECIAL_TOKENS
 from safe_io import read_npy_header
 
@@ -166,8 +167,8 @@ class _Checker:
                  control_strings=None):
         self.report = Report()
         self.tokenizer = _prepared_tokenizer(tokenizer) if tokenizer is not None else None
-        self.control_strings = tuple(sorted(set(SPECIAL_TOKENS) | set(control_strings or ()) |
-                                            set(control_tokens(self.tokenizer) if self.tokenizer is not None else ())))
+        # control_tokens holds the latent head's tokens, with or without a tokenizer
+        self.control_strings = tuple(sorted(set(control_tokens(self.tokenizer)) | set(control_strings or ())))
         self.model_max_length, self.prepended_length = model_max_length, prepended_length
         self.expected_latent_dim, self.check_values = expected_latent_dim, check_values
         self.first_seen: dict[str, str] = {}  # id -> location
@@ -243,7 +244,7 @@ class _Checker:
             self.add("conversations_and_messages", where, sid, "conversations, messages",
                      "both are given; expected one: conversations [{from, value}] or messages [{role, content}]")
             return False
-        key = "messages" if rec.get("messages") is not None else "conversations"
+        key = turns_field(rec)
         role_key, text_key, role_map = TURN_FORMATS[key]
         shape = f"{{\"{role_key}\", \"{text_key}\"}}"
         conv = rec.get(key)
@@ -479,8 +480,6 @@ class _Checker:
 
     # -- length ------------------------------------------------------------------------------------
     def check_length(self, where, sid, rec, plan: str) -> None:
-        from data import tokenize_sample
-
         messages = record_messages(rec, where)
         limit = self.model_max_length if self.model_max_length is not None else sys.maxsize // 2
         try:
@@ -493,8 +492,8 @@ class _Checker:
             return
         cut = out["truncated_tokens"]
         total = len(out["input_ids"]) + cut
-        budget = self.model_max_length - 1 - max(self.prepended_length, len(out["plan_ids"]))
-        detail = (f"the conversation is {total} tokens, the budget {max(budget, 0)} = model_max_length "
+        budget = token_budget(self.model_max_length, self.prepended_length, len(out["plan_ids"]))
+        detail = (f"the conversation is {total} tokens, the budget {budget} = model_max_length "
                   f"{self.model_max_length} - 1 - max(prepended_length {self.prepended_length}, plan "
                   f"{len(out['plan_ids'])} tokens)")
         if out["supervised_tokens"] == 0:
