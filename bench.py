@@ -33,6 +33,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+from constants import MODEL_MAX_LENGTH  # noqa: E402
+
 N_PARAMS_MFU = 494e6  # Qwen2.5-0.5B, the convention of ../shared/bench/README.md (10*N FLOPs per token)
 PEAK_BF16_DENSE = 989e12  # H100/H200 SXM dense bf16 datasheet figure
 
@@ -45,7 +47,7 @@ def parse(argv=None):
     ap.add_argument("--min_words", type=int, default=500, help="workload conversation length (shared default)")
     ap.add_argument("--max_words", type=int, default=1800, help="workload conversation length (shared default)")
     ap.add_argument("--batch_size", type=int, default=2, help="per-device train batch size")
-    ap.add_argument("--model_max_length", type=int, default=None, help="default: train_actor.py's")
+    ap.add_argument("--model_max_length", type=int, default=MODEL_MAX_LENGTH, help="default: train_actor.py's")
     ap.add_argument("--steps", type=int, default=25, help="timed run length (optimizer steps)")
     ap.add_argument("--warmup", type=int, default=5, help="steps left out of the median")
     ap.add_argument("--profile_steps", type=int, default=0, help="extra steps after the timed ones, profiled")
@@ -56,10 +58,6 @@ def parse(argv=None):
     ap.add_argument("--output_dir", default=None, help="train_actor's --output_dir (default: a temp folder)")
     args, extra = ap.parse_known_args(argv)
     extra = [x for x in extra if x != "--"]
-    if args.model_max_length is None:
-        from constants import MODEL_MAX_LENGTH
-
-        args.model_max_length = MODEL_MAX_LENGTH
     args.out_name = args.out_name or f"{args.shape}_b{args.batch_size}_L{args.model_max_length}"
     default_words = (args.min_words, args.max_words) == (500, 1800)
     args.workload_dir = args.workload_dir or f"/tmp/interlat_bench/{args.shape}_n{args.n_samples}" + \

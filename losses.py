@@ -315,6 +315,8 @@ def latent_comm_loss_sums(
     sum stays the per-position JS, a metric comparable across settings. `loss_weighting="adaptive"`:
     see `_weighted_total`.
     """
+    if contrast_divergence not in ("js", "published"):  # before any work
+        raise ValueError(f"contrast_divergence {contrast_divergence!r}: expected js or published")
     n = labels.shape[0]
     plan_w, neg_w = _row_weights(n, pos_hidden, plan_mask, neg_mask)
     sums = LossSums.zeros(pos_hidden)
@@ -330,8 +332,6 @@ def latent_comm_loss_sums(
             sums = sums + _chunk_terms(*args)
     if contrast_divergence == "published" and neg_hidden is not None:
         sums.random_contrast = _published_contrast_sum(pos_hidden, neg_hidden, neg_w, sample_index, project, step)
-    elif contrast_divergence not in ("js", "published"):
-        raise ValueError(f"contrast_divergence {contrast_divergence!r}: expected js or published")
     sums.total = _weighted_total(sums, plan_weight, contrast_weight, loss_weighting)
     return sums
 
@@ -444,7 +444,7 @@ class _FusedLoss(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         w = weight.to(matmul_dtype)  # operands of the projections; logits and gradients stay float32
         n = labels.shape[0]
-        sums = LossSums.zeros(pos_hidden)
+        metrics = pos_hidden.new_zeros(len(METRIC_FIELDS), dtype=torch.float32)  # one vector: one add per chunk
         grad_hidden = torch.zeros_like(pos_hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         with torch.autocast(device_type=pos_hidden.device.type, enabled=False):
@@ -455,7 +455,7 @@ class _FusedLoss(torch.autograd.Function):
                 terms, grad = chunk_fn(_mm_float32(h, w.T), labels[sl], logits(plan_hidden), plan_w[sl],
                                        logits(neg_hidden), neg_w[sl], plan_weight, contrast_weight, need_grad,
                                        grad_dtype=matmul_dtype)
-                sums = sums + sum_rows(terms, plan_w[sl], neg_w[sl])
+                metrics += sum_rows(terms, plan_w[sl], neg_w[sl]).metrics()
                 if grad_hidden is not None:
                     grad_hidden[sl] = _mm_float32(grad, w)
                 if grad_weight is not None and matmul_dtype == torch.float32:
@@ -464,9 +464,8 @@ class _FusedLoss(torch.autograd.Function):
                     grad_weight += _mm_float32(grad.T, h)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = (pos_hidden.dtype, weight.dtype)
-        metrics = sums.metrics()
         ctx.mark_non_differentiable(metrics)
-        return _weighted_total(sums, plan_weight, contrast_weight), metrics
+        return _weighted_total(LossSums.from_metrics(metrics), plan_weight, contrast_weight), metrics
 
     @staticmethod
     def backward(ctx, grad_total, _grad_sums):

@@ -12,13 +12,16 @@ import json
 import logging
 import os
 import re
+import shutil
 
 import torch
 from transformers import Trainer
 
+from constants import HEAD_FILE, HEAD_SAFETENSORS_FILE
 from data import RankBalancedLengthSampler
 from latent_head import LatentActor, StepDraws, pad_rows
-from losses import LN2, METRIC_FIELDS, LossConfig, LossSums, resolve_loss_kernel  # noqa: F401 (re-exported)
+from losses import LN2, METRIC_FIELDS, LossConfig, LossSums
+from runs import RUN_FILE
 from safe_io import INCOMPLETE_MARKER
 
 logger = logging.getLogger(__name__)
@@ -71,7 +74,7 @@ def fit_donor_latents(donor: torch.Tensor, donor_lengths: torch.Tensor, lengths:
     return torch.where(tiled, fitted + noise, fitted)
 
 
-def checkpoint_is_complete(path: str, weights_file: str = "latent_comm_head.pt") -> bool:
+def checkpoint_is_complete(path: str, weights_file: str = HEAD_FILE) -> bool:
     """The Trainer writes `trainer_state.json` last: a checkpoint whose state parses was fully written
     (`weights_file`: the file of our own that it must hold too), and no save into it was cut short
     (`safe_io.INCOMPLETE_MARKER`)."""
@@ -85,7 +88,7 @@ def checkpoint_is_complete(path: str, weights_file: str = "latent_comm_head.pt")
         return False
 
 
-def resolve_resume(value: str | None, output_dir: str, weights_file: str = "latent_comm_head.pt") -> str | None:
+def resolve_resume(value: str | None, output_dir: str, weights_file: str = HEAD_FILE) -> str | None:
     """`--resume_from_checkpoint` as a folder: `true`/`latest` pick the newest *complete* checkpoint.
 
     A checkpoint left half-written by a killed process is never picked, and naming one is an error.
@@ -289,7 +292,7 @@ class LatentActorTrainer(Trainer):
         actor.save_pretrained(output_dir, state_dict=state_dict)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         if getattr(self, "run_fingerprint", None) is not None:  # which run wrote this (runs.py); before trainer_state
-            with open(os.path.join(output_dir, "run_fingerprint.json"), "w", encoding="utf-8") as f:
+            with open(os.path.join(output_dir, RUN_FILE), "w", encoding="utf-8") as f:
                 json.dump(self.run_fingerprint, f, indent=1)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -324,10 +327,6 @@ class LatentActorTrainer(Trainer):
         busy = not self.args.hub_always_push and self.push_in_progress is not None \
             and not self.push_in_progress.is_done()  # the Trainer skips this push: leave the uploading folder alone
         if self.is_world_process_zero() and self.args.hub_strategy != "end" and not busy:
-            import shutil
-
-            from latent_head import HEAD_FILE, HEAD_SAFETENSORS_FILE
-
             for name in (HEAD_FILE, HEAD_SAFETENSORS_FILE):
                 if os.path.isfile(os.path.join(checkpoint_folder, name)):
                     shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(self.args.output_dir, name))

@@ -31,8 +31,7 @@ def alignment_loss(head: LatentCommHead, embedding: torch.nn.Embedding, batch: d
     `plan_lengths`."""
     out = head(batch["latents"], batch["latent_lengths"])
     rows = min(out.shape[1], batch["plan_ids"].shape[1])
-    pair_lengths = torch.minimum(torch.minimum(batch["latent_lengths"], batch["plan_lengths"]),
-                                 torch.tensor(rows, device=out.device))
+    pair_lengths = torch.minimum(batch["latent_lengths"], batch["plan_lengths"]).clamp(max=rows)
     valid = torch.arange(rows, device=out.device)[None, :] < pair_lengths[:, None]
     target = embedding(batch["plan_ids"][:, :rows]).detach().float()
     out = out[:, :rows]
