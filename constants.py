@@ -15,7 +15,11 @@ IGNORE_INDEX = -100  # label of a token that is not supervised (PyTorch's cross-
 PREPENDED_LENGTH = 256  # latent rows the head reads per sample (the first ones), unless configured
 MODEL_MAX_LENGTH = 3072  # the actor's longest sequence, latent block included, unless configured
 
+# A collated batch's conversation tensors (what every branch shares)
+TEXT_KEYS = ("input_ids", "labels", "attention_mask", "marker_index")
+
 # Files
+INTERRUPTED_DIR = "interrupted"  # in an output folder: the model saved when a run broke on bad data
 HEAD_FILE = "latent_comm_head.pt"  # the latent head's configuration and weights, next to the actor's model
 # (the specification's file: torch.load(..., weights_only=True))
 HEAD_SAFETENSORS_FILE = "latent_comm_head.safetensors"  # the same head for hub tooling; its config in the metadata

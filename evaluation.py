@@ -34,11 +34,11 @@ import torch
 
 from data import ActorDataset, DataError, LatentCollator
 from generation import build_prompt_batch, encode_prompt, generate_token_ids, prompt_messages
+from constants import TEXT_KEYS
 from latent_head import LatentActor
 from losses import LN2, token_ce
 
 CONDITIONS = ("true", "shuffled", "none", "plan_text")
-TEXT_KEYS = ("input_ids", "labels", "attention_mask", "marker_index")
 LOGIT_CHUNK = 1024  # supervised rows projected to the vocabulary at a time (bounds [rows, vocab] memory)
 
 

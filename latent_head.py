@@ -19,12 +19,11 @@ import torch
 import torch.nn as nn
 
 from constants import (BOP_TOKEN, EOP_TOKEN, HEAD_FILE, HEAD_SAFETENSORS_FILE, IGNORE_INDEX,  # noqa: F401 (re-exported)
-                       MARKER_TOKEN, MODEL_MAX_LENGTH, PREPENDED_LENGTH, SPECIAL_TOKENS)
+                       MARKER_TOKEN, MODEL_MAX_LENGTH, PREPENDED_LENGTH, SPECIAL_TOKENS, TEXT_KEYS)
 from losses import LossConfig, LossSums, latent_comm_losses
 
 logger = logging.getLogger(__name__)
 
-TEXT_KEYS = ("input_ids", "labels", "attention_mask", "marker_index")  # a batch's conversation, as collated
 PACKED_ATTENTION = "interlat_packed"  # registered with transformers by `register_packed_attention`
 
 

@@ -15,14 +15,14 @@ import os
 import re
 from typing import Any
 
-from constants import HEAD_FILE, LOSS_LOG_FILE
+from constants import HEAD_FILE, INTERRUPTED_DIR, LOSS_LOG_FILE
 
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "run_fingerprint.json"
 # Files and folders that say "a run wrote here".
 RUN_ARTIFACTS = ("trainer_state.json", HEAD_FILE, LOSS_LOG_FILE, "training_args.bin", RUN_FILE,
-                 "model.safetensors", "adapter_model.safetensors", "interrupted")
+                 "model.safetensors", "adapter_model.safetensors", INTERRUPTED_DIR)
 # Arguments a resumed run must share with its checkpoint: they define the model, the data and its order.
 # (Learning rates, loss weights, logging and saving may change on resumption, as with the Trainer.)
 MUST_MATCH = ("model_name_or_path", "train_file", "dataset_name", "eval_file", "eval_ratio", "prepended_length", "num_heads",

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from constants import TEXT_KEYS
 from losses import (COMPRESSION_ALIGN_WEIGHT, COMPRESSION_KL_WEIGHT, DISTILL_TEMPERATURE, DISTILL_WINDOW,
                     LOSS_CHUNK_SIZE, UNCERTAINTY_QUANTILE, alignment_loss, compression_loss, distillation_kl,
                     first_rows_per_sample, latent_comm_loss_sums, token_ce, token_entropy, uncertainty_weights)
@@ -23,7 +24,6 @@ from trainer import LatentActorTrainer
 
 logger = logging.getLogger(__name__)
 
-TEXT_KEYS = ("input_ids", "labels", "attention_mask", "marker_index")
 # Order of the per-mode metric sums (see `_accumulate_metrics`).
 METRICS = ("ce", "tokens", "distill", "align", "batches", "window_student", "window_data", "window_none", "window_tokens")
 

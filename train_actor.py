@@ -23,6 +23,7 @@ from transformers.training_args import ParallelMode
 
 from callbacks import (InfoNCEProbeCallback, InterruptCallback, LatentConditionsCallback, LossLogCallback,
                        NonFiniteGuardCallback, StepsToReadCallback, use_metric_group_tensorboard)
+from constants import INTERRUPTED_DIR
 from data import (ActorDataset, DataError, DatasetSource, LatentCollator, Source, build_hf_dataset, control_tokens,
                   split_train_eval)
 from latent_head import (HEAD_FILE, MODEL_MAX_LENGTH, PREPENDED_LENGTH, LatentActor, load_head_file,
@@ -616,11 +617,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
 def save_interrupted(trainer, e: DataError, output_dir: str, what: str) -> UserError:
     """A `DataError` mid-run (a latent file that broke): save what was trained into `<output_dir>/interrupted` and
     return the error to raise, one line naming that folder (`what`: "the model", "the sender")."""
-    trainer.save_model(os.path.join(output_dir, "interrupted"))
+    trainer.save_model(os.path.join(output_dir, INTERRUPTED_DIR))
     message = str(e)
     if "Original Traceback" in message:  # raised in a data loader worker: the message carries its traceback
         message = message.rsplit("DataError: ", 1)[-1].rstrip()
-    return UserError(f"{message} ({what} so far is in {output_dir}/interrupted)", status=1)
+    return UserError(f"{message} ({what} so far is in {output_dir}/{INTERRUPTED_DIR})", status=1)
 
 
 def finish_run(trainer, output_dir: str) -> int:
