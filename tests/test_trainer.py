@@ -220,7 +220,7 @@ def recording_compute_loss(self, *a, **k):
 trainer_module.LatentActorTrainer.compute_loss = recording_compute_loss
 rc = train_actor.main(sys.argv[1:])
 json.dump(log, open(os.path.join({out!r}, "negatives_rank%s.json" % os.environ["RANK"]), "w"))
-sys.exit(rc)
+train_actor.exit_process(rc)  # leaves the process group first, as `python train_actor.py` does
 """
 
 
