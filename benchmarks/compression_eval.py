@@ -14,7 +14,8 @@ plan greedily (`collect_hidden_states.generate_plans`: until its end of turn, up
 and forced to the mean length of the eval file's plans, those the full latents come from), at each batch size
 of `--latency_batches`, median of `--reps` timed runs after `--warmup` (CUDA synchronised), in the
 dtype collect_hidden_states.py uses (bf16 on a GPU). Writes `<out_dir>/compression.json` and prints
-the two tables. Runs resume: a K/seed whose report exists is not trained again. `--jobs N` runs N
+the two tables; they hold every K/seed evaluated in `<out_dir>`, also by earlier or concurrent invocations
+(one per GPU), each with the settings it was trained with (`K<k>_seed<s>/run.json`). Runs resume: a K/seed whose report exists is not trained again. `--jobs N` runs N
 K/seed trainings at once on the same GPU (a 135M model leaves most of an H200 idle); with
 `--time_budget_s`, a K/seed not started in time is skipped and left out of the tables (said so).
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -33,6 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from constants import SENDER_FILE  # noqa: E402  (after the path: the package's modules live in ROOT)
+
+RUN_FILE = "run.json"  # in each K/seed folder: the settings its sender was trained with
 
 
 def run(cmd: list[str], log: str) -> None:
@@ -49,7 +53,12 @@ def evaluate(args, eval_file: str, out: str) -> dict:
         run([sys.executable, "evaluate_actor.py", "--model_dir", args.actor_dir, "--eval_file", eval_file,
              "--output", out, "--batch_size", str(args.eval_batch_size), "--model_max_length", str(args.model_max_length)],
             out + ".log")
-    with open(out) as f:
+    return summary(out)
+
+
+def summary(report_file: str) -> dict:
+    """An evaluate_actor.py report, cut to what the table shows: per condition CE, accuracy, samples."""
+    with open(report_file) as f:
         report = json.load(f)
     return {c: {"ce_bits": v["ce_bits"], "accuracy": v.get("accuracy"), "samples": v["samples"]}
             for c, v in report["conditions"].items()}
@@ -60,6 +69,8 @@ def train_and_evaluate(args, k: int, seed: int) -> dict:
     sender_dir, report = os.path.join(folder, "sender"), os.path.join(folder, "eval_report.json")
     os.makedirs(folder, exist_ok=True)
     if not os.path.exists(os.path.join(sender_dir, SENDER_FILE)):
+        with open(os.path.join(folder, RUN_FILE), "w") as f:  # what trained it, for the table's reader
+            json.dump({"k": k, "seed": seed, "train_flags": args.train_flags, "nproc": args.nproc}, f)
         launcher = [sys.executable] if args.nproc == 1 else \
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc)]
         run(launcher + ["train_sender.py", "--actor_dir", args.actor_dir, "--model_name_or_path", args.sender_model,
@@ -74,6 +85,22 @@ def train_and_evaluate(args, k: int, seed: int) -> dict:
              "--input_file", args.eval_file, "--output_file", compressed, "--dtype", "float32",
              "--batch_size", str(args.eval_batch_size)], os.path.join(folder, "collect.log"))
     return evaluate(args, compressed, report)
+
+
+def finished_runs(out_dir: str) -> dict[str, dict[str, dict]]:
+    """Every K/seed evaluated in `out_dir` (this invocation's, earlier ones', concurrent ones'): K -> seed ->
+    its conditions, plus `run` (the settings it was trained with). Two invocations sharing an `out_dir`
+    (one per GPU) therefore each write the whole table, whichever writes last."""
+    runs: dict[int, dict[int, dict]] = {}
+    for name in os.listdir(out_dir):
+        match = re.fullmatch(r"K(\d+)_seed(\d+)", name)
+        report = os.path.join(out_dir, name, "eval_report.json")
+        if match and os.path.exists(report):
+            run_file = os.path.join(out_dir, name, RUN_FILE)
+            entry = summary(report)
+            entry["run"] = json.load(open(run_file)) if os.path.exists(run_file) else None
+            runs.setdefault(int(match[1]), {})[int(match[2])] = entry
+    return {str(k): {str(s): runs[k][s] for s in sorted(runs[k])} for k in sorted(runs, reverse=True)}
 
 
 def timed(fn, reps: int, warmup: int) -> float:
@@ -216,9 +243,7 @@ def main(argv=None) -> int:
 
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # seeds of the same K first: the table needs both
         futures = {(k, s): pool.submit(job, k, s) for k in args.ks for s in args.seeds}
-    for (k, s), future in futures.items():
-        if future.result() is not None:
-            result["compressed"].setdefault(str(k), {})[str(s)] = future.result()
+    result["compressed"] = finished_runs(args.out_dir)
     result["skipped"] = [f"K{k}_seed{s}" for (k, s), f in futures.items() if f.result() is None]
     latency_ks = [k for k in args.ks if str(args.seeds[0]) in result["compressed"].get(str(k), {})]
     if not args.skip_latency and latency_ks:

@@ -418,4 +418,8 @@ def test_compression_eval_runs_k_seed_jobs_in_parallel_and_skips_past_its_budget
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.load(open(out / "compression.json"))
     assert result["skipped"] == ["K2_seed0"] and list(result["compressed"]) == ["3"]
+    # The table holds every K/seed finished in the folder (seed 1 came from the first invocation), so two
+    # invocations sharing it (one per GPU) cannot overwrite each other's rows; each says how it was trained.
+    assert sorted(result["compressed"]["3"]) == ["0", "1"]
+    assert result["compressed"]["3"]["1"]["run"]["train_flags"] == "--max_steps 1 --per_device_train_batch_size 4"
     assert "skipped" in done.stdout and not (out / "K2_seed0").exists()
