@@ -35,11 +35,10 @@ import torch
 from data import ActorDataset, DataError, LatentCollator
 from generation import build_prompt_batch, encode_prompt, generate_token_ids, prompt_messages
 from constants import TEXT_KEYS
-from latent_head import LatentActor
-from losses import LN2, token_ce
+from latent_head import LOGIT_CHUNK, LatentActor  # noqa: F401 (LOGIT_CHUNK re-exported)
+from losses import LN2
 
 CONDITIONS = ("true", "shuffled", "none", "plan_text")
-LOGIT_CHUNK = 1024  # supervised rows projected to the vocabulary at a time (bounds [rows, vocab] memory)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,18 +85,7 @@ def ce_and_exact(actor: LatentActor, inputs: dict[str, torch.Tensor]
     """Per sample of the batch: summed CE (nats, float64), count of supervised tokens, and whether every
     supervised token is the arg-max prediction (teacher forced: greedy decoding would write exactly the
     reference reply), all [B]."""
-    def token_ces(actor: LatentActor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each supervised token's CE, whether it is the arg-max, and its sample; inside one call of the model
-        (FSDP gathers there)."""
-        out = actor.branch(**inputs)
-        ce, hit = [out.hidden.new_zeros(0)], [torch.zeros(0, dtype=torch.bool, device=out.labels.device)]
-        for s in range(0, out.labels.shape[0], LOGIT_CHUNK):
-            logits, labels = actor.logits(out.hidden[s:s + LOGIT_CHUNK]), out.labels[s:s + LOGIT_CHUNK]
-            ce.append(token_ce(logits, labels))
-            hit.append(logits.argmax(-1) == labels)
-        return torch.cat(ce), torch.cat(hit), out.sample_index
-
-    ce, hit, sample_index = actor(compute=token_ces)
+    ce, hit, sample_index = actor(**inputs, output="token_scores")  # one call of the model: FSDP gathers there
     b = inputs["input_ids"].shape[0]
     sums = torch.zeros(b, dtype=torch.float64, device=ce.device).index_add_(0, sample_index, ce.double())
     counts = torch.bincount(sample_index, minlength=b)

@@ -13,18 +13,18 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from constants import (BOP_TOKEN, EOP_TOKEN, HEAD_FILE, HEAD_SAFETENSORS_FILE, IGNORE_INDEX,  # noqa: F401 (re-exported)
                        MARKER_TOKEN, MODEL_MAX_LENGTH, PREPENDED_LENGTH, SPECIAL_TOKENS, TEXT_KEYS)
-from losses import LossConfig, LossSums, latent_comm_losses
+from losses import LossConfig, LossSums, latent_comm_losses, token_ce
 
 logger = logging.getLogger(__name__)
 
 PACKED_ATTENTION = "interlat_packed"  # registered with transformers by `register_packed_attention`
+LOGIT_CHUNK = 1024  # supervised rows projected to the vocabulary at a time by `token_scores` (bounds memory)
 
 
 class AdaptiveProjection(nn.Module):
@@ -381,13 +381,32 @@ class LatentActor(nn.Module):
         return torch.where(latent_slots[..., None], rows.to(embeds.dtype), embeds)  # cast: float32 rows crash a bf16 model
 
     def forward(self, *args, draws: StepDraws | None = None, loss_config: LossConfig | None = None,
-                compute: Callable[["LatentActor"], Any] | None = None, **kwargs):
-        """The training step when `draws` is given (`loss_step(batch=..., draws, loss_config)`: one call of the
-        wrapped model, where FSDP has gathered what it shards), else one branch (`branch`'s arguments).
-        `compute(self)`: other work inside one call (the evaluation's and the compression stage's)."""
+                output: str = "branch", **kwargs):
+        """One call of the (wrapped) model, where FSDP has gathered what it shards. With `draws`: the training
+        step (`loss_step(batch=..., draws, loss_config)`). Else one branch (`branch`'s arguments), returned as
+        `output`: "branch" (`BranchOutput`), "logits" (its supervised rows' vocabulary logits) or
+        "token_scores" (`token_scores`: what the evaluation needs)."""
         if draws is not None:
             return self.loss_step(*args, draws=draws, loss_config=loss_config, **kwargs)
-        return compute(self) if compute is not None else self.branch(*args, **kwargs)
+        if output == "token_scores":
+            return self.token_scores(*args, **kwargs)
+        out = self.branch(*args, **kwargs)
+        if output == "logits":
+            return self.logits(out.hidden)
+        if output != "branch":
+            raise ValueError(f"output={output!r}: expected branch, logits or token_scores")
+        return out
+
+    def token_scores(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One branch (`branch`'s arguments): each supervised token's CE (nats), whether it is the arg-max
+        prediction, and its sample index, all [rows]; the vocabulary projection a chunk of rows at a time."""
+        out = self.branch(*args, **kwargs)
+        ce, hit = [out.hidden.new_zeros(0)], [torch.zeros(0, dtype=torch.bool, device=out.labels.device)]
+        for s in range(0, out.labels.shape[0], LOGIT_CHUNK):
+            logits, labels = self.logits(out.hidden[s:s + LOGIT_CHUNK]), out.labels[s:s + LOGIT_CHUNK]
+            ce.append(token_ce(logits, labels))
+            hit.append(logits.argmax(-1) == labels)
+        return torch.cat(ce), torch.cat(hit), out.sample_index
 
     def loss_step(self, batch: dict[str, torch.Tensor], draws: StepDraws, loss_config: LossConfig) -> LossSums:
         """The three branches of one batch and their loss sums (`losses.latent_comm_losses`).

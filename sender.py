@@ -17,16 +17,19 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from constants import MARKER_TOKEN, SENDER_FILE, TEXT_KEYS
 from data import LatentCollator, with_marker
-from constants import MARKER_TOKEN, SENDER_FILE
 from latent_head import LatentActor
+from losses import (COMPRESSION_ALIGN_WEIGHT, COMPRESSION_KL_WEIGHT, DISTILL_TEMPERATURE, DISTILL_WINDOW,
+                    LOSS_CHUNK_SIZE, UNCERTAINTY_QUANTILE, alignment_loss, compression_loss, distillation_kl,
+                    first_rows_per_sample, latent_comm_loss_sums, token_ce, token_entropy, uncertainty_weights)
 
 REQUEST = "Please generate a plan to solve this task: "  # the published student's fixed request
 NOTES_PREFIX = "What you know: "  # before the plan, for a sender with knowledge="plan"
@@ -229,6 +232,40 @@ def fit_rows(latents: torch.Tensor, lengths: torch.Tensor, k: int) -> torch.Tens
 
 
 # -- training -------------------------------------------------------------------------------------------
+@dataclass
+class CompressionLossConfig:
+    kl_weight: float = COMPRESSION_KL_WEIGHT
+    alignment_weight: float = COMPRESSION_ALIGN_WEIGHT
+    temperature: float = DISTILL_TEMPERATURE
+    window: int = DISTILL_WINDOW
+    quantile: float = UNCERTAINTY_QUANTILE
+    loss_chunk_size: int | None = LOSS_CHUNK_SIZE
+
+
+@dataclass
+class CompressionSums:
+    """A micro-batch's loss (with gradient) and its metrics: CE summed over supervised tokens, the batch's
+    distillation KL and alignment (means: `batches` counts them), and in the distillation window the CE sums
+    with the student's message, the data latents and no message. `metrics()` stacks them (field order)."""
+
+    ce: torch.Tensor
+    tokens: torch.Tensor
+    distill: torch.Tensor
+    align: torch.Tensor
+    batches: torch.Tensor
+    window_student: torch.Tensor
+    window_data: torch.Tensor
+    window_none: torch.Tensor
+    window_tokens: torch.Tensor
+    loss: torch.Tensor | None = None
+
+    def metrics(self) -> torch.Tensor:
+        return torch.stack([getattr(self, f).detach().float() for f in COMPRESSION_METRICS])
+
+
+COMPRESSION_METRICS = tuple(f.name for f in fields(CompressionSums) if f.name != "loss")
+
+
 class CompressionModel(nn.Module):
     """What `train_sender.py` hands to the Trainer: a trainable sender and a frozen actor.
 
@@ -246,9 +283,53 @@ class CompressionModel(nn.Module):
         self.actor.eval()
         return self
 
-    def forward(self, compute: Callable[["CompressionModel"], Any]):
-        """`compute(self)`: the loss computed inside one call of the (DDP-wrapped) model."""
-        return compute(self)
+    def forward(self, batch: dict[str, torch.Tensor], loss_config: CompressionLossConfig) -> CompressionSums:
+        """One micro-batch of the compression stage, in one call of the (DDP-wrapped) model.
+
+        The sender's batched K-step rollout; the frozen actor reads those K latents (gradient through its
+        head and base model into the sender); two no-grad actor passes give the targets: the data latents
+        cut or tiled to K rows, and no message at all. Loss: CE of the reply given the student's latents
+        + `kl_weight` * uncertainty-weighted distillation KL over each sample's first `window` supervised
+        tokens + `alignment_weight` * (1 - cos) of the mean-pooled messages after the actor's head."""
+        cfg, sender, actor = loss_config, self.sender, self.actor
+        k = sender.config.num_latents
+        text = {key: batch[key] for key in TEXT_KEYS}
+        rows = torch.full_like(batch["marker_index"], k)
+        no_rows = torch.zeros_like(rows)
+
+        latents = sender.rollout(batch["context_ids"], batch["context_mask"])  # [B, K, d], with gradient
+        student = actor.branch(**text, latents=latents, latent_lengths=rows, latent_rows=rows)
+        has_data = batch["latent_lengths"] > 0
+        data = fit_rows(batch["latents"], batch["latent_lengths"], k)
+        no_block = batch["input_ids"][:, :0]
+        with torch.no_grad():  # the teacher (data latents) and no-message branches, as one stacked forward
+            data_hidden, none_hidden = actor.stacked_branches(text, [
+                dict(latents=data, latent_lengths=torch.where(has_data, rows, 0), block_ids=no_block,
+                     block_lengths=no_rows),
+                dict(latents=data, latent_lengths=no_rows, block_ids=no_block, block_lengths=no_rows)])
+
+        tokens = student.labels.shape[0]
+        ce_sum = latent_comm_loss_sums(student.hidden, student.labels, actor.logits,
+                                       chunk_size=cfg.loss_chunk_size).ce
+        # Distillation over each sample's first `window` supervised tokens (samples with data latents).
+        window = first_rows_per_sample(student.sample_index, cfg.window) & has_data[student.sample_index]
+        student_logits = actor.logits(student.hidden[window])
+        with torch.no_grad():
+            data_logits, none_logits = actor.logits(data_hidden[window]), actor.logits(none_hidden[window])
+        weights = uncertainty_weights(token_entropy(none_logits), token_entropy(data_logits), cfg.quantile)
+        distill = distillation_kl(student_logits, data_logits, weights, cfg.temperature)
+        # Alignment of the messages as the actor sees them: after its head, mean-pooled over the K rows.
+        student_pooled = actor.head(latents[has_data], rows[has_data]).mean(1)
+        with torch.no_grad():
+            data_pooled = actor.head(data[has_data], rows[has_data]).mean(1)
+        align = alignment_loss(student_pooled, data_pooled)
+        loss = compression_loss(ce_sum / max(tokens, 1), distill, align, cfg.kl_weight, cfg.alignment_weight)
+        with torch.no_grad():
+            window_labels = student.labels[window]
+            window_ce = [token_ce(x, window_labels).sum() for x in (student_logits, data_logits, none_logits)]
+        count = lambda n: ce_sum.new_tensor(float(n))  # noqa: E731
+        return CompressionSums(ce_sum, count(tokens), distill, align, count(1), *window_ce,
+                               count(window_labels.shape[0]), loss=loss)
 
 
 class SenderDataset(torch.utils.data.Dataset):

@@ -28,8 +28,9 @@ from latent_head import HEAD_FILE, LatentActor, load_head_file, set_training_bac
 from losses import (COMPRESSION_ALIGN_WEIGHT, COMPRESSION_KL_WEIGHT, DISTILL_TEMPERATURE, DISTILL_WINDOW,
                     LOSS_CHUNK_SIZE, UNCERTAINTY_QUANTILE)
 from models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
-from sender import KNOWLEDGE, REQUEST, SENDER_FILE, CompressionModel, LatentSender, SenderCollator, SenderConfig, SenderDataset
-from sender_trainer import CompressionLossConfig, SenderTrainer
+from sender import (KNOWLEDGE, REQUEST, SENDER_FILE, CompressionLossConfig, CompressionModel, LatentSender, SenderCollator,
+                    SenderConfig, SenderDataset)
+from sender_trainer import SenderTrainer
 from train_actor import (LIGER_REFUSAL, ActorTrainingArguments, DataArguments, UserError, build_datasets,
                          check_data_source, data_sources, exit_process, finish_run, parse_config_and_flags,
                          run_cli, save_interrupted)

@@ -66,8 +66,7 @@ def train(argv: list[str]) -> int:
     batch = {k: batch[k] for k in BATCH_KEYS}
     on_device = {k: v.to(trainer.args.device) for k, v in batch.items()}
     with torch.no_grad(), trainer.accelerator.autocast():
-        logits = model(compute=lambda actor: actor.logits(
-            actor.branch(**on_device, latent_rows=on_device["latent_lengths"]).hidden)).float().cpu()
+        logits = model(**on_device, latent_rows=on_device["latent_lengths"], output="logits").float().cpu()
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if trainer.is_world_process_zero():
         torch.save({"batch": batch, "logits": logits, "checksums": checksums(state)},
@@ -85,7 +84,7 @@ def reload(output_dir: str) -> dict:
     ours = checksums(actor.state_dict())
     batch = {k: v.to(device) for k, v in saved["batch"].items()}
     with torch.no_grad():
-        logits = actor.logits(actor(**batch, latent_rows=batch["latent_lengths"]).hidden).float().cpu()
+        logits = actor(**batch, latent_rows=batch["latent_lengths"], output="logits").float().cpu()
     return {"weights": len(saved["checksums"]), "head_weights": sum(k.startswith("head.") for k in saved["checksums"]),
             "differ": [k for k, v in saved["checksums"].items() if ours.get(k) != v],
             "max_logit_diff": (logits - saved["logits"]).abs().max().item(),
