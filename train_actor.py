@@ -461,6 +461,10 @@ def resolve_auto_settings(model_args: ModelArguments, args: ActorTrainingArgumen
         model_args.packed_sequences = packed_sequences_available() and (args.bf16 or args.fp16)
     if model_args.compile_layers is None:  # not under FSDP: its hooks around each layer are not compiled with it
         model_args.compile_layers = torch.cuda.is_available() and not args.fsdp
+    if args.fsdp and (args.bf16 or args.fp16) and args.fsdp_plugin_args.get("fsdp_version") == 2 \
+            and "mixed_precision_policy" not in args.fsdp_plugin_args:
+        args.fsdp_plugin_args["mixed_precision_policy"] = fsdp2_mixed_precision_policy(
+            torch.bfloat16 if args.bf16 else torch.float16)
     loss = loss_config(model_args).resolved("cuda" if args.trains_on_gpu else "cpu", args.bf16)
     model_args.loss_kernel, model_args.loss_matmul_dtype = loss.loss_kernel, loss.loss_matmul_dtype
     settings = {"bf16": args.bf16, "fp16": args.fp16, "packed_sequences": model_args.packed_sequences,
@@ -469,9 +473,21 @@ def resolve_auto_settings(model_args: ModelArguments, args: ActorTrainingArgumen
                 "dataloader_num_workers": args.dataloader_num_workers,
                 "dataloader_pin_memory": args.dataloader_pin_memory,
                 "load_best_model_at_end": args.load_best_model_at_end}
+    if "mixed_precision_policy" in (args.fsdp_plugin_args or {}):
+        settings["fsdp_mixed_precision"] = args.fsdp_plugin_args["mixed_precision_policy"]
     if args.should_log:
         logger.info("Settings: %s", ", ".join(f"{k}={v}" for k, v in settings.items()))
     return settings
+
+
+def fsdp2_mixed_precision_policy(dtype: torch.dtype):
+    """FSDP2's policy under --bf16/--fp16: parameters gathered and gradients reduced in `dtype`, as accelerate
+    sets it, but outputs left as computed. Accelerate's own policy also casts each sharded module's output to
+    `dtype`, which would round the float32 `LossSums` the model returns (the loss and every logged metric)
+    to three significant digits."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype, output_dtype=None)
 
 
 def loss_config(model_args: ModelArguments) -> LossConfig:

@@ -294,6 +294,51 @@ def test_fsdp_trains_as_ddp_and_its_checkpoints_reload_on_one_process(tiny_model
         assert worst < 1e-4, (other, worst)
 
 
+def test_fsdp2_under_bf16_keeps_the_loss_sums_float32(tmp_path):
+    """--fsdp (version 2) with --bf16: parameters in bf16, but the float32 `LossSums` the sharded root module
+    returns are not cast to bf16 (accelerate's own policy casts every output: three significant digits)."""
+    import torch.distributed as dist
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from losses import LossSums
+    import train_actor
+
+    model_args, _, args = train_actor.parse_args(
+        ["--model_name_or_path", "unused", "--train_file", "unused.jsonl", "--output_dir", str(tmp_path / "o"),
+         "--fsdp", "full_shard auto_wrap", "--fsdp_config", '{"version": 2}', "--bf16", "true", "--use_cpu", "true",
+         "--report_to", "none"])
+    train_actor.resolve_auto_settings(model_args, args)
+    ours = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    accelerates = FullyShardedDataParallelPlugin(fsdp_version=2)
+    for plugin in (ours, accelerates):
+        plugin.set_mixed_precision("bf16")  # what accelerate does on GPUs (ours is kept)
+
+    class Step(torch.nn.Module):  # a root module returning loss sums computed in float32, as LatentActor does
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.proj(x).float().pow(2).sum() * 1.001
+            return LossSums(*[y] * 9, total=y)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        dtypes = {}
+        for name, plugin in (("ours", ours), ("accelerate", accelerates)):
+            step = fully_shard(Step(), mesh=mesh, mp_policy=plugin.mixed_precision_policy)
+            sums = step(torch.randn(3, 4))
+            dtypes[name] = (sums.ce.dtype, sums.total.dtype)
+    finally:
+        dist.destroy_process_group()
+    assert ours.mixed_precision_policy.param_dtype == torch.bfloat16
+    assert dtypes["ours"] == (torch.float32, torch.float32)
+    assert dtypes["accelerate"] == (torch.bfloat16, torch.bfloat16)  # what this guards against
+
+
 def _fixed_batch(tokenizer, path):
     from data import ActorDataset, LatentCollator, build_hf_dataset
 
