@@ -10,7 +10,7 @@ like the hidden states of a written plan.
 
 `LatentSender.rollout` runs a whole batch at once: one left-padded prefill of the contexts (each
 row's positions counted from its first real token), then K decode steps that extend the KV cache.
-`CompressionModel` pairs a sender with the frozen actor for training (`train_sender.py`).
+`CompressionModel` pairs a sender with the frozen actor; its forward is the stage's training step (`train_sender.py`).
 """
 from __future__ import annotations
 
