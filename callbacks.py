@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback
 from transformers.integrations.integration_utils import rewrite_logs
 
-from constants import LOSS_CURVE_FILE, LOSS_LOG_FILE
+from constants import LOSS_CURVE_FILE, LOSS_LOG_FILE, TEXT_KEYS
 from losses import infonce_from_scores
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def conditional_ce_matrix(actor, batch: dict[str, torch.Tensor]) -> torch.Tensor
 
     One batched forward per latent o over all K conversations (pure latents, head in eval mode).
     """
-    from evaluation import TEXT_KEYS, ce_sums
+    from evaluation import ce_sums
 
     k = batch["input_ids"].shape[0]
     text = {name: batch[name] for name in TEXT_KEYS}

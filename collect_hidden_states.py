@@ -34,7 +34,7 @@ import torch
 import models
 from constants import LATENT_OWNER_FILE
 from data import DataError, DatasetSource, Source, check_plain_text, read_records, record_messages, turns_field
-from generation import stop_token_ids, until_stop
+from generation import decode_replies, stop_token_ids, until_stop
 from safe_io import check_output_file, remove_quietly, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def generate_plans(model, tokenizer, tasks: Sequence[str], device: str | torch.d
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                          min_new_tokens=min_new_tokens, pad_token_id=pad_id, eos_token_id=stops or None,
                          **sampling)
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in until_stop(out[:, ids.shape[1]:], stops)]
+    return decode_replies(tokenizer, until_stop(out[:, ids.shape[1]:], stops))
 
 
 # -- files -------------------------------------------------------------------------------------

@@ -131,9 +131,9 @@ def read_records(path: Source) -> Iterator[tuple[str, Any]]:
             line = raw[:e.start].count(b"\n") + 1
             raise _file_error(path, line, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
         except json.JSONDecodeError as e:
-            raise _file_error(path, e.lineno, f"malformed JSON: {e.msg}", e.colno) from None
+            raise _file_error(path, e.lineno, f"malformed JSON: {e.msg}", e.colno, MALFORMED) from None
         except (ValueError, RecursionError) as e:  # an integer of thousands of digits; nesting too deep
-            raise _file_error(path, None, f"malformed JSON: {_json_limit(e)}") from None
+            raise _file_error(path, None, f"malformed JSON: {_json_limit(e)}", kind=MALFORMED) from None
         if isinstance(obj, dict):
             if not isinstance(obj.get("data"), list):
                 raise _file_error(path, None, "a JSON object must hold the records as a list under \"data\"")
@@ -163,17 +163,20 @@ def read_records(path: Source) -> Iterator[tuple[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise _file_error(path, lineno, f"malformed JSON line: {e.msg}", e.colno) from None
+                raise _file_error(path, lineno, f"malformed JSON line: {e.msg}", e.colno, MALFORMED) from None
             except (ValueError, RecursionError) as e:
-                raise _file_error(path, lineno, f"malformed JSON line: {_json_limit(e)}") from None
+                raise _file_error(path, lineno, f"malformed JSON line: {_json_limit(e)}", kind=MALFORMED) from None
             yield f"{path}:{lineno}", record
 
 
-def _file_error(path: str, line: int | None, detail: str, column: int | None = None) -> DataError:
+MALFORMED = "malformed_json"  # a data file's JSON syntax (validation's kind); its other problems: unreadable_file
+
+
+def _file_error(path: str, line: int | None, detail: str, column: int | None = None,
+                kind: str = "unreadable_file") -> DataError:
     """A data file's own problem: `path:line[:column]: detail`, and the same in parts (`where` the file and
-    line; `kind` malformed_json or unreadable_file, as validation names them)."""
+    line; `kind` as validation names it)."""
     place = path if line is None else f"{path}:{line}"
-    kind = "malformed_json" if detail.startswith("malformed JSON") else "unreadable_file"
     return DataError(f"{place}{'' if column is None else f':{column}'}: {detail}", where=place, kind=kind,
                      detail=detail if column is None else f"column {column}: {detail}")
 
@@ -197,7 +200,7 @@ def _without_nulls(value: Any) -> Any:
     """Dict keys whose value is null dropped, recursively (a record's absent fields, a turn's absent keys)."""
     if isinstance(value, dict):
         return {k: _without_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
+    if isinstance(value, list) and value and isinstance(value[0], (dict, list)):  # turns; not a list of numbers
         return [_without_nulls(v) for v in value]
     return value
 
@@ -233,32 +236,35 @@ def load_latents(source: Any, where: str = "", max_rows: int | None = None) -> n
     `max_rows`, only the first rows are read (and checked).
     """
     field = "hidden_state_path" if isinstance(source, str) else "hidden_state"
+    name = f"{_prefix(where)}{field}"  # how messages name the latents: the record's field ...
 
-    def error(message: str, kind: str, detail: str) -> DataError:
-        return DataError(message, where=where or None, field=field, kind=kind, detail=detail)
+    def error(kind: str, detail: str, named: str | None = None) -> DataError:
+        return DataError(f"{named or name}: {detail}", where=where or None, field=field, kind=kind, detail=detail)
+
+    def check_dtype(dtype, named: str | None = None) -> None:  # real numbers: not booleans, not complex
+        if not _real_dtype(dtype):
+            raise error("latent_not_numeric", f"values of dtype {dtype}; expected real numbers (float or int)", named)
 
     if isinstance(source, str):
+        named = f"{name} {source!r}"  # ... and the file it names
         suffix = os.path.splitext(source)[1].lower()
         if suffix not in LATENT_SUFFIXES:
-            detail = f"unsupported file type {suffix or '(none)'!r}; expected one of {', '.join(LATENT_SUFFIXES)}"
-            raise error(f"{where}: hidden_state_path {source!r}: unsupported file type {suffix!r} "
-                        f"(expected one of {', '.join(LATENT_SUFFIXES)})", "latent_unsupported_type", detail)
-        what = f"{_prefix(where)}hidden_state_path"
+            raise error("latent_unsupported_type", f"unsupported file type {suffix or '(none)'!r}; expected one of "
+                        f"{', '.join(LATENT_SUFFIXES)}", named)
         try:
             if suffix == ".npy":
-                _, dtype = read_npy_header(source, what)
-                _check_latent_dtype(dtype, f"{what} {source!r}")
+                _, dtype = read_npy_header(source, name)
+                check_dtype(dtype, named)
                 try:
                     array = np.load(source, mmap_mode="r", allow_pickle=False)
                 except Exception as e:  # checked above; anything left is a file changed under us
-                    raise error(f"{what} {source!r}: cannot be read as a .npy array ({type(e).__name__})",
-                                "latent_unreadable", f"cannot be read as a .npy array ({type(e).__name__})") from None
+                    raise error("latent_unreadable", f"cannot be read as a .npy array ({type(e).__name__})",
+                                named) from None
             else:
-                obj = load_torch_file(source, what, mmap=True)
+                obj = load_torch_file(source, name, mmap=True)
                 if not isinstance(obj, torch.Tensor):
-                    raise error(f"{what} {source!r}: expected a plain tensor, found {type(obj).__name__}",
-                                "latent_unreadable", f"expected a plain tensor, found {type(obj).__name__}")
-                _check_latent_dtype(obj.dtype, f"{what} {source!r}")
+                    raise error("latent_unreadable", f"expected a plain tensor, found {type(obj).__name__}", named)
+                check_dtype(obj.dtype, named)
                 array = obj
         except DataError as e:  # the file's own problem (safe_io): this record's, under the latent field
             if e.field:
@@ -269,12 +275,10 @@ def load_latents(source: Any, where: str = "", max_rows: int | None = None) -> n
         try:
             array = np.asarray(source)
         except (ValueError, TypeError, RecursionError):
-            raise error(f"{_prefix(where)}hidden_state: expected a 2-D array of numbers [K, d]", "latent_not_numeric",
-                        "expected a 2-D array of numbers [K, d]") from None
-        _check_latent_dtype(array.dtype, f"{_prefix(where)}hidden_state")
+            raise error("latent_not_numeric", "expected a 2-D array of numbers [K, d]") from None
+        check_dtype(array.dtype)
     if array.ndim != 2:
-        raise error(f"{_prefix(where)}{field}: expected a 2-D array [K, d], got shape {tuple(array.shape)}",
-                    "latent_not_2d", f"expected a 2-D array [K, d], got shape {tuple(array.shape)}")
+        raise error("latent_not_2d", f"expected a 2-D array [K, d], got shape {tuple(array.shape)}")
     if max_rows is not None:
         array = array[:max_rows]
     if isinstance(array, torch.Tensor):
@@ -286,9 +290,8 @@ def load_latents(source: Any, where: str = "", max_rows: int | None = None) -> n
         r, c = np.argwhere(bad)[0]
         n_nan = int(np.isnan(array).sum())
         found = ", ".join(f"{n} {what}" for n, what in ((n_nan, "NaN"), (int(bad.sum()) - n_nan, "infinite")) if n)
-        detail = (f"non-finite values: {found} (values beyond float32's range count as infinite), first at row {r}, "
-                  f"column {c}; expected finite numbers")
-        raise error(f"{_prefix(where)}{field}: {detail}", "latent_not_finite", detail)
+        raise error("latent_not_finite", f"non-finite values: {found} (values beyond float32's range count as "
+                    f"infinite), first at row {r}, column {c}; expected finite numbers")
     return array
 
 
@@ -296,15 +299,11 @@ def _prefix(where: str) -> str:
     return f"{where}: " if where else ""
 
 
-def _check_latent_dtype(dtype, what: str) -> None:
+def _real_dtype(dtype) -> bool:
     """Real numbers only: a boolean or complex array is almost surely not hidden states."""
     if isinstance(dtype, torch.dtype):
-        ok = dtype.is_floating_point or (not dtype.is_complex and dtype != torch.bool)
-    else:
-        ok = np.dtype(dtype).kind in "iuf"
-    if not ok:
-        detail = f"values of dtype {dtype}; expected real numbers (float or int)"
-        raise DataError(f"{what}: {detail}", kind="latent_not_numeric", field="hidden_state", detail=detail)
+        return dtype.is_floating_point or (not dtype.is_complex and dtype != torch.bool)
+    return np.dtype(dtype).kind in "iuf"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,6 +468,8 @@ def load_samples(path: Source) -> list[dict]:
         try:
             samples.append(normalise_record(rec, where, base_dir))
         except DataError as e:
+            if e.field is None:  # not the record's own field (e.g. its plan file): the error names its file
+                raise
             raise DataError(where=where, sample_id=rec.get("id") if isinstance(rec, dict) else None, field=e.field,
                             kind=e.kind, detail=f"{e.detail}; run with --validate_only") from None
         except (KeyError, TypeError, AttributeError, OSError) as e:

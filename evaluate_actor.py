@@ -18,12 +18,10 @@ from typing import Sequence
 import torch
 
 from data import ActorDataset, DataError, LatentCollator, build_hf_dataset, read_records
-from evaluation import (CONDITIONS, LOGIT_CHUNK, TEXT_KEYS, answer_in_reply, ce_and_exact, ce_sums,  # noqa: F401
-                        condition_applies, condition_inputs, donor_indices, evaluate, evaluate_conditions,
-                        iter_batches, normalise_text)
+from evaluation import (CONDITIONS, answer_in_reply, ce_and_exact, ce_sums, condition_inputs,  # noqa: F401
+                        donor_indices, evaluate, evaluate_conditions, iter_batches)  # (the tests' names too)
 from constants import MODEL_MAX_LENGTH
-from inference import check_model_dir
-from latent_head import LatentActor
+from latent_head import LatentActor, resolve_actor_dir
 from safe_io import check_output_file, remove_quietly, write_text_atomic
 
 COLORS = {"true": "C0", "shuffled": "C3", "none": "C7", "plan_text": "C2"}
@@ -102,10 +100,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_inputs(args: argparse.Namespace) -> tuple[dict, object]:
+def check_inputs(args: argparse.Namespace) -> str:
     """Everything checkable before the model loads: the output paths, the model folder's files, and every
-    record of the eval file (as training checks them, against the head's latent width). Returns the head
-    file and the tokenizer."""
+    record of the eval file (as training checks them, against the head's latent width). Returns the model
+    folder (a hub id resolved to its snapshot)."""
     from transformers import AutoTokenizer
 
     from validation import validate_files
@@ -114,18 +112,18 @@ def check_inputs(args: argparse.Namespace) -> tuple[dict, object]:
         raise DataError("--batch_size and --max_samples must be positive")
     check_output_file(args.output, "--output")
     check_output_file(args.plot or os.path.splitext(args.output)[0] + ".png", "--plot")
-    args.model_dir, head = check_model_dir(args.model_dir)  # a hub id: the HF cache's (or a downloaded) snapshot
+    model_dir, head = resolve_actor_dir(args.model_dir, "--model_dir")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
-        raise DataError(f"--model_dir {args.model_dir}: cannot load its tokenizer ({type(e).__name__})") from None
+        raise DataError(f"--model_dir {model_dir}: cannot load its tokenizer ({type(e).__name__})") from None
     report = validate_files([args.eval_file], tokenizer=tokenizer, model_max_length=args.model_max_length,
                             prepended_length=head["config"]["prepended_length"],
                             expected_latent_dim=head["config"]["latent_dim"])
     if not report.ok:
         print(report.format_errors(), file=sys.stderr)
         raise DataError(f"{args.eval_file}: the eval file has errors (listed above); nothing was evaluated")
-    return head, tokenizer
+    return model_dir
 
 
 def finite_or_none(obj):
@@ -141,14 +139,13 @@ def finite_or_none(obj):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    model_source = args.model_dir  # as given (a hub id stays one in the report)
     try:
-        check_inputs(args)
+        model_dir = check_inputs(args)
         # keyed like the dataset's rows, which name the file by its absolute path
         answers_by_where = {where: rec.get("answer") if isinstance(rec, dict) else None
                             for where, rec in read_records(os.path.abspath(args.eval_file))}
         rows = build_hf_dataset(args.eval_file)
-        actor = LatentActor.from_pretrained(args.model_dir, device=args.device)
+        actor = LatentActor.from_pretrained(model_dir, device=args.device)
         dataset = ActorDataset(rows, actor.tokenizer, args.model_max_length, actor.head.config.prepended_length)
         collator = LatentCollator(actor.pad_id, actor.head.config.latent_dim)
         answers = [answers_by_where.get(w) for w in dataset.rows["where"]] if args.generate else None
@@ -157,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report = finite_or_none({"model_dir": model_source, "eval_file": args.eval_file, **report})
+    report = finite_or_none({"model_dir": args.model_dir, "eval_file": args.eval_file, **report})
     plot_path = args.plot or os.path.splitext(args.output)[0] + ".png"
     for what, path, write in (("report", args.output,
                                lambda: write_text_atomic(args.output, json.dumps(report, indent=1, allow_nan=False))),

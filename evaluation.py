@@ -33,9 +33,9 @@ from typing import Iterator, Sequence
 import torch
 
 from data import ActorDataset, DataError, LatentCollator
-from generation import build_prompt_batch, encode_prompt, generate_token_ids, prompt_messages
+from generation import build_prompt_batch, decode_replies, encode_prompt, generate_token_ids, prompt_messages
 from constants import TEXT_KEYS
-from latent_head import LOGIT_CHUNK, LatentActor  # noqa: F401 (LOGIT_CHUNK re-exported)
+from latent_head import LatentActor
 from losses import LN2
 
 CONDITIONS = ("true", "shuffled", "none", "plan_text")
@@ -131,7 +131,6 @@ def answer_in_reply(reply: str, answer: str) -> bool:
     return bool(answer) and f" {answer} " in f" {normalise_text(reply)} "
 
 
-@torch.no_grad()
 def _generate_conditions(actor: LatentActor, items: list[dict], donor_items: list[dict], messages: list[list[dict]],
                          max_new_tokens: int) -> dict[str, list[str]]:
     """Greedy first replies of a batch under each condition (batched per condition)."""
@@ -144,7 +143,7 @@ def _generate_conditions(actor: LatentActor, items: list[dict], donor_items: lis
     for condition, (latents, plan_ids) in inputs.items():
         batch = build_prompt_batch(actor, prompts, latents, plan_ids)
         ids = generate_token_ids(actor, batch, max_new_tokens=max_new_tokens)
-        replies[condition] = [r.strip() for r in actor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        replies[condition] = decode_replies(actor.tokenizer, ids)
     return replies
 
 

@@ -176,7 +176,12 @@ def generate_replies(actor: LatentActor, conversations: Sequence[Sequence[dict]]
     plan_ids = None if plan_texts is None else [encode_plan(tok, p) if p else None for p in plan_texts]
     batch = build_prompt_batch(actor, prompts, latents, plan_ids)
     ids = generate_token_ids(actor, batch, max_new_tokens, do_sample, temperature, top_p, **generate_kwargs)
-    return [text.strip() for text in tok.batch_decode(ids, skip_special_tokens=True)]
+    return decode_replies(tok, ids)
+
+
+def decode_replies(tokenizer, ids: Sequence[torch.Tensor]) -> list[str]:
+    """Generated token ids (each row up to its stop token: `until_stop`) as reply texts, stripped."""
+    return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
 def generate_reply(actor: LatentActor, messages: Sequence[dict], latents: LatentLike = None,

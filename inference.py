@@ -18,11 +18,9 @@ import torch
 
 from constants import PREPENDED_LENGTH
 from data import DataError, load_latents, normalise_record, read_records
-from generation import (LatentLike, build_prompt_batch, encode_prompt, generate_replies, generate_reply,  # noqa: F401
-                        generate_token_ids, prompt_embeddings, prompt_messages, to_chat_messages)
-from latent_head import HEAD_FILE, LatentActor, load_head_file
-from models import ModelNotFoundError, resolve_model_dir
-from safe_io import check_model_folder
+from generation import (build_prompt_batch, encode_prompt, generate_replies, generate_reply,  # noqa: F401
+                        generate_token_ids, prompt_embeddings, prompt_messages)  # (the tests' names too)
+from latent_head import LatentActor, resolve_actor_dir
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,21 +71,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_model_dir(model_dir: str) -> tuple[str, dict]:
-    """The model folder (a hub id resolved to its snapshot) and its head file (config and weights), its
-    artifacts read safely."""
-    try:
-        model_dir = resolve_model_dir(model_dir, "--model_dir")
-    except ModelNotFoundError as e:
-        raise DataError(str(e)) from None
-    check_model_folder(model_dir, "--model_dir")
-    return model_dir, load_head_file(os.path.join(model_dir, HEAD_FILE))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        model_dir, head_file = check_model_dir(args.model_dir)
+        model_dir, head_file = resolve_actor_dir(args.model_dir, "--model_dir")
         head = head_file["config"]
         if args.max_new_tokens < 1:
             raise DataError("--max_new_tokens must be at least 1")

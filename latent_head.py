@@ -17,14 +17,13 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from constants import (BOP_TOKEN, EOP_TOKEN, HEAD_FILE, HEAD_SAFETENSORS_FILE, IGNORE_INDEX,  # noqa: F401 (re-exported)
-                       MARKER_TOKEN, MODEL_MAX_LENGTH, PREPENDED_LENGTH, SPECIAL_TOKENS, TEXT_KEYS)
-from losses import LossConfig, LossSums, latent_comm_losses, token_ce
+from constants import HEAD_FILE, HEAD_SAFETENSORS_FILE, IGNORE_INDEX, PREPENDED_LENGTH, SPECIAL_TOKENS, TEXT_KEYS
+from constants import MARKER_TOKEN  # noqa: F401 (re-exported: tests import it from here)
+from losses import LOSS_CHUNK_SIZE, LossConfig, LossSums, latent_comm_losses, token_ce
 
 logger = logging.getLogger(__name__)
 
 PACKED_ATTENTION = "interlat_packed"  # registered with transformers by `register_packed_attention`
-LOGIT_CHUNK = 1024  # supervised rows projected to the vocabulary at a time by `token_scores` (bounds memory)
 
 
 class AdaptiveProjection(nn.Module):
@@ -402,8 +401,8 @@ class LatentActor(nn.Module):
         prediction, and its sample index, all [rows]; the vocabulary projection a chunk of rows at a time."""
         out = self.branch(*args, **kwargs)
         ce, hit = [out.hidden.new_zeros(0)], [torch.zeros(0, dtype=torch.bool, device=out.labels.device)]
-        for s in range(0, out.labels.shape[0], LOGIT_CHUNK):
-            logits, labels = self.logits(out.hidden[s:s + LOGIT_CHUNK]), out.labels[s:s + LOGIT_CHUNK]
+        for s in range(0, out.labels.shape[0], LOSS_CHUNK_SIZE):
+            logits, labels = self.logits(out.hidden[s:s + LOSS_CHUNK_SIZE]), out.labels[s:s + LOSS_CHUNK_SIZE]
             ce.append(token_ce(logits, labels))
             hit.append(logits.argmax(-1) == labels)
         return torch.cat(ce), torch.cat(hit), out.sample_index
@@ -589,18 +588,9 @@ class LatentActor(nn.Module):
         hub id (from the Hugging Face cache, or downloaded when the hub can be reached)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from models import ModelNotFoundError, resolve_model_dir
-        from safe_io import DataError, check_model_folder
+        from safe_io import DataError
 
-        try:
-            path = resolve_model_dir(path, "actor")
-        except ModelNotFoundError as e:
-            raise DataError(str(e)) from None
-        check_model_folder(path)  # every artifact reads safely and no save was cut short
-        only_safetensors = not os.path.lexists(os.path.join(path, HEAD_FILE)) and \
-            os.path.exists(os.path.join(path, HEAD_SAFETENSORS_FILE))
-        state = load_head_safetensors(os.path.join(path, HEAD_SAFETENSORS_FILE)) if only_safetensors \
-            else load_head_file(os.path.join(path, HEAD_FILE))
+        path, state = resolve_actor_dir(path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
@@ -657,6 +647,26 @@ def load_head_safetensors(path: str) -> dict:
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"{path}: no valid head configuration in its metadata ({type(e).__name__})") from None
     return {"config": config, "state_dict": state}
+
+
+def resolve_actor_dir(path: str, what: str = "") -> tuple[str, dict]:
+    """An actor's folder (a hub id resolved to its snapshot: `models.resolve_model_dir`) with every artifact
+    checked (`safe_io.check_model_folder`: reads safely, no save cut short), and its head file
+    (`latent_comm_head.pt`, or the safetensors copy when it is alone). `DataError` (one line) otherwise;
+    `what` names the folder in messages (e.g. "--model_dir")."""
+    from models import ModelNotFoundError, resolve_model_dir
+    from safe_io import DataError, check_model_folder
+
+    try:
+        path = resolve_model_dir(path, what or "actor")
+    except ModelNotFoundError as e:
+        raise DataError(str(e)) from None
+    check_model_folder(path, what)
+    only_safetensors = not os.path.lexists(os.path.join(path, HEAD_FILE)) and \
+        os.path.exists(os.path.join(path, HEAD_SAFETENSORS_FILE))
+    state = load_head_safetensors(os.path.join(path, HEAD_SAFETENSORS_FILE)) if only_safetensors \
+        else load_head_file(os.path.join(path, HEAD_FILE))
+    return path, state
 
 
 def load_head_file(path: str) -> dict:

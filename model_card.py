@@ -11,6 +11,7 @@ import os
 from constants import HEAD_FILE, HEAD_SAFETENSORS_FILE
 from evaluation import CONDITIONS
 from latent_head import HeadConfig
+from models import looks_like_repo_id
 from safe_io import write_text_atomic
 
 CARD_FILE = "README.md"
@@ -49,7 +50,7 @@ def actor_card(repo_id: str, base_model: str | None, sender_model: str | None, h
                evaluation: tuple[str, list[dict]] | None, lora: bool = False) -> str:
     """The card's text: YAML front matter for the hub, then what this is, its head, its evaluation and loading."""
     front = ["---", "library_name: transformers", "tags:", "- interlat", "- latent-communication"]
-    if base_model and not os.path.exists(base_model):  # a hub id, not a local path
+    if base_model and looks_like_repo_id(base_model):  # a hub id, not a local path
         front.append(f"base_model: {base_model}")
     front.append("---")
     lines = [

@@ -69,11 +69,12 @@ def embedded_model_dir() -> str:
 
 
 def hub_offline() -> bool:
-    """`HF_HUB_OFFLINE` (or `TRANSFORMERS_OFFLINE`) is set: no request may leave this machine."""
+    """`HF_HUB_OFFLINE` (or `TRANSFORMERS_OFFLINE`) is set: no request may leave this machine. Read now, not at
+    import as `huggingface_hub.constants` does, with its rule for what counts as set."""
     from huggingface_hub import constants
 
     flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
-    return bool(constants.HF_HUB_OFFLINE) or any(f not in (None, "", "0", "false", "False") for f in flags)
+    return bool(constants.HF_HUB_OFFLINE) or any((f or "").upper() in constants.ENV_VARS_TRUE_VALUES for f in flags)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -117,7 +118,7 @@ def resolve_model(name_or_path: str) -> str:
     """
     if os.path.isdir(name_or_path):
         return name_or_path
-    cached = cached_snapshot(name_or_path) if looks_like_repo_id(name_or_path) else None
+    cached = cached_snapshot(name_or_path)  # any hub id (`gpt2` too); not a valid id: None
     if cached:
         return cached
     if _hub_reachable():
@@ -161,3 +162,19 @@ def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype | str = torch
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def save_random_llama(out_dir: str, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> str:
+    """A randomly initialised Llama (4 heads, 2 KV heads, MLP twice as wide, tied embeddings) with the embedded
+    SmolLM2's tokenizer, saved in `out_dir` like a hub model: the tests' tiny model and toy studies' models."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(EMBEDDED_MODEL))
+    config = LlamaConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                         max_position_embeddings=2048, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -25,9 +25,9 @@ RUN_ARTIFACTS = ("trainer_state.json", HEAD_FILE, LOSS_LOG_FILE, "training_args.
                  "model.safetensors", "adapter_model.safetensors", INTERRUPTED_DIR)
 # Arguments a resumed run must share with its checkpoint: they define the model, the data and its order.
 # (Learning rates, loss weights, logging and saving may change on resumption, as with the Trainer.)
-MUST_MATCH = ("model_name_or_path", "train_file", "dataset_name", "eval_file", "eval_ratio", "prepended_length", "num_heads",
-              "model_max_length", "lora_r", "lora_target_modules", "base_dtype", "seed", "data_seed",
-              "per_device_train_batch_size")
+MUST_MATCH = ("model_name_or_path", "train_file", "dataset_name", "dataset_split", "eval_split", "eval_file",
+              "eval_ratio", "prepended_length", "num_heads", "model_max_length", "lora_r", "lora_target_modules",
+              "base_dtype", "seed", "data_seed", "per_device_train_batch_size")
 
 
 def file_digest(path: str | None) -> dict | None:
@@ -47,6 +47,9 @@ def run_fingerprint(model_args: Any, data_args: Any, args: Any) -> dict:
               "per_device_train_batch_size": args.per_device_train_batch_size,
               "learning_rate": args.learning_rate, "head_learning_rate": args.head_learning_rate}
     out = {k: v for k, v in values.items() if isinstance(v, (str, int, float, bool, type(None)))}
+    if not out.get("dataset_name"):  # the splits mean nothing without a dataset (nor in older checkpoints)
+        for split in ("dataset_split", "eval_split"):
+            out.pop(split, None)
     out["train_file"] = file_digest(data_args.train_file)
     out["eval_file"] = file_digest(data_args.eval_file)
     return out

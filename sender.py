@@ -120,11 +120,10 @@ class LatentSender(nn.Module):
         was_training = self.training
         self.eval()
         out = []
-        plans = plans if plans is not None else [None] * len(conversations)
         try:
             for start in range(0, len(conversations), batch_size):
                 ids, mask = self.encode_contexts(conversations[start:start + batch_size],
-                                                 plans[start:start + batch_size])
+                                                 None if plans is None else plans[start:start + batch_size])
                 latents = self.rollout(ids.to(self.device), mask.to(self.device))
                 out += [z.float().cpu().numpy() for z in latents]
         finally:
@@ -309,11 +308,14 @@ class CompressionModel(nn.Module):
                 dict(latents=data, latent_lengths=no_rows, block_ids=no_block, block_lengths=no_rows)])
 
         tokens = student.labels.shape[0]
-        ce_sum = latent_comm_loss_sums(student.hidden, student.labels, actor.logits,
-                                       chunk_size=cfg.loss_chunk_size).ce
-        # Distillation over each sample's first `window` supervised tokens (samples with data latents).
+        # Distillation over each sample's first `window` supervised tokens (samples with data latents). Those
+        # rows' logits serve the CE too; the other rows are projected in chunks (bounded memory).
         window = first_rows_per_sample(student.sample_index, cfg.window) & has_data[student.sample_index]
+        window_labels = student.labels[window]
         student_logits = actor.logits(student.hidden[window])
+        window_student_ce = token_ce(student_logits, window_labels)
+        ce_sum = window_student_ce.sum() + latent_comm_loss_sums(
+            student.hidden[~window], student.labels[~window], actor.logits, chunk_size=cfg.loss_chunk_size).ce
         with torch.no_grad():
             data_logits, none_logits = actor.logits(data_hidden[window]), actor.logits(none_hidden[window])
         weights = uncertainty_weights(token_entropy(none_logits), token_entropy(data_logits), cfg.quantile)
@@ -325,11 +327,10 @@ class CompressionModel(nn.Module):
         align = alignment_loss(student_pooled, data_pooled)
         loss = compression_loss(ce_sum / max(tokens, 1), distill, align, cfg.kl_weight, cfg.alignment_weight)
         with torch.no_grad():
-            window_labels = student.labels[window]
-            window_ce = [token_ce(x, window_labels).sum() for x in (student_logits, data_logits, none_logits)]
+            window_ce = [token_ce(x, window_labels).sum() for x in (data_logits, none_logits)]
         count = lambda n: ce_sum.new_tensor(float(n))  # noqa: E731
-        return CompressionSums(ce_sum, count(tokens), distill, align, count(1), *window_ce,
-                               count(window_labels.shape[0]), loss=loss)
+        return CompressionSums(ce_sum, count(tokens), distill, align, count(1), window_student_ce.detach().sum(),
+                               *window_ce, count(window_labels.shape[0]), loss=loss)
 
 
 class SenderDataset(torch.utils.data.Dataset):

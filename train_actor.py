@@ -23,11 +23,11 @@ from transformers.training_args import ParallelMode
 
 from callbacks import (InfoNCEProbeCallback, InterruptCallback, LatentConditionsCallback, LossLogCallback,
                        NonFiniteGuardCallback, StepsToReadCallback, use_metric_group_tensorboard)
-from constants import INTERRUPTED_DIR
+from constants import INTERRUPTED_DIR, MODEL_MAX_LENGTH, PREPENDED_LENGTH
 from data import (ActorDataset, DataError, DatasetSource, LatentCollator, Source, build_hf_dataset, control_tokens,
                   split_train_eval)
-from latent_head import (HEAD_FILE, MODEL_MAX_LENGTH, PREPENDED_LENGTH, LatentActor, load_head_file,
-                         packed_sequences_available, set_training_backends)
+from latent_head import (HEAD_FILE, LatentActor, load_head_file, packed_sequences_available,
+                         set_training_backends)
 from losses import LossConfig
 from models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
 from runs import check_output_dir, check_resume_matches, run_fingerprint
@@ -259,8 +259,8 @@ def config_as_flags(config: dict, parser: HfArgumentParser, path: str) -> list[s
 
 
 # A data source typed as a flag -> the config file's keys it replaces.
-DATA_SOURCE_FLAGS = {"dataset_name": ("train_file", "eval_file"), "train_file": ("dataset_name", "dataset_split"),
-                     "eval_file": ("eval_split",)}
+DATA_SOURCE_FLAGS = {"dataset_name": ("train_file", "eval_file"),
+                     "train_file": ("dataset_name", "dataset_split", "eval_split"), "eval_file": ("eval_split",)}
 
 
 def parse_config_and_flags(dataclass_types: tuple, argv: list[str] | None = None):

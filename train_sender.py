@@ -94,6 +94,9 @@ def check_inputs(sender_args: SenderArguments, data_args: DataArguments, args: S
         raise UserError(LIGER_REFUSAL)
     if args.fsdp:
         raise UserError("--fsdp is not supported by train_sender.py: use DDP (torchrun without --fsdp)")
+    if args.push_to_hub:  # the trainer's hub hooks and model card are the actor's
+        raise UserError("--push_to_hub is not supported by train_sender.py: upload the output folder with "
+                        "huggingface-cli upload")
     if args.gradient_checkpointing:
         raise UserError("--gradient_checkpointing is not supported by train_sender.py: the student's rollout "
                         "needs its KV cache")

@@ -15,9 +15,10 @@ and forced to the mean length of the eval file's plans, those the full latents c
 of `--latency_batches`, median of `--reps` timed runs after `--warmup` (CUDA synchronised), in the
 dtype collect_hidden_states.py uses (bf16 on a GPU). Writes `<out_dir>/compression.json` and prints
 the two tables; they hold every K/seed evaluated in `<out_dir>`, also by earlier or concurrent invocations
-(one per GPU), each with the settings it was trained with (`K<k>_seed<s>/run.json`). Runs resume: a K/seed whose report exists is not trained again. `--jobs N` runs N
-K/seed trainings at once on the same GPU (a 135M model leaves most of an H200 idle); with
-`--time_budget_s`, a K/seed not started in time is skipped and left out of the tables (said so).
+(one per GPU), each with the settings it was trained with (`K<k>_seed<s>/run.json`). Runs resume: a K/seed
+whose report exists is not trained again. `--jobs N` runs N K/seed trainings at once on the same GPU (a 135M
+model leaves most of an H200 idle); with `--time_budget_s`, a K/seed not started in time is skipped and left
+out of the tables (said so).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ sys.path.insert(0, ROOT)
 
 from constants import SENDER_FILE  # noqa: E402  (after the path: the package's modules live in ROOT)
 
-RUN_FILE = "run.json"  # in each K/seed folder: the settings its sender was trained with
+SETTINGS_FILE = "run.json"  # in each K/seed folder: the settings its sender was trained with
 
 
 def run(cmd: list[str], log: str) -> None:
@@ -48,12 +49,13 @@ def run(cmd: list[str], log: str) -> None:
         sys.exit(f"failed ({done.returncode}): {shlex.join(cmd)}; see {log}")
 
 
-def evaluate(args, eval_file: str, out: str) -> dict:
+def evaluate(args, eval_file: str, out: str) -> str:
+    """evaluate_actor.py on `eval_file`, its report in `out` (kept: not run again when it exists)."""
     if not os.path.exists(out):
         run([sys.executable, "evaluate_actor.py", "--model_dir", args.actor_dir, "--eval_file", eval_file,
              "--output", out, "--batch_size", str(args.eval_batch_size), "--model_max_length", str(args.model_max_length)],
             out + ".log")
-    return summary(out)
+    return out
 
 
 def summary(report_file: str) -> dict:
@@ -64,12 +66,14 @@ def summary(report_file: str) -> dict:
             for c, v in report["conditions"].items()}
 
 
-def train_and_evaluate(args, k: int, seed: int) -> dict:
+def train_and_evaluate(args, k: int, seed: int) -> None:
+    """Train the K/seed sender, write its messages for the eval file and the actor's report on them (each
+    step skipped when its output exists)."""
     folder = os.path.join(args.out_dir, f"K{k}_seed{seed}")
     sender_dir, report = os.path.join(folder, "sender"), os.path.join(folder, "eval_report.json")
     os.makedirs(folder, exist_ok=True)
     if not os.path.exists(os.path.join(sender_dir, SENDER_FILE)):
-        with open(os.path.join(folder, RUN_FILE), "w") as f:  # what trained it, for the table's reader
+        with open(os.path.join(folder, SETTINGS_FILE), "w") as f:  # what trained it, for the table's reader
             json.dump({"k": k, "seed": seed, "train_flags": args.train_flags, "nproc": args.nproc}, f)
         launcher = [sys.executable] if args.nproc == 1 else \
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc)]
@@ -84,7 +88,7 @@ def train_and_evaluate(args, k: int, seed: int) -> dict:
         run([sys.executable, "collect_hidden_states.py", "--mode", "compressed", "--sender_dir", sender_dir,
              "--input_file", args.eval_file, "--output_file", compressed, "--dtype", "float32",
              "--batch_size", str(args.eval_batch_size)], os.path.join(folder, "collect.log"))
-    return evaluate(args, compressed, report)
+    evaluate(args, compressed, report)
 
 
 def finished_runs(out_dir: str) -> dict[str, dict[str, dict]]:
@@ -96,9 +100,12 @@ def finished_runs(out_dir: str) -> dict[str, dict[str, dict]]:
         match = re.fullmatch(r"K(\d+)_seed(\d+)", name)
         report = os.path.join(out_dir, name, "eval_report.json")
         if match and os.path.exists(report):
-            run_file = os.path.join(out_dir, name, RUN_FILE)
+            run_file = os.path.join(out_dir, name, SETTINGS_FILE)
             entry = summary(report)
-            entry["run"] = json.load(open(run_file)) if os.path.exists(run_file) else None
+            entry["run"] = None
+            if os.path.exists(run_file):
+                with open(run_file) as f:
+                    entry["run"] = json.load(f)
             runs.setdefault(int(match[1]), {})[int(match[2])] = entry
     return {str(k): {str(s): runs[k][s] for s in sorted(runs[k])} for k in sorted(runs, reverse=True)}
 
@@ -228,23 +235,25 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     result = {"args": {k: v for k, v in vars(args).items()},
-              "full": evaluate(args, args.eval_file, os.path.join(args.out_dir, "eval_full.json")),
+              "full": summary(evaluate(args, args.eval_file, os.path.join(args.out_dir, "eval_full.json"))),
               "compressed": {}}
     start = time.time()
 
-    def job(k: int, seed: int) -> dict | None:
+    def job(k: int, seed: int) -> bool:
+        """Whether the K/seed run was done (or had been); False: skipped, the time budget spent."""
         done = os.path.exists(os.path.join(args.out_dir, f"K{k}_seed{seed}", "eval_report.json"))
         if args.time_budget_s and time.time() - start > args.time_budget_s and not done:
             print(f"K = {k}, seed {seed}: skipped (--time_budget_s {args.time_budget_s:.0f} spent)", flush=True)
-            return None
-        return train_and_evaluate(args, k, seed)
+            return False
+        train_and_evaluate(args, k, seed)
+        return True
 
     from concurrent.futures import ThreadPoolExecutor  # each job is subprocesses: threads only wait on them
 
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # seeds of the same K first: the table needs both
         futures = {(k, s): pool.submit(job, k, s) for k in args.ks for s in args.seeds}
     result["compressed"] = finished_runs(args.out_dir)
-    result["skipped"] = [f"K{k}_seed{s}" for (k, s), f in futures.items() if f.result() is None]
+    result["skipped"] = [f"K{k}_seed{s}" for (k, s), f in futures.items() if not f.result()]
     latency_ks = [k for k in args.ks if str(args.seeds[0]) in result["compressed"].get(str(k), {})]
     if not args.skip_latency and latency_ks:
         result["latency"] = latency(args, {k: os.path.join(args.out_dir, f"K{k}_seed{args.seeds[0]}", "sender")

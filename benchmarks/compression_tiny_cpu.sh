@@ -20,20 +20,7 @@ W=${W:-checkpoints/compression_tiny}
 TASKS=${TASKS:-rooms count}; KS=${KS:-16,8,4}; SEEDS=${SEEDS:-0,1}; JOBS=${JOBS:-2}
 ACTOR_STEPS=${ACTOR_STEPS:-800}; SENDER_STEPS=${SENDER_STEPS:-300}; LR=${LR:-1e-3}; BATCH=${BATCH:-16}
 
-if [ ! -f "$W/tiny/config.json" ]; then
-  $PY - "$W/tiny" <<'EOF'
-import sys, torch
-import models
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-tok = AutoTokenizer.from_pretrained(models.resolve_model(models.EMBEDDED_MODEL))
-cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=2048, tie_word_embeddings=True,
-                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-torch.manual_seed(0)
-LlamaForCausalLM(cfg).save_pretrained(sys.argv[1])
-tok.save_pretrained(sys.argv[1])
-EOF
-fi
+[ -f "$W/tiny/config.json" ] || $PY -c "import sys, models; models.save_random_llama(sys.argv[1], 128, 4)" "$W/tiny"
 
 for task in $TASKS; do
   data=$W/$task/data actor=$W/$task/actor

@@ -32,17 +32,7 @@ def tokenizer_dir():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     """A randomly initialised 2-layer Llama with SmolLM2's tokenizer, saved like a hub model."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("tiny_model")
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=2048,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
+    return models.save_random_llama(str(tmp_path_factory.mktemp("tiny_model")))
 
 
 def make_records(n: int, latent_dir: str, seed: int = 0, latent_dim: int = LATENT_DIM, multi_turn: bool = True,
