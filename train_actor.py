@@ -8,6 +8,7 @@ See README.md for the data format, the flags and the outputs.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -698,10 +699,16 @@ def run_cli(parse: Callable[[list[str] | None], tuple], run: Callable[..., int],
 
 
 def exit_process(status: int) -> None:
-    """End a (torchrun) process: leave the process group first. Gloo's threads, left running while the
-    interpreter shuts down, abort the process (SIGABRT) now and then after a finished run."""
+    """End a (torchrun) process: leave the process group, run the exit handlers (logging, trackers), then exit
+    without the interpreter's teardown. Gloo's transport threads, still alive during that teardown even after
+    `destroy_process_group`, abort a finished run now and then ("terminate called without an active
+    exception", SIGABRT), and torchrun then reports the whole run failed."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+        atexit._run_exitfuncs()  # what a normal exit would run first (logging.shutdown among them)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     sys.exit(status)
 
 
