@@ -126,9 +126,13 @@ class InfoNCEProbeCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.interval > 0 and state.global_step % self.interval == 0:
-            self.run()
+            # Into the step's own training log, which this asks for: calling `trainer.log` here would clear the
+            # Trainer's `should_log` (every log does), and the step's training loss would never be logged.
+            self.trainer.add_step_metrics(self.run())
+            control.should_log = True
 
     def run(self) -> dict[str, float]:
+        """The probe's metrics now (every rank runs it: same weights, same samples, so they agree)."""
         actor = self.trainer.accelerator.unwrap_model(self.trainer.model)
         was_training = actor.training
         actor.eval()
@@ -139,9 +143,7 @@ class InfoNCEProbeCallback(TrainerCallback):
         finally:
             actor.train(was_training)
         loss, bound = infonce_from_scores(scores, self.tau)
-        metrics = {"probe/cInfoNCE_loss": round(loss.item(), 6), "probe/cInfoNCE_LB": round(bound.item(), 6)}
-        self.trainer.log(metrics)  # every rank runs the probe (same weights, same samples), so logs agree
-        return metrics
+        return {"probe/cInfoNCE_loss": round(loss.item(), 6), "probe/cInfoNCE_LB": round(bound.item(), 6)}
 
 
 class LatentConditionsCallback(TrainerCallback):
@@ -274,8 +276,8 @@ class MetricGroupTensorBoardCallback(TensorBoardCallback):
             return
         grouped = {k: v for k, v in logs.items() if k.startswith(GROUPED_PREFIXES)}
         rest = rewrite_logs({k: v for k, v in logs.items() if k not in grouped})
-        if grouped:  # a cond/probe log's bookkeeping ("epoch") adds nothing: the train logs carry it
-            rest = {k: v for k, v in rest.items() if k != "train/epoch"}
+        if grouped and set(rest) <= {"train/epoch"}:  # a cond-only log's "epoch" adds nothing: the train logs carry it
+            rest = {}
         for key, value in {**rest, **grouped}.items():
             if isinstance(value, (int, float)):
                 self.tb_writer.add_scalar(key, value, state.global_step)

@@ -554,12 +554,27 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
     return finish_run(trainer, args.output_dir)
 
 
+def saved_model_step(trainer) -> int:
+    """The step whose weights the run saves last: the best checkpoint's when `--load_best_model_at_end` loaded it,
+    else the last step's."""
+    state = trainer.state
+    if trainer.args.load_best_model_at_end and state.best_model_checkpoint:
+        if getattr(state, "best_global_step", None):
+            return state.best_global_step
+        return int(state.best_model_checkpoint.rstrip("/").rsplit("-", 1)[-1])
+    return state.global_step
+
+
 def finish_run(trainer, output_dir: str) -> int:
-    """After the final save: refuse a run stopped by a non-finite gradient, else evaluate the final model."""
+    """After the final save: refuse a run stopped by a non-finite gradient, else evaluate the saved model unless the
+    run already did (the Trainer evaluates at the end of a step or epoch schedule; the best checkpoint was evaluated
+    when it was chosen): evaluating it again would log the same evaluation twice."""
     if trainer.nonfinite_guard.stopped:
         raise UserError(f"training stopped at step {trainer.state.global_step} on a non-finite gradient (see the "
                         f"log); the weights saved in {output_dir} never received it", status=1)
-    if trainer.eval_dataset is not None:
+    step = saved_model_step(trainer)
+    evaluated = any("eval_loss" in entry and entry.get("step") == step for entry in trainer.state.log_history)
+    if trainer.eval_dataset is not None and not evaluated:
         trainer.evaluate()
     return 0
 

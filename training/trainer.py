@@ -127,6 +127,7 @@ class LatentActorTrainer(Trainer):
         self._draw_key = (-1, 0)  # (global_step, micro-batch within it) -> random stream
         self._eval_draws = 0  # batches seen in the current evaluation
         self.step_sample_indices: list[torch.Tensor] = []  # dataset rows of the current optimizer step
+        self._step_metrics: dict[str, float] = {}  # measured at a step's end, logged with its training loss
         # "auto" settings decided for this run's device, once (train_actor.py passes them decided already)
         self.loss_config = self.loss_config.resolved(self.args.device.type, self.args.bf16)
 
@@ -245,12 +246,20 @@ class LatentActorTrainer(Trainer):
             out["js_bits"] = s["js"] / s["contrast_tokens"] / LN2
         return out
 
+    def add_step_metrics(self, metrics: dict[str, float]) -> None:
+        """Metrics measured at the end of an optimizer step (the InfoNCE probe), for the row of that step's training
+        loss: the caller sets `control.should_log` so that the Trainer logs the step."""
+        self._step_metrics.update(metrics)
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         if mode == "train" and "loss" not in logs:
             return super().log(logs, *args, **kwargs)
         prefix = "eval_" if mode == "eval" else ""
         logs.update({prefix + k: round(v, 6) for k, v in self._pop_metrics(mode).items()})
+        if mode == "train":
+            logs.update(self._step_metrics)
+            self._step_metrics = {}
         return super().log(logs, *args, **kwargs)
 
     def create_optimizer(self, model=None):
