@@ -33,7 +33,7 @@ from data import (ActorDataset, DataError, DatasetSource, LatentCollator, Source
                   split_train_eval)
 from latent_head import (HEAD_FILE, LatentActor, load_head_file, packed_sequences_available, set_training_backends)
 from losses import LossConfig
-from training.trainer import LatentActorTrainer, resolve_resume
+from training.trainer import HubError, LatentActorTrainer, hub_push_problem, resolve_resume
 
 logger = logging.getLogger("train_actor")
 
@@ -487,7 +487,9 @@ def build_trainer(actor: LatentActor, model_args: ModelArguments, data_args: Dat
         data_collator=LatentCollator(actor.pad_id, actor.head.config.latent_dim),
         processing_class=actor.tokenizer, loss_config=loss_config(model_args),
         callbacks=[LossLogCallback(args.output_dir, plot=args.enable_loss_plot)])
-    trainer.card_info = {"base_model": model_args.model_name_or_path, "sender_model": args.sender_model_name_or_path}
+    from common.model_card import run_card_info
+
+    trainer.card_info = run_card_info(model_args, data_args, args)  # the model card's (README.md) facts
     use_metric_group_tensorboard(trainer)
     if args.enable_infoNCE_probe:
         probe_set = datasets.get("eval") or datasets["train"]
@@ -504,12 +506,15 @@ def build_trainer(actor: LatentActor, model_args: ModelArguments, data_args: Dat
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrainingArguments,
-          callbacks: list[TrainerCallback] = (), save_final_model: bool = True) -> int:
+          callbacks: list[TrainerCallback] = (), save_final_model: bool = True, command: str | None = None) -> int:
     """Check, build, train, save. `callbacks`: more `TrainerCallback`s (e.g. benchmarks/bench.py's step timer);
-    `save_final_model` False: leave out the final model (a benchmark measures steps, not saving)."""
+    `save_final_model` False: leave out the final model (a benchmark measures steps, not saving); `command`: the
+    command line, for the model card."""
     report, resume = check_data(model_args, data_args, args)
     if args.validate_only:
         return 0
+    if args.push_to_hub and (problem := hub_push_problem()):  # before the model loads, not after
+        raise UserError(problem)
     for setting in set_training_backends():
         logger.info("Training backend: %s", setting)
     actor = build_actor(model_args, report.latent_dim, args.seed)
@@ -517,7 +522,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
         trainer = build_trainer(actor, model_args, data_args, args)
     except DataError as e:  # found while tokenizing: e.g. no sample fits --model_max_length
         raise UserError(str(e), status=1) from None
+    except HubError as e:  # --push_to_hub: the Trainer creates the repository when it is built
+        raise UserError(str(e)) from None
     trainer.run_fingerprint = run_fingerprint(model_args, data_args, args)  # into every checkpoint (common/runs.py)
+    trainer.card_info["command"] = command
     for callback in callbacks:
         trainer.add_callback(callback)
     if model_args.head_warm_start_steps > 0 and resume is None:
@@ -551,7 +559,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
             raise UserError(f"saving the final model into {args.output_dir} failed: {failure}; the model "
                             f"the folder held before is unchanged; {last_checkpoint_note(args.output_dir)}",
                             status=1) from None
-    return finish_run(trainer, args.output_dir)
+    status = finish_run(trainer, args.output_dir)
+    if save_final_model:
+        trainer.create_model_card()  # README.md: the last evaluation is in the log now
+    return status
 
 
 def saved_model_step(trainer) -> int:
@@ -581,7 +592,9 @@ def finish_run(trainer, output_dir: str) -> int:
 
 def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] = (), save_final_model: bool = True) -> int:
     """The command line: `argv` (default sys.argv); `callbacks`/`save_final_model` as in `train`."""
-    return run_cli(parse_args, lambda *parsed: train(*parsed, callbacks, save_final_model), argv)
+    from common.model_card import command_line
+
+    return run_cli(parse_args, lambda *parsed: train(*parsed, callbacks, save_final_model, command_line(argv)), argv)
 
 
 def cli() -> None:

@@ -92,6 +92,26 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         socket.setdefaulttimeout(None)
 
 
+def hub_unreachable_reason() -> str | None:
+    """Why the hub cannot be reached, in words (`HF_HUB_OFFLINE` set, or its host does not resolve); None when it can."""
+    if hub_offline():
+        return "offline: HF_HUB_OFFLINE is set"
+    if not _hub_reachable():
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+        return f"no network: {host} does not resolve"
+    return None
+
+
+def first_sentence(e: BaseException, limit: int = 300) -> str:
+    """An exception's first line, cut at a sentence's end (or, past `limit`, a word's) rather than mid-word."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    end = cut.rfind(". ")
+    return cut[:end + 1] if end > limit // 3 else cut.rsplit(" ", 1)[0] + " ..."
+
+
 def looks_like_repo_id(name: str) -> bool:
     """`owner/name` as the hub spells repository ids (and not an existing path)."""
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name)) and not os.path.exists(name)
@@ -142,12 +162,15 @@ def resolve_model_dir(name_or_path: str, what: str = "--model_dir") -> str:
     from huggingface_hub import snapshot_download
 
     ignore = ["checkpoint-*", "last-checkpoint/*", "runs/*"]  # the model, not the training history
+    unreachable = hub_unreachable_reason()
     try:
-        return snapshot_download(name_or_path, local_files_only=not _hub_reachable(), ignore_patterns=ignore)
+        return snapshot_download(name_or_path, local_files_only=unreachable is not None, ignore_patterns=ignore)
     except (OSError, ValueError) as e:
-        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise ModelNotFoundError(f"{what} {name_or_path}: not a local folder, and not in the Hugging Face cache or "
-                                 f"reachable on the hub ({detail})") from None
+        if unreachable:  # the library's message would only say that it looked in the cache
+            raise ModelNotFoundError(f"{what} {name_or_path}: not a local folder, not in the Hugging Face cache, and "
+                                     f"the hub cannot be reached ({unreachable})") from None
+        raise ModelNotFoundError(f"{what} {name_or_path}: not a local folder, and the hub did not serve it "
+                                 f"({first_sentence(e)})") from None
 
 
 def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype | str = torch.float32,

@@ -264,6 +264,7 @@ def test_every_push_uploads_the_head_and_a_model_card(tiny_model_dir, tiny_data,
 
     hub = RecordingHub()
     monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    monkeypatch.setattr(models, "hub_unreachable_reason", lambda: None)  # the recording hub is always there
     train, evaluation = tiny_data
     out = str(tmp_path / "out")
     argv = ["--model_name_or_path", tiny_model_dir, "--train_file", train, "--eval_file", evaluation,
@@ -305,8 +306,8 @@ def test_the_model_card_prefers_the_evaluation_report(tmp_path):
                              "shuffled": {"ce_bits": 6.5, "exact_match": 0.25, "accuracy": None}}}
     (tmp_path / "eval_report.json").write_text(json.dumps(report))
     head = HeadConfig(latent_dim=576, hidden_size=896, num_heads=8, prepended_length=256)
-    card = open(write_actor_card(str(tmp_path), "me/actor", "Qwen/Qwen2.5-0.5B-Instruct", None, head, [])).read()
-    assert card.startswith("---\nlibrary_name: transformers") and "base_model: Qwen/Qwen2.5-0.5B-Instruct" in card
+    card = open(write_actor_card(str(tmp_path), "me/actor", head, [], base_model="Qwen/Qwen2.5-0.5B-Instruct")).read()
+    assert card.startswith("---\nbase_model: Qwen/Qwen2.5-0.5B-Instruct\n") and "library_name: transformers" in card
     assert "| the sample's own latents | 0.0123 | 100.0% | 97.5% |" in card
     assert "| another sample's latents | 6.5000 | 25.0% | – |" in card
     assert "evaluation/evaluate.py" in card and "| 576 |" in card and "| 256 |" in card

@@ -112,6 +112,21 @@ def resolve_resume(value: str | None, output_dir: str, weights_file: str = HEAD_
     return value
 
 
+class HubError(RuntimeError):
+    """The hub cannot take this run's pushes: one line for the user."""
+
+
+def hub_push_problem() -> str | None:
+    """Why `--push_to_hub` cannot work now (the hub cannot be reached), as one line; None when it can."""
+    from common.models import hub_unreachable_reason
+
+    reason = hub_unreachable_reason()
+    if reason is None:
+        return None
+    return (f"--push_to_hub: the hub cannot be reached ({reason}); train without --push_to_hub and upload the output "
+            f"folder when online (`hf upload REPO_ID OUTPUT_DIR`: its README.md is the model card)")
+
+
 class LatentActorTrainer(Trainer):
     """HF Trainer for a `LatentActor`, adding plan-similarity and random-contrast terms."""
 
@@ -318,17 +333,33 @@ class LatentActorTrainer(Trainer):
         self.accelerator.unwrap_model(self.model).load_weights(self.state.best_model_checkpoint)
 
     # -- the hub: every push carries the head and a model card -----------------------------------------------
-    def create_model_card(self, *args, **kwargs) -> None:
-        """The Trainer's draft card describes a plain fine-tune; write this actor's card (common/model_card.py) instead."""
+    def create_model_card(self, *args, license: str | None = None, **kwargs) -> None:
+        """The Trainer's draft card describes a plain fine-tune: write this actor's card (common/model_card.py) into the
+        output folder instead, from `card_info` (set by train_actor.py) and the log. Also at the end of every run."""
         if not self.is_world_process_zero():
             return
         from common.model_card import write_actor_card
 
         actor: LatentActor = self.accelerator.unwrap_model(self.model)
-        info = getattr(self, "card_info", {})
+        info = dict(getattr(self, "card_info", {}))
+        if license:
+            info["license"] = license
         repo_id = self.hub_model_id or self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
-        write_actor_card(self.args.output_dir, repo_id, info.get("base_model"), info.get("sender_model"),
-                         actor.head.config, self.state.log_history, lora=actor.is_lora)
+        lora = actor.is_lora or bool(info.get("settings", {}).get("lora_r"))  # the final folder has it merged
+        write_actor_card(self.args.output_dir, repo_id, actor.head.config, self.state.log_history, lora=lora, **info)
+
+    def init_hf_repo(self, *args, **kwargs) -> None:
+        """`--push_to_hub`: the Trainer creates the hub repository when it is built; a failure is one line (`HubError`)."""
+        problem = hub_push_problem()
+        if problem:
+            raise HubError(problem)
+        try:
+            super().init_hf_repo(*args, **kwargs)
+        except Exception as e:  # offline, refused token, no network: whatever the hub client raises
+            from common.models import first_sentence
+
+            raise HubError(f"--push_to_hub: creating the hub repository {self.args.hub_model_id or ''} failed "
+                           f"({type(e).__name__}: {first_sentence(e)})") from None
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """The Trainer copies only the base model's files from a checkpoint into the folder it uploads: copy the
