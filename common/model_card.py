@@ -149,11 +149,13 @@ def actor_card(repo_id: str, head: HeadConfig, evaluation: tuple[str, list[dict]
         "embeddings between `<bop>` and `<eop>` at the end of the first user message (Interlat, arXiv 2511.09149).",
         "This folder holds the base model's weights (`model.safetensors`" + (", LoRA merged" if lora else "") +
         "), the tokenizer with the special tokens `<FIRST_HUMAN_END>`, `<bop>`, `<eop>`, and the head "
-        f"(`{HEAD_FILE}`, read with `torch.load(..., weights_only=True)`; the same weights in `{HEAD_SAFETENSORS_FILE}`).",
+        f"(`{HEAD_FILE}`, read with `torch.load(..., weights_only=True)`; the same weights in "
+        f"`{HEAD_SAFETENSORS_FILE}`).",
         "",
         "| | |", "| --- | --- |",
         f"| base model | {base_model or 'not recorded'} |",
-        f"| sender (whose hidden states are the latents) | {sender_model or 'not recorded (--sender_model_name_or_path)'} |",
+        "| sender (whose hidden states are the latents) | "
+        f"{sender_model or 'not recorded (--sender_model_name_or_path)'} |",
         f"| training data | {', '.join(f'`{d}`' for d in datasets) or 'not recorded'} |",
         f"| license | {license or 'not found on this machine: the base model license applies'} |",
         f"| latent width (sender's hidden size) | {head.latent_dim} |",
@@ -173,7 +175,8 @@ def actor_card(repo_id: str, head: HeadConfig, evaluation: tuple[str, list[dict]
     if evaluation:
         source, rows = evaluation
         lines += ["## Evaluation: does the actor read the latents?", "", f"From {source}:", "",
-                  "| message between `<bop>`/`<eop>` | CE on the reply (bits/token) | greedy reply = reference | answer accuracy |",
+                  "| message between `<bop>`/`<eop>` | CE on the reply (bits/token) | greedy reply = reference "
+                  "| answer accuracy |",
                   "| --- | --- | --- | --- |"]
         lines += [f"| {CONDITION_NAMES.get(r['condition'], r['condition'])} | {_cell(r['ce_bits'], '.4f')} | "
                   f"{_cell(r['exact_match'], '.1%')} | {_cell(r['accuracy'], '.1%')} |" for r in rows]

@@ -93,7 +93,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def hub_unreachable_reason() -> str | None:
-    """Why the hub cannot be reached, in words (`HF_HUB_OFFLINE` set, or its host does not resolve); None when it can."""
+    """Why the hub cannot be reached, in words (`HF_HUB_OFFLINE` set, its host does not resolve); None when it can."""
     if hub_offline():
         return "offline: HF_HUB_OFFLINE is set"
     if not _hub_reachable():
