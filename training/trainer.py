@@ -349,7 +349,7 @@ class LatentActorTrainer(Trainer):
         write_actor_card(self.args.output_dir, repo_id, actor.head.config, self.state.log_history, lora=lora, **info)
 
     def init_hf_repo(self, *args, **kwargs) -> None:
-        """`--push_to_hub`: the Trainer creates the hub repository when it is built; a failure is one line (HubError)."""
+        """`--push_to_hub`: the Trainer creates the hub repository when built; a failure is one line (HubError)."""
         problem = hub_push_problem()
         if problem:
             raise HubError(problem)
