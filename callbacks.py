@@ -44,16 +44,18 @@ def write_loss_log(log_history: list[dict], path: str) -> None:
     os.replace(tmp, path)
 
 
-def plot_loss_curve(log_history: list[dict], path: str) -> None:
-    """One panel per loss component, training and evaluation on the same axes."""
+def loss_curve_figure(log_history: list[dict]):
+    """One panel per loss component, training and evaluation on the same axes, steps as integers and values as plain
+    numbers (no offset such as `1e-6+6.8999e-1` for a nearly constant curve); None when nothing is plotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = [p for p in PANELS if any((p[1] and p[1] in r) or (p[2] and p[2] in r) for r in log_history)]
     if not panels:
-        return
+        return None
     cols = min(3, len(panels))
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
@@ -65,11 +67,23 @@ def plot_loss_curve(log_history: list[dict], path: str) -> None:
                 ax.plot(*zip(*points), style, label=label, markersize=4)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
+    return fig
+
+
+def plot_loss_curve(log_history: list[dict], path: str) -> None:
+    """`loss_curve_figure` written to `path` (whole or not at all)."""
+    import matplotlib.pyplot as plt
+
+    fig = loss_curve_figure(log_history)
+    if fig is None:
+        return
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
@@ -287,6 +301,6 @@ class MetricGroupTensorBoardCallback(TensorBoardCallback):
 
 
 def use_metric_group_tensorboard(trainer) -> None:
-    """With `--report_to tensorboard`, replace the Trainer's TensorBoard callback with `MetricGroupTensorBoardCallback`."""
+    """With `--report_to tensorboard`: the Trainer's TensorBoard callback replaced by `MetricGroupTensorBoardCallback`."""
     if trainer.pop_callback(TensorBoardCallback) is not None:
         trainer.add_callback(MetricGroupTensorBoardCallback())

@@ -449,7 +449,8 @@ def warm_start(trainer: LatentActorTrainer, model_args: ModelArguments, args: Ac
                         collate_fn=trainer.data_collator,
                         generator=torch.Generator().manual_seed(args.seed))
     metrics = warm_start_head(actor.head, actor.base_model.get_input_embeddings(), loader,
-                              model_args.head_warm_start_steps, model_args.head_warm_start_lr, device)
+                              model_args.head_warm_start_steps, model_args.head_warm_start_lr, device,
+                              progress=not args.disable_tqdm and args.local_process_index == 0)  # as the Trainer's bars
     trainer.add_callback(RecordAtTrainBegin({"step": 0, **metrics}))  # train() starts a fresh log history
 
 

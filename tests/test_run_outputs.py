@@ -158,3 +158,26 @@ def test_a_hub_that_refuses_the_repository_is_one_line(tiny_model_dir, tiny_data
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars of loading
     assert err == ("error: --push_to_hub: creating the hub repository me/actor failed (ConnectionError: Connection "
                    "refused by huggingface.co)"), err
+
+
+def test_the_loss_curve_has_integer_steps_and_plain_numbers():
+    import matplotlib.pyplot as plt
+
+    from callbacks import loss_curve_figure
+
+    # three steps (matplotlib's default ticks would be 1.0, 1.5, 2.0, ...) and a nearly constant contrast term
+    history = [{"step": s, "loss": 2.0 - 0.1 * s, "random_contrast": 0.68999 + 1e-6 * s} for s in (1, 2, 3)]
+    fig = loss_curve_figure(history)
+    fig.canvas.draw()
+    try:
+        for ax in fig.axes:
+            if not ax.axison:
+                continue
+            shown = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert shown and all(float(t).is_integer() for t in shown), shown
+            assert ax.yaxis.get_major_formatter().get_offset() == ""  # no "1e-6+6.8999e-1" above the axis
+        contrast = next(ax for ax in fig.axes if ax.get_title() == "random contrast")
+        labels = [t.get_text() for t in contrast.get_yticklabels() if t.get_text()]
+        assert any(label.startswith("0.68999") for label in labels), labels
+    finally:
+        plt.close(fig)

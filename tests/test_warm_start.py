@@ -54,3 +54,19 @@ def test_a_non_finite_warm_start_step_leaves_the_head_unchanged():
            "plan_ids": torch.tensor([[1, 2, 3]]), "plan_lengths": torch.tensor([3])}
     assert warm_start_head(head, torch.nn.Embedding(5, 8), [bad], steps=3) == {}
     assert all(torch.equal(v, before[k]) for k, v in head.state_dict().items())
+
+
+def test_the_warm_start_shows_a_progress_bar_unless_disabled(capsys):
+    def fit(progress):
+        torch.manual_seed(0)
+        head = LatentCommHead(HeadConfig(latent_dim=4, hidden_size=8, num_heads=2, prepended_length=5, dropout=0.0))
+        batch = {"latents": torch.randn(2, 3, 4), "latent_lengths": torch.tensor([3, 2]),
+                 "plan_ids": torch.tensor([[1, 2, 3], [4, 5, 6]]), "plan_lengths": torch.tensor([3, 3])}
+        return warm_start_head(head, torch.nn.Embedding(8, 8), [batch], steps=7, progress=progress)
+
+    quiet = fit(progress=False)
+    assert "head warm start" not in capsys.readouterr().err
+    shown = fit(progress=True)
+    err = capsys.readouterr().err
+    assert "head warm start" in err and "7/7" in err and "relative_error" in err
+    assert shown == quiet  # the bar changes nothing in the numbers

@@ -52,17 +52,22 @@ def _cycle(batches: Iterable[dict]) -> Iterator[dict]:
 
 
 def warm_start_head(head: LatentCommHead, embedding: torch.nn.Embedding, batches: Iterable[dict], steps: int,
-                    learning_rate: float = 1e-3, device: torch.device | str = "cpu") -> dict[str, float]:
+                    learning_rate: float = 1e-3, device: torch.device | str = "cpu",
+                    progress: bool = False) -> dict[str, float]:
     """`steps` AdamW steps of `alignment_loss` on the head's parameters only (cycling over `batches`);
-    returns the first and last step's loss and cosine."""
+    returns the first and last step's loss and cosine. `progress`: a progress bar over the steps (tqdm)."""
+    from tqdm.auto import tqdm
+
     params = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     was_training = head.training
     head.train()
     first = last = None
     skipped = 0
+    bar = tqdm(total=steps, desc="head warm start", unit="step", disable=not progress)
     try:
         for step, batch in zip(range(steps), _cycle(batches)):
+            bar.update()
             batch = {k: batch[k].to(device) for k in ("latents", "latent_lengths", "plan_ids", "plan_lengths")}
             loss, cos = alignment_loss(head, embedding, batch)
             if not torch.isfinite(loss):  # a bad latent must not poison the head before training starts
@@ -73,7 +78,10 @@ def warm_start_head(head: LatentCommHead, embedding: torch.nn.Embedding, batches
             optimizer.step()
             last = {"loss": loss.item(), "cosine": cos.item()}
             first = first or last
+            if step % 20 == 0 or step == steps - 1:
+                bar.set_postfix(relative_error=f"{last['loss']:.3f}", refresh=False)
     finally:
+        bar.close()
         head.train(was_training)
         optimizer.zero_grad(set_to_none=True)
     if skipped:
