@@ -301,6 +301,6 @@ class MetricGroupTensorBoardCallback(TensorBoardCallback):
 
 
 def use_metric_group_tensorboard(trainer) -> None:
-    """With `--report_to tensorboard`: the Trainer's TensorBoard callback replaced by `MetricGroupTensorBoardCallback`."""
+    """With `--report_to tensorboard`: swap the Trainer's TensorBoard callback for `MetricGroupTensorBoardCallback`."""
     if trainer.pop_callback(TensorBoardCallback) is not None:
         trainer.add_callback(MetricGroupTensorBoardCallback())
