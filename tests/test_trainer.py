@@ -198,6 +198,29 @@ def _torchrun(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
+# `accelerate config`'s answers for one machine, two processes (docs/scaling.md); the processes train on the CPU
+# (gloo) because the script is told --use_cpu: accelerate's own MULTI_CPU mode needs MPI.
+ACCELERATE_CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_GPU
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+mixed_precision: 'no'
+rdzv_backend: static
+same_network: true
+"""
+
+
+def _accelerate_launch(*argv: str, config_dir) -> subprocess.CompletedProcess:
+    """Two CPU processes (gloo) under `accelerate launch` with a 2-process config file."""
+    config = os.path.join(config_dir, "accelerate.yaml")
+    with open(config, "w") as f:
+        f.write(ACCELERATE_CONFIG)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
+           "--main_process_port", str(_free_port()), *argv, "--ddp_backend", "gloo", "--use_cpu", "true"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
 # Runs train_actor under torchrun and records, per rank, every negative drawn and every mix ratio.
 RECORDER = """
 import json, os, sys
@@ -225,14 +248,17 @@ train_actor.exit_process(rc)  # leaves the process group first, as `python train
 """
 
 
-def test_two_processes_under_torchrun_draw_negatives_across_ranks(tiny_model_dir, tiny_data, tmp_path):
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_processes_draw_negatives_across_ranks(launcher, tiny_model_dir, tiny_data, tmp_path):
     train, _ = tiny_data
     out = str(tmp_path / "ddp")
     os.makedirs(out)
     script = tmp_path / "record.py"
     script.write_text(RECORDER.format(root=ROOT, out=out))
-    result = _torchrun(str(script), *_train_argv(tiny_model_dir, train, out, "--per_device_train_batch_size", "2",
-                                                 "--max_steps", "6", "--logging_steps", "1"))
+    argv = (str(script), *_train_argv(tiny_model_dir, train, out, "--per_device_train_batch_size", "2",
+                                      "--max_steps", "6", "--logging_steps", "1"))
+    result = _torchrun(*argv) if launcher == "torchrun" else _accelerate_launch(*argv, config_dir=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     state = json.load(open(os.path.join(out, "trainer_state.json")))
     assert state["global_step"] == 6 and os.path.exists(os.path.join(out, "latent_comm_head.pt"))
