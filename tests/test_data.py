@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import make_records, write_jsonl
+from tests.helpers import make_records, write_jsonl
 from data import (ActorDataset, DataError, LatentCollator, build_hf_dataset, encode_conversation, load_latents,
                   load_samples, tokenize_sample)
 from latent_head import IGNORE_INDEX, MARKER_TOKEN, add_special_tokens

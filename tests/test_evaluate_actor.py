@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from evaluation import evaluate as ev
-from conftest import PREPENDED, make_records, write_jsonl
+from tests.helpers import PREPENDED, make_records, write_jsonl
 from data import ActorDataset, LatentCollator, build_hf_dataset, encode_conversation
 from latent_head import IGNORE_INDEX, LatentActor, assemble_inputs
 

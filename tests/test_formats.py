@@ -11,7 +11,7 @@ import torch
 
 from sender import collect as chs
 import train_actor
-from conftest import ROOT, make_records, write_jsonl
+from tests.helpers import ROOT, make_records, write_jsonl
 from common.validation import validate_files
 from data import (ActorDataset, DatasetSource, DataError, LatentCollator, build_hf_dataset, load_latents, load_samples,
                   read_records, record_messages)

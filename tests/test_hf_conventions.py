@@ -16,7 +16,7 @@ from evaluation import evaluate as evaluate_actor
 from evaluation import inference
 from sender import train as train_sender
 import train_actor
-from conftest import LATENT_DIM, PREPENDED, ROOT, make_records, write_jsonl
+from tests.helpers import LATENT_DIM, PREPENDED, ROOT, make_records, write_jsonl
 from latent_head import HEAD_FILE, HEAD_SAFETENSORS_FILE, LatentActor, load_head_file, load_head_safetensors
 
 RECIPES = os.path.join(ROOT, "recipes")
@@ -32,6 +32,7 @@ def _tiny_overrides(model_dir, train, evaluation, out):
 # ---------------------------------------------------------------------------------------------
 # 7. Config files
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_the_demo_recipe_runs_and_flags_override_it(tiny_model_dir, tiny_data, tmp_path):
     train, evaluation = tiny_data
     out = str(tmp_path / "out")
@@ -259,6 +260,7 @@ def _digest(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
+@pytest.mark.slow
 def test_every_push_uploads_the_head_and_a_model_card(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
     import transformers.trainer
 

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evaluation import inference
-from conftest import LATENT_DIM, PREPENDED, make_records, write_jsonl
+from tests.helpers import LATENT_DIM, PREPENDED, make_records, write_jsonl
 from data import encode_conversation
 from latent_head import LatentActor
 

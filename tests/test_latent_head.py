@@ -90,7 +90,7 @@ def test_save_load_round_trip_gives_equal_logits(actor, tmp_path):
 def test_packed_sequences_equal_padded_batch_and_are_not_saved(actor_dir, tmp_path):
     """One row of concatenated samples (positions restarting, attention kept per sample) gives the
     padded batch's hidden states and gradients; the custom attention never reaches the saved config."""
-    from conftest import make_records, write_jsonl
+    from tests.helpers import make_records, write_jsonl
     from data import ActorDataset, LatentCollator, build_hf_dataset
 
     padded, packed = LatentActor.from_pretrained(actor_dir), LatentActor.from_pretrained(actor_dir)

@@ -236,6 +236,7 @@ for plan, neg, grad in itertools.product((False, True), repeat=3):
 """
 
 
+@pytest.mark.slow
 def test_triton_chunk_kernel_compiles_for_hopper(tmp_path):
     """The interpreter accepts code that the compiler refuses (e.g. a global that is not a constexpr): compile
     every variant of the kernel to an sm_90 binary (an H100's), with the ptxas that ships in triton's wheel.
@@ -254,6 +255,7 @@ def test_triton_chunk_kernel_compiles_for_hopper(tmp_path):
     assert run.stdout.count("compiled") == 8
 
 
+@pytest.mark.slow
 def test_triton_plan_term_keeps_float32_accuracy_when_plan_and_positive_nearly_agree(interpreted_loss_kernel):
     """KL(q||p) of nearly equal distributions is a small difference of ~log(vocab)-sized numbers: the kernel
     must not lose it. torch's float32 function gets the plan term's sum within 1.5e-4 to 8.4e-4 of float64

@@ -6,7 +6,7 @@ import pytest
 
 from common import models
 import train_actor
-from conftest import make_records, write_jsonl
+from tests.helpers import make_records, write_jsonl
 
 
 def test_missing_model_fails_fast_naming_the_embedded_model(monkeypatch, tmp_path, capsys):

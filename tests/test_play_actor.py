@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from envs import play as pa
-from conftest import LATENT_DIM
+from tests.helpers import LATENT_DIM
 from envs import textworld_tasks as tt
 
 

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from training import trainer as trainer_module
-from conftest import make_records, sharpen_, write_jsonl
+from tests.helpers import make_records, sharpen_, write_jsonl
 from data import ActorDataset, LatentCollator, build_hf_dataset
 from latent_head import IGNORE_INDEX, LatentActor
 from training.trainer import LatentActorTrainer, LossConfig
@@ -62,7 +62,8 @@ def reference_sums(actor, batch):
     return sums
 
 
-@pytest.mark.parametrize("path", ["fused", "fused+compile", "fused+triton", "autograd"])
+@pytest.mark.parametrize("path", ["fused", pytest.param("fused+compile", marks=pytest.mark.slow),
+                                  pytest.param("fused+triton", marks=pytest.mark.slow), "autograd"])
 def test_batched_step_matches_the_reference_path(path, tiny_model_dir, tmp_path, monkeypatch):
     """Every path of the loss (the GPU default is fused+triton) against the float64 reference."""
     if path == "fused+triton":

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_actor
-from conftest import ROOT, make_records, write_jsonl
+from tests.helpers import ROOT, make_records, write_jsonl
 from training.trainer import checkpoint_is_complete, resolve_resume
 
 N = 3  # checkpoint after N steps; runs go to 2N
@@ -45,6 +45,7 @@ def _losses(out):
     return {r["step"]: r for r in state["log_history"] if "loss" in r}
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_same_losses(tiny_model_dir, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", make_records(16, str(tmp_path / "lat")))
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")

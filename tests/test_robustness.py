@@ -16,7 +16,7 @@ import data
 from evaluation import evaluate as evaluate_actor
 from evaluation import inference
 import train_actor
-from conftest import LATENT_DIM, ROOT, make_records, save_tiny_actor, write_jsonl
+from tests.helpers import LATENT_DIM, ROOT, make_records, save_tiny_actor, write_jsonl
 from common.safe_io import check_model_folder
 from common.validation import validate_files
 from data import DataError, build_hf_dataset, encode_conversation, encode_plan, load_latents, read_records
@@ -68,6 +68,7 @@ def trained_run(tiny_model_dir, tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 # 1. an output folder holding another run; resuming another run's checkpoint
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_output_folder_of_another_run_is_refused_and_its_checkpoint_never_resumed(tiny_model_dir, trained_run,
                                                                                    tmp_path, capsys, monkeypatch):
     train, out = trained_run
@@ -92,6 +93,7 @@ def test_output_folder_of_another_run_is_refused_and_its_checkpoint_never_resume
     assert fingerprint["train_file"]["path"] == os.path.abspath(train) and fingerprint["num_heads"] == 4
 
 
+@pytest.mark.slow
 def test_overwrite_output_dir_replaces_the_run(tiny_model_dir, trained_run, tmp_path):
     _, used = trained_run
     out = str(tmp_path / "out")
@@ -152,6 +154,7 @@ def test_a_save_cut_short_is_refused_on_load_and_a_failed_save_keeps_the_old_mod
     assert LatentActor.from_pretrained(folder).head.projection.output_scale[0].item() == 3.0
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_resumable_checkpoint_and_a_failed_final_save_says_so(tiny_model_dir, tmp_path, capsys,
                                                                             monkeypatch):
     from transformers import TrainerCallback

@@ -6,7 +6,7 @@ import os
 import pytest
 
 import train_actor
-from conftest import PREPENDED
+from tests.helpers import PREPENDED
 
 STEPS = 4
 
@@ -14,7 +14,7 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def probed_run(tiny_model_dir, tmp_path_factory):
     """A 4-step run logging every step, probing every step, evaluating at steps 2 and 4."""
-    from conftest import make_records, write_jsonl
+    from tests.helpers import make_records, write_jsonl
 
     tmp = tmp_path_factory.mktemp("probed_run")
     train = write_jsonl(tmp / "train.jsonl", make_records(8, str(tmp / "latents")))

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, make_records, save_tiny_actor, write_jsonl
+from tests.helpers import ROOT, make_records, save_tiny_actor, write_jsonl
 from latent_head import LatentActor
 from losses import alignment_loss, distillation_kl, first_rows_per_sample, token_entropy, uncertainty_weights
 from sender.model import SENDER_FILE, CompressionModel, LatentSender, SenderConfig, fit_rows
@@ -220,6 +220,7 @@ def test_gradients_reach_only_the_student_bridge_and_start_vector(setup, tmp_pat
 
 
 # -- the command line -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_help_shows_num_latents():
     out = subprocess.run([sys.executable, "-m", "sender.train", "--help"], capture_output=True, text=True, cwd=ROOT,
                          timeout=300)
@@ -233,6 +234,7 @@ def _losses(path: str) -> dict[int, float]:
         return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")}
 
 
+@pytest.mark.slow
 def test_a_tiny_cpu_run_trains_saves_and_resumes(setup, tmp_path):
     from sender import train as train_sender
 
@@ -398,6 +400,7 @@ def test_train_sender_with_plan_knowledge_trains_on_contexts_with_the_plan(setup
                               "--report_to", "none"]) == 2
 
 
+@pytest.mark.slow
 def test_compression_eval_runs_k_seed_jobs_in_parallel_and_skips_past_its_budget(setup, tmp_path):
     """benchmarks/compression_eval.py: two K/seed trainings at once give the table; a run whose budget is
     spent skips what it has not started (and says so) but keeps what already exists."""

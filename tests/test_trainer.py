@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_actor
-from conftest import ROOT, make_records, write_jsonl
+from tests.helpers import ROOT, make_records, write_jsonl
 from training.trainer import draw_mix_ratios, pick_negatives
 
 SPEC_BASIC = """--model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --train_file ./data/train.json
@@ -119,6 +119,7 @@ def _worst_relative_difference(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() / (a[k].abs().max().item() + 1e-12) for k in a)
 
 
+@pytest.mark.slow
 def test_fast_paths_give_the_reference_update(tiny_model_dir, tmp_path):
     """Packed rows, the fused (compiled) loss and compiled layers change speed, not the step: one SGD step
     of the full three-branch loss (plan and contrast terms on) moves every parameter as the padded,
@@ -134,6 +135,7 @@ def test_fast_paths_give_the_reference_update(tiny_model_dir, tmp_path):
     assert max(v.abs().max().item() for v in fast.values()) > 0
 
 
+@pytest.mark.slow
 def test_bf16_loss_projections_move_the_weights_as_float32_within_bf16_precision(tiny_model_dir, tmp_path):
     """`--loss_matmul_dtype bfloat16` reaches the loss (the update changes) and stays a bf16 rounding of it."""
     train = write_jsonl(tmp_path / "train.jsonl", make_records(4, str(tmp_path / "lat")))
@@ -148,6 +150,7 @@ EXPECTED_OUTPUTS = {"config.json", "model.safetensors", "tokenizer", "tokenizer.
                     "loss_log.csv", "loss_curve.png", "trainer_state.json"}
 
 
+@pytest.mark.slow
 def test_end_to_end_writes_every_output(tiny_model_dir, tiny_data, tmp_path):
     train, evaluation = tiny_data
     out = str(tmp_path / "out")
@@ -275,6 +278,7 @@ def test_two_processes_draw_negatives_across_ranks(launcher, tiny_model_dir, tin
     assert logs[0]["ratios"] != logs[1]["ratios"]  # each rank has its own random stream
 
 
+@pytest.mark.distributed
 def test_fsdp_trains_as_ddp_and_its_checkpoints_reload_on_one_process(tiny_model_dir, tiny_data, tmp_path):
     """FSDP2 on CPU (gloo): the real `fully_shard` path, sharded parameters and full-state-dict saving."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -375,6 +379,7 @@ def _fixed_batch(tokenizer, path):
     return dict({k: batch[k] for k in keys}, latent_rows=batch["latent_lengths"])
 
 
+@pytest.mark.slow
 def test_lora_run_saves_a_folder_that_reloads_with_equal_logits(tiny_model_dir, tiny_data, tmp_path):
     from latent_head import LatentActor
 
@@ -440,6 +445,7 @@ def test_stacked_no_grad_branches_equal_separate_forwards(tiny_model_dir, tiny_d
     assert torch.allclose(plan_h, plan_alone, atol=1e-5) and torch.allclose(neg_h, neg_alone, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_head_learning_rate_puts_the_head_in_its_own_groups(tiny_model_dir, tiny_data, tmp_path):
     train, _ = tiny_data
     seen = {}
@@ -464,6 +470,7 @@ def test_head_learning_rate_puts_the_head_in_its_own_groups(tiny_model_dir, tiny
     assert all(lr == 1e-4 for lr, _, any_head in seen["groups"] if not any_head)
 
 
+@pytest.mark.slow
 def test_components_reach_tensorboard(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
     import glob
 
@@ -483,6 +490,7 @@ def test_components_reach_tensorboard(tiny_model_dir, tiny_data, tmp_path, monke
                                      "js_bits")} <= tags
 
 
+@pytest.mark.slow
 def test_a_latent_file_broken_mid_run_in_a_loader_worker_is_one_clear_error(tiny_model_dir, tmp_path, monkeypatch,
                                                                              capsys):
     """Validation passed, then a worker fails to read a latent file: one line names it (no worker traceback),

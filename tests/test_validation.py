@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import LATENT_DIM, ROOT, make_records, write_jsonl
+from tests.helpers import LATENT_DIM, ROOT, make_records, write_jsonl
 from common.validation import SEVERITY, main, validate_files
 from data import DataError, load_latents, tokenize_sample
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import LATENT_DIM, make_records, write_jsonl
+from tests.helpers import LATENT_DIM, make_records, write_jsonl
 from data import ActorDataset, LatentCollator, build_hf_dataset
 from latent_head import HeadConfig, LatentCommHead
 from training.warm_start import alignment_loss, warm_start_head
