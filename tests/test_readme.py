@@ -86,6 +86,7 @@ def test_the_readme_s_runnable_commands_run_as_written(tmp_path):
     clone = scratch_clone(tmp_path)
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
                TOKENIZERS_PARALLELISM="false")
+    env.setdefault("OMP_NUM_THREADS", "1")  # as the README advises on a busy machine (tests share the cores)
     outputs = []
     for n, (before, lang, body) in enumerate(b for b in readme_blocks() if b[0].startswith(RUNNABLE)):
         if lang == "python":
