@@ -20,36 +20,32 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from common.args import LossArguments, parse_mix_ratios
+from common.constants import (COMPRESSION_ALIGN_WEIGHT, COMPRESSION_KL_WEIGHT, DISTILL_TEMPERATURE,  # noqa: F401
+                              DISTILL_WINDOW, LOSS_CHUNK_SIZE, UNCERTAINTY_QUANTILE)
+
 LN2 = math.log(2.0)
 CONTRAST_MARGIN = 0.69  # ~ln 2, the maximum of JS in nats
 PLAN_KL_WEIGHT, PLAN_COS_WEIGHT = 0.7, 0.3
-LOSS_CHUNK_SIZE = 1024  # supervised rows projected to the vocabulary at a time: bounds [rows, vocab] logits
 
 
 @dataclass
-class LossConfig:
-    """The three-branch loss's settings; every default here is the command line's (train_actor.py reads them)."""
-
-    plan_similarity_weight: float = 1.0
-    random_contrast_weight: float = 2.0
-    mix_ratios: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-    pure_latent_prob: float = 0.5  # share of training samples that see pure latents (ratio 1)
-    loss_chunk_size: int | None = LOSS_CHUNK_SIZE
-    fused_loss: bool = True  # closed-form gradients per chunk (bias-free linear LM heads); else autograd
-    loss_kernel: str = "auto"  # the fused chunk: "triton", "compile", "eager"; auto: see `resolve_loss_kernel`
-    loss_matmul_dtype: str = "auto"  # projections' operands: "auto" = bfloat16 under bf16 on CUDA, else float32
-    # The negative branch: "published" = the donor's latents in the positive's latent rows, then the sample's
-    # own plan suffix (only the latent part differs from the positive); "latents_only" = the donor's latents
-    # alone (this project's earlier form, kept for ablation: in mixed samples it differs in the text too).
-    negative_form: str = "published"
-    contrast_divergence: str = "js"  # "js": per-position Jensen-Shannon; "published": 0.5 KL(M||P)+0.5 KL(M||Q) of means
-    loss_weighting: str = "fixed"  # "fixed": the weights above; "adaptive": the published code's loss-driven weights
+class LossConfig(LossArguments):
+    """The three-branch loss's settings: the command line's loss flags (their names, defaults, checks and help
+    are `common.args.LossArguments`, defined once there), with `mix_ratios` as numbers and a `loss_chunk_size`
+    of 0 as None (no chunking)."""
 
     def __post_init__(self):
-        for name, allowed in (("negative_form", ("published", "latents_only")),
-                              ("contrast_divergence", ("js", "published")), ("loss_weighting", ("fixed", "adaptive"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        super().__post_init__()  # the values' checks
+        if isinstance(self.mix_ratios, str):
+            self.mix_ratios = parse_mix_ratios(self.mix_ratios)
+        self.mix_ratios = tuple(self.mix_ratios)
+        self.loss_chunk_size = self.loss_chunk_size or None
+
+    @classmethod
+    def from_arguments(cls, args: LossArguments) -> "LossConfig":
+        """The loss settings of parsed arguments (any object with `LossArguments`' fields)."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(LossArguments)})
 
     def check_loss_path(self) -> None:
         """The fused loss computes each chunk's gradient in one pass with fixed weights, per position: the
@@ -513,10 +509,7 @@ def infonce_from_scores(scores: torch.Tensor, tau: float = 1.0) -> tuple[torch.T
 
 
 # -- the compression stage (sender/train.py): the sender learns to speak in K latents -----------------
-COMPRESSION_KL_WEIGHT, COMPRESSION_ALIGN_WEIGHT = 0.1, 0.1
-DISTILL_TEMPERATURE = 4.0
-DISTILL_WINDOW = 64  # supervised tokens per sample that the distillation term looks at
-UNCERTAINTY_QUANTILE = 0.95
+# (its defaults, COMPRESSION_KL_WEIGHT ... UNCERTAINTY_QUANTILE, are common/constants.py's, imported above)
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:

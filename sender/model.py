@@ -24,14 +24,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common.constants import MARKER_TOKEN, SENDER_FILE, TEXT_KEYS
+from common.constants import MARKER_TOKEN, SENDER_FILE, SENDER_REQUEST, TEXT_KEYS
 from data import LatentCollator, with_marker
 from latent_head import LatentActor
 from losses import (COMPRESSION_ALIGN_WEIGHT, COMPRESSION_KL_WEIGHT, DISTILL_TEMPERATURE, DISTILL_WINDOW,
                     LOSS_CHUNK_SIZE, UNCERTAINTY_QUANTILE, alignment_loss, compression_loss, distillation_kl,
                     first_rows_per_sample, latent_comm_loss_sums, token_ce, token_entropy, uncertainty_weights)
 
-REQUEST = "Please generate a plan to solve this task: "  # the published student's fixed request
+REQUEST = SENDER_REQUEST  # the published student's fixed request (common/constants.py: sender/train.py's default)
 NOTES_PREFIX = "What you know: "  # before the plan, for a sender with knowledge="plan"
 KNOWLEDGE = ("none", "plan")
 

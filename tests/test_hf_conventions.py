@@ -126,7 +126,7 @@ def test_a_data_source_flag_replaces_the_recipe_s(tmp_path):
     recipe = os.path.join(RECIPES, "qwen2.5-0.5b.yaml")
     _, data_args, _ = train_actor.parse_args([recipe, "--dataset_name", "org/data", "--output_dir", "o"])
     assert data_args.dataset_name == "org/data" and not data_args.train_file and not data_args.eval_file
-    train_actor.check_data_source(data_args)  # one source: accepted
+    data_args.check_source()  # one source: accepted
     config = tmp_path / "c.yaml"
     config.write_text("dataset_name: org/data\ndataset_split: train\noutput_dir: o\n")
     _, data_args, _ = train_actor.parse_args([str(config), "--train_file", "mine.jsonl"])

@@ -21,6 +21,7 @@ from common.safe_io import check_model_folder
 from common.validation import validate_files
 from data import DataError, build_hf_dataset, encode_conversation, encode_plan, load_latents, read_records
 from latent_head import LatentActor
+from training.trainer import LatentActorTrainer
 
 
 def _argv(model_dir, train, out, *extra, steps=2):
@@ -161,7 +162,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint_and_a_failed_final_save_says_so(tin
             if state.global_step == 1:
                 os.kill(os.getpid(), signal.SIGINT)  # as the terminal sends it
 
-    original = train_actor.LatentActorTrainer.__init__
+    original = LatentActorTrainer.__init__
 
     def init(self, *a, **k):
         original(self, *a, **k)
@@ -169,14 +170,14 @@ def test_ctrl_c_saves_a_resumable_checkpoint_and_a_failed_final_save_says_so(tin
 
     train = write_jsonl(tmp_path / "train.jsonl", make_records(8, str(tmp_path / "lat")))
     out = str(tmp_path / "out")
-    monkeypatch.setattr(train_actor.LatentActorTrainer, "__init__", init)
+    monkeypatch.setattr(LatentActorTrainer, "__init__", init)
     assert train_actor.main(_argv(tiny_model_dir, train, out, "--save_strategy", "no", steps=4)) == 130
     line = _one_line_error(capsys.readouterr().err)
     ckpt = os.path.join(out, "checkpoint-2")
     assert "interrupted (Ctrl-C) after step 2" in line and ckpt in line and "--resume_from_checkpoint latest" in line
     assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= set(os.listdir(ckpt))
     assert not os.path.exists(os.path.join(out, "model.safetensors"))  # no final model from a cut run
-    monkeypatch.setattr(train_actor.LatentActorTrainer, "__init__", original)
+    monkeypatch.setattr(LatentActorTrainer, "__init__", original)
 
     # Resumed, and the final save hits a full disk: what was there stays, the message says what failed.
     real = LatentActor.save_pretrained
