@@ -103,7 +103,7 @@ def dataset_data_files(path: str) -> dict[str, list[str]]:
         found = DataFilesDict.from_patterns(get_data_patterns(path), base_path=path)
     except Exception:  # datasets' EmptyDatasetError and the like: no file its rules recognise
         found = {}
-    by_split = {split: sorted(f for f in files if f.lower().endswith(DATA_FILE_SUFFIXES))
+    by_split = {str(split): sorted(f for f in files if f.lower().endswith(DATA_FILE_SUFFIXES))
                 for split, files in found.items()}
     by_split = {split: files for split, files in by_split.items() if files}
     if by_split:

@@ -349,10 +349,6 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def _declared_in(name: str, classes: tuple[type, ...]) -> bool:
-    return any(name in vars(c).get("__annotations__", {}) for c in classes)
-
-
 def render_help(cli: CommandLine, full: bool = False) -> str:
     """The script's help: a description, then its options grouped (model, latent method, data, training), then
     transformers' TrainingArguments: the common ones (fast: nothing heavy is imported), or all (`full`)."""
@@ -382,11 +378,11 @@ def render_help(cli: CommandLine, full: bool = False) -> str:
                          help="A YAML/JSON file of `name: value` settings (TRL's --config; or give it first, without "
                          "--config). Flags typed after it override it.")
     shown = set()
-    for title, classes in cli.groups:
+    for title, classes in cli.groups:  # each option where its class declares it, in the order declared
         group = parser.add_argument_group(title)
-        for name, f in fields_by_name.items():
-            if name not in shown and _declared_in(name, classes):
-                HfArgumentParser._parse_dataclass_field(group, f)
+        for name in (n for c in classes for n in vars(c).get("__annotations__", {})):
+            if name not in shown and name in fields_by_name:
+                HfArgumentParser._parse_dataclass_field(group, fields_by_name[name])
                 shown.add(name)
     rest = [f for name, f in fields_by_name.items() if name not in shown]
     if full:

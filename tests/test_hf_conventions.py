@@ -151,14 +151,37 @@ def hf_cache(tmp_path, monkeypatch):
     return cache
 
 
-def put_in_cache(cache, repo_id: str, folder: str) -> str:
-    """Lay `folder` out as the hub cache holds a downloaded repo: refs/main -> snapshots/<commit>/files."""
+def put_in_cache(cache, repo_id: str, folder: str, kind: str = "models") -> str:
+    """Lay `folder` out as the hub cache holds a downloaded repo (`kind` models or datasets): refs/main ->
+    snapshots/<commit>/files."""
     commit = hashlib.sha1(repo_id.encode()).hexdigest()
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    repo = cache / (f"{kind}--" + repo_id.replace("/", "--"))
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     shutil.copytree(folder, repo / "snapshots" / commit)
     return str(repo / "snapshots" / commit)
+
+
+def test_a_hub_dataset_id_reads_from_the_hf_cache(hf_cache, tmp_path, capsys):
+    """--dataset_name owner/name: the dataset's snapshot in the local HF cache, read as a local folder (its
+    latents relative to it); never a network call (offline here), one line when it is not cached."""
+    from data import DatasetSource, load_samples
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", make_records(4, str(folder / "__latents_train")))  # paths: __latents_train/...
+    write_jsonl(folder / "test.jsonl", make_records(2, str(folder / "__latents_test"), seed=1, prefix="t"))
+    snapshot = put_in_cache(hf_cache, "someone/tiny-data", str(folder), kind="datasets")
+    samples = load_samples(DatasetSource("someone/tiny-data", "test"))
+    assert [s["id"] for s in samples] == ["t000", "t001"] and samples[0]["where"] == "someone/tiny-data:test[0]"
+    assert all(s["hidden_state_path"].startswith(snapshot) and os.path.exists(s["hidden_state_path"]) for s in samples)
+    argv = ["--dataset_name", "someone/tiny-data", "--eval_split", "test", "--validate_only", "true"]
+    assert train_actor.main(argv) == 0
+    assert "checked 2 file(s), 6 record(s): 0 error(s)" in capsys.readouterr().out
+    assert train_actor.main(["--dataset_name", "someone/not-cached", "--validate_only", "true"]) == 1
+    err = capsys.readouterr().err
+    assert "someone/not-cached: not a local folder or file, not in the Hugging Face cache, and the hub cannot " \
+           "be reached" in err
 
 
 def test_the_head_is_also_safetensors_with_the_same_weights(actor_dir, tmp_path):

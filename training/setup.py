@@ -55,11 +55,11 @@ def build_datasets(data_args: DataArguments, seed: int):
 def print_report(report: Report, args, structure_only: bool = False) -> None:
     """The validation report: in full with --validate_only, else its first lines per kind (one rank prints)."""
     if args.should_log or args.validate_only:  # every rank validates (and stops together); one prints
-        print(report.format(max_per_kind=None if args.validate_only else 20),
-              file=sys.stdout if report.ok else sys.stderr)
+        stream = sys.stdout if report.ok else sys.stderr
+        print(report.format(max_per_kind=None if args.validate_only else 20), file=stream)
         if structure_only:
             print("note: no --model_name_or_path given: the files' structure and latents were checked; the chat "
-                  "template and the lengths need the model's tokenizer (--model_name_or_path NAME)")
+                  "template and the lengths need the model's tokenizer (--model_name_or_path NAME)", file=stream)
     if not report.ok:
         raise UserError("the data files have errors (listed above); nothing was trained", status=1)
 
