@@ -262,13 +262,16 @@ def _dataset_records(source: DatasetSource) -> Iterator[tuple[str, Any]]:
         raise DataError(where=str(source), kind="unreadable_file",
                         detail=f"no split {source.split!r} (found: {', '.join(found) or 'no .json/.jsonl file'}; "
                                "splits come from file names: train.jsonl, test.jsonl, ...)")
-    for path in files:  # the loader reads lists and JSON lines; a {"data": [...]} object would be read as columns
+    objects = []  # {"data": [...]} files: the loader reads their records with field="data"
+    for path in files:
         check_regular_file(path)
-        if not _is_jsonl(path) and _first_byte(path) == b"{":
-            raise DataError(where=path, kind="unreadable_file", detail="a {\"data\": [...]} file is read with "
-                            "--train_file; in a dataset folder, records are JSON lines or a JSON list")
+        objects.append(not _is_jsonl(path) and _first_byte(path) == b"{")
+    if any(objects) and not all(objects):
+        raise DataError(where=str(source), kind="unreadable_file", detail="mixes {\"data\": [...]} files with JSON "
+                        "lines or lists in one split; use one form")
     try:
-        rows = datasets.load_dataset("json", data_files={source.split: files}, split=source.split)
+        rows = datasets.load_dataset("json", data_files={source.split: files}, split=source.split,
+                                     field="data" if objects[0] else None)
     except Exception as e:  # unreadable or malformed files, mixed columns
         raise DataError(where=str(source), kind="unreadable_file",
                         detail=f"cannot be loaded with datasets.load_dataset ({type(e).__name__}: "

@@ -177,6 +177,11 @@ def test_the_sender_s_folder_and_a_data_file_load_with_dataset_name(tmp_path, la
     assert validate_files([DatasetSource(folder, "train"), DatasetSource(folder, "test")]).ok
     single = load_samples(DatasetSource(os.path.join(folder, "test.jsonl")))  # a file: its records, split train
     assert [s["id"] for s in single] == [r["id"] for r in records["test"]]
+    as_object = os.path.join(folder, "all.json")  # the {"data": [...]} form of a data file
+    with open(as_object, "w") as f:
+        json.dump({"data": records["train"]}, f)
+    assert [s["id"] for s in load_samples(DatasetSource(as_object))] == [r["id"] for r in records["train"]]
+    os.remove(as_object)
     if latent_folder.startswith("__"):  # datasets' own folder rule reads it too (the hub's, for an uploaded copy)
         import datasets
 
