@@ -154,12 +154,13 @@ def known_names(parser: argparse.ArgumentParser) -> set[str]:
     return {option[2:] for option in parser._option_string_actions if option.startswith("--")}
 
 
-def did_you_mean(name: str, known: set[str], cli: CommandLine) -> str:
-    """' (did you mean --x?)' for the closest known name (or another tool's name we read as ours), else ''."""
+def did_you_mean(name: str, known: set[str], cli: CommandLine, prefix: str = "--") -> str:
+    """' (did you mean --x?)' for the closest known name (or another tool's name we read as ours), else ''
+    (`prefix` "" for a config key)."""
     candidates = {n: n for n in known if "-" not in n}
     candidates.update({alias: target for alias, target in cli.aliases.items() if target in known})
     match = difflib.get_close_matches(name.lower().replace("-", "_"), list(candidates), n=1, cutoff=0.75)
-    return f" (did you mean --{candidates[match[0]]}?)" if match else ""
+    return f" (did you mean {prefix}{candidates[match[0]]}?)" if match else ""
 
 
 def rename_name(name: str, known: set[str], cli: CommandLine, where: str) -> str:
@@ -222,18 +223,16 @@ DATA_SOURCE_FLAGS = {"dataset_name": ("train_file", "eval_file"),
                      "train_file": ("dataset_name", "dataset_split", "eval_split"), "eval_file": ("eval_split",)}
 
 
-class _Parser:
-    """transformers' HfArgumentParser, whose errors are one-line `ValueError`s instead of usage and exit."""
+def build_parser(cli: CommandLine):
+    """transformers' HfArgumentParser of the script's dataclasses, whose errors are one-line `ValueError`s
+    instead of the usage (hundreds of options) and an exit."""
+    from transformers import HfArgumentParser
 
-    @staticmethod
-    def build(cli: CommandLine):
-        from transformers import HfArgumentParser
+    class Parser(HfArgumentParser):
+        def error(self, message):
+            raise ValueError(message)
 
-        class Parser(HfArgumentParser):
-            def error(self, message):
-                raise ValueError(message)
-
-        return Parser(cli.argument_types(), prog=cli.prog, add_help=False)
+    return Parser(cli.argument_types(), prog=cli.prog, add_help=False)
 
 
 def parse_config_and_flags(cli: CommandLine, argv: list[str] | None = None):
@@ -245,7 +244,7 @@ def parse_config_and_flags(cli: CommandLine, argv: list[str] | None = None):
         print(render_help(cli, full="--help-all" in argv))
         raise SystemExit(0)
     path, argv = take_config_path(argv)
-    parser = _Parser.build(cli)
+    parser = build_parser(cli)
     known = known_names(parser)
     argv = rename_flags(argv, known, cli)
     flags = []
@@ -257,8 +256,9 @@ def parse_config_and_flags(cli: CommandLine, argv: list[str] | None = None):
                 raise ValueError(f"{path}: `{key}` is not a setting ({NOT_CONFIG_KEYS[key]})")
             ours = rename_name(key, known, cli, f"{path}: ")
             if ours not in known:
-                raise ValueError(f"{path}: unknown key {one_line(key, 80)}{did_you_mean(key, known, cli)} (not an "
-                                 f"argument of {cli.prog}; see --help)")
+                hint = did_you_mean(key, known, cli, prefix="")
+                raise ValueError(f"{path}: unknown key {one_line(key, 80)}{hint} (not an argument of {cli.prog}; "
+                                 "see --help)")
             if ours in renamed:
                 raise ValueError(f"{path}: {key} and {ours} both given (the same setting)")
             renamed[ours] = value

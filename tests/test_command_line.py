@@ -93,7 +93,7 @@ def test_near_misses_name_the_flag_or_key_meant(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("per_device_train_batchsize: 4\n")
     err = _error(train_actor.main, [str(config), "--output_dir", "o"], capsys)
-    assert f"{config}: unknown key per_device_train_batchsize (did you mean --per_device_train_batch_size?)" in err
+    assert f"{config}: unknown key per_device_train_batchsize (did you mean per_device_train_batch_size?)" in err
     # the sender's own flags only: the actor's probe options are no longer inherited, and say so
     err = _error(train_sender.main, ["--output_dir", "o", "--enable_infoNCE_probe", "true"], capsys)
     assert "unknown argument --enable_infoNCE_probe" in err
