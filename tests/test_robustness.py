@@ -44,7 +44,9 @@ def _no_model_load(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the error was found")
 
-    monkeypatch.setattr(train_actor, "build_actor", refuse)
+    from training import setup  # train_actor.train builds the actor with training.setup.build_actor
+
+    monkeypatch.setattr(setup, "build_actor", refuse)
 
 
 def _files(folder) -> dict:
@@ -362,7 +364,7 @@ def test_validator_survives_pathological_json(tmp_path, text, words):
 
 
 @pytest.mark.parametrize("flag,value,words", [("--num_heads", "5", "must divide the model's hidden size 32"),
-                                              ("--nonfinite_policy", "ignore", "expected skip or stop"),
+                                              ("--nonfinite_policy", "ignore", "choose from 'skip', 'stop'"),
                                               ("--mix_ratios", "a", "comma-separated numbers"),
                                               ("--mix_ratios", "0.5,2", "comma-separated numbers"),
                                               ("--model_max_length", "7", "leaves no room")])
