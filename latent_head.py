@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from constants import HEAD_FILE, HEAD_SAFETENSORS_FILE, IGNORE_INDEX, PREPENDED_LENGTH, SPECIAL_TOKENS, TEXT_KEYS
 from constants import MARKER_TOKEN  # noqa: F401 (re-exported: tests import it from here)
-from losses import LOSS_CHUNK_SIZE, LossConfig, LossSums, latent_comm_losses, token_ce
+from losses import LOSS_CHUNK_SIZE, LossConfig, LossInputs, LossSums, latent_comm_losses, token_ce
 
 logger = logging.getLogger(__name__)
 
@@ -442,10 +442,10 @@ class LatentActor(nn.Module):
         with torch.no_grad():
             hidden = dict(zip(targets, self.stacked_branches(text, list(targets.values()))))
         row = pos.sample_index
-        return latent_comm_losses(pos.hidden, pos.labels, self.output_weight(), self.logits,
-                                  hidden.get("plan"), has_plan[row] if "plan" in hidden else None,
-                                  hidden.get("negative"), (found & has_latent)[row] if "negative" in hidden else None,
-                                  row, loss_config)
+        inputs = LossInputs(pos.hidden, pos.labels, sample_index=row,
+                            plan_hidden=hidden.get("plan"), plan_mask=has_plan[row],
+                            neg_hidden=hidden.get("negative"), neg_mask=None if found is None else (found & has_latent)[row])
+        return latent_comm_losses(inputs, loss_config, self.logits, self.output_weight())
 
     def stacked_branches(self, text: dict[str, torch.Tensor], branches: list[dict]) -> list[torch.Tensor]:
         """Several branches of one batch (each: latents, latent_lengths, block_ids, block_lengths, and
