@@ -427,6 +427,31 @@ def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b, out_dtype=torch.float32) if _MM_OUT_DTYPE else (a @ b).float()
 
 
+_ADDMM_OUT_DTYPE: dict[str, bool] = {}  # device type -> addmm adds a bf16 product into float32 in place there
+
+
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """`acc += a @ b` in place, `acc` float32: one fused multiply-add where torch has one for the operands' dtype
+    (bf16 operands: `addmm`'s `out_dtype` on CUDA), else through a float32 product (a temporary of acc's size:
+    545 MB for Qwen2.5's LM head, written and read again every chunk)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    kind = acc.device.type
+    if kind not in _ADDMM_OUT_DTYPE:  # checked once per device type, on small tensors, against the plain sum
+        try:
+            c, x, y = torch.ones(2, 3, device=acc.device), a[:2, :4], b[:4, :3]
+            want = c + x.float() @ y.float()
+            torch.addmm(c, x, y, out_dtype=torch.float32, out=c)
+            _ADDMM_OUT_DTYPE[kind] = bool(torch.allclose(c, want, rtol=1e-3, atol=1e-3))
+        except (RuntimeError, TypeError, NotImplementedError):
+            _ADDMM_OUT_DTYPE[kind] = False
+    if _ADDMM_OUT_DTYPE[kind]:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc += _mm_float32(a, b)
+
+
 class _FusedSettings(NamedTuple):
     """The fused loss's fixed settings for one call (`_FusedLoss`)."""
 
@@ -469,10 +494,8 @@ class _FusedLoss(torch.autograd.Function):
                 metrics += sum_rows(terms, plan_w[sl], neg_w[sl]).metrics()
                 if grad_hidden is not None:
                     grad_hidden[sl] = _mm_float32(grad, w)
-                if grad_weight is not None and dtype == torch.float32:
-                    grad_weight.addmm_(grad.T, h)  # in place: no [V, H] temporary
-                elif grad_weight is not None:
-                    grad_weight += _mm_float32(grad.T, h)
+                if grad_weight is not None:
+                    _add_product(grad_weight, grad.T, h)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = (pos_hidden.dtype, weight.dtype)
         ctx.mark_non_differentiable(metrics)
