@@ -129,7 +129,8 @@ def test_packed_sequences_equal_padded_batch_and_are_not_saved(actor_dir, tmp_pa
 def test_graph_row_lengths_and_padded_packing_by_hand():
     """Under CUDA graphs a packed row takes one of a few lengths: whole units up to 8, then 4 steps a doubling; the
     extra tokens end the samples' segments (each at most the limit), after every real token of their sample."""
-    assert [graph_row_length(t, 10 ** 6, unit=4) for t in (1, 4, 5, 32, 33, 40, 41, 65)] == [4, 4, 8, 32, 40, 40, 48, 80]
+    lengths = [graph_row_length(t, 10 ** 6, unit=4) for t in (1, 4, 5, 32, 33, 40, 41, 65)]
+    assert lengths == [4, 4, 8, 32, 40, 40, 48, 80]
     assert graph_row_length(30, 24, unit=4) == 30 and graph_row_length(17, 24, unit=4) == 20  # limit; never short
     row = pack_rows(torch.tensor([3, 1]), 4, width=4, segment_limit=4)  # room 1 and 3: 4 extra tokens fill both
     assert row.length == 8 and row.real_tokens == 4 and row.cu.tolist() == [0, 4, 8]
@@ -151,7 +152,8 @@ def test_branch_positions_are_the_assembled_supervised_labels(actor):
     lengths, marker = torch.tensor([6, 5, 6]), torch.tensor([0, 2, 1])
     mask = (torch.arange(6)[None] < lengths[:, None]).long()
     latents, latent_lengths, rows = torch.randn(3, 4, 24), torch.tensor([4, 2, 3]), torch.tensor([2, 2, 0])
-    for block_ids, block_lengths in ((None, None), (torch.tensor([[50, 51], [52, 0], [53, 54]]), torch.tensor([2, 1, 2]))):
+    plan = (torch.tensor([[50, 51], [52, 0], [53, 54]]), torch.tensor([2, 1, 2]))
+    for block_ids, block_lengths in ((None, None), plan):
         with torch.no_grad():
             out = actor.branch(text, labels, mask, marker, latents, latent_lengths, rows, block_ids, block_lengths)
             asm = assemble_inputs(text, labels, lengths, marker, rows, block_ids, block_lengths, actor.bop_id,
@@ -179,7 +181,8 @@ def test_rows_padded_for_cuda_graphs_give_equal_hidden_states_and_gradients(acto
     padded.cuda_graphs = True  # what compile_layers(cuda_graphs=True) sets, without compiling
     tok = plain.tokenizer
     path = write_jsonl(tmp_path / "t.jsonl", make_records(3, str(tmp_path / "lat")))
-    batch = LatentCollator(tok.pad_token_id, 24)([ActorDataset(build_hf_dataset(path), tok, 512, 6)[i] for i in range(3)])
+    dataset = ActorDataset(build_hf_dataset(path), tok, 512, 6)
+    batch = LatentCollator(tok.pad_token_id, 24)([dataset[i] for i in range(3)])
     inputs = {k: batch[k] for k in ("input_ids", "labels", "attention_mask", "marker_index", "latent_lengths")}
     inputs["latents"] = batch["latents"].double()
     outs = []

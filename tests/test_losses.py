@@ -186,7 +186,7 @@ def test_bf16_projections_stay_within_bf16_tolerance_of_float32():
 def interpreted_loss_kernel():
     """`loss_kernel` run by Triton's interpreter on CPU tensors (conftest sets TRITON_INTERPRET)."""
     pytest.importorskip("triton")
-    import loss_kernel
+    from training import loss_kernel
 
     return loss_kernel
 
@@ -210,7 +210,7 @@ def test_triton_chunk_kernel_matches_the_torch_chunk_function(interpreted_loss_k
             1.3, 2.0, need_grad)
     want_terms, want_grad = losses.chunk_values_and_grad(*args)
     got_terms, got_grad = interpreted_loss_kernel.chunk_values_and_grad(*args, block=128, num_warps=4)
-    sums = lambda terms: losses.sum_rows(terms, plan_w, neg_w).metrics()
+    sums = lambda terms: losses.sum_rows(terms, plan_w, neg_w).metrics()  # noqa: E731
     torch.testing.assert_close(sums(got_terms), sums(want_terms), rtol=1e-5, atol=1e-5)
     if with_neg:  # the test's premise: one row with the hinge clamped, the others with it active
         first_two = losses.ChunkLogits(pos[:2], labels[:2], None, plan_w[:2], neg[:2], neg_w[:2])
@@ -227,7 +227,7 @@ import itertools, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import loss_kernel
+from training import loss_kernel
 
 kernel = loss_kernel._chunk_kernel
 signature = {name: "constexpr" for name in kernel.arg_names}
@@ -353,7 +353,7 @@ def test_adaptive_loss_weighting_by_hand():
 
 
 def test_switches_of_the_autograd_path_are_refused_on_the_fused_path():
-    from trainer import LossConfig
+    from training.trainer import LossConfig
 
     for switch in (dict(contrast_divergence="published"), dict(loss_weighting="adaptive")):
         with pytest.raises(ValueError, match="--fused_loss false"):
