@@ -290,10 +290,12 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 
 def _packed_mask(*args, **kwargs):
-    """Masks for `packed_attention`: none for packed rows (the kernel keeps samples apart), SDPA's otherwise."""
+    """Masks for `packed_attention`: none for packed rows (the kernel keeps samples apart; `LatentActor.backbone`
+    gives them a 4-D placeholder), SDPA's otherwise."""
     from transformers.masking_utils import sdpa_mask
 
-    return None if kwargs.get("attention_mask") is None else sdpa_mask(*args, **kwargs)
+    mask = kwargs.get("attention_mask")
+    return None if mask is None or mask.dim() == 4 else sdpa_mask(*args, **kwargs)
 
 
 def register_packed_attention() -> None:
@@ -612,7 +614,8 @@ class LatentActor(nn.Module):
         rows, text_cols = true_positions(keep, layout.supervised)
         block = latent_rows + 1 if block_lengths is None else latent_rows + block_lengths + 1
         cols = torch.where(text_cols < marker_index[rows], text_cols, text_cols + block[rows]) - 1
-        hidden = self.backbone(embeds, batch["attention_mask"], rows, cols, lengths, layout.total)
+        hidden = self.backbone(embeds, batch["attention_mask"], rows=rows, cols=cols, lengths=lengths,
+                               total_tokens=layout.total)
         return BranchOutput(hidden, labels[rows, text_cols], rows)
 
     def backbone(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,

@@ -29,12 +29,26 @@ def load(results_dir: str) -> dict[str, dict]:
     return runs
 
 
-def skipped(results_dir: str) -> list[dict]:
+def driver_entries(results_dir: str) -> list[dict]:
+    """What `speed_runs.py` recorded of every run: status, wall time, torch.compile's counters."""
     out = []
     for path in sorted(glob.glob(os.path.join(results_dir, "driver_*.json"))):
         with open(path) as f:
-            out += [r for r in json.load(f) if r.get("status") != "ok"]
+            out += json.load(f)
     return out
+
+
+def graph_notes(entries: list[dict]) -> list[str]:
+    """For the CUDA-graph runs: how many compiled graphs inductor ran without CUDA graphs (their reasons are in
+    the log's perf hints), and the compiles of the run."""
+    notes = []
+    for e in entries:
+        if e.get("mode") == "graphs" and e.get("status") == "ok":
+            inductor = e.get("compile_counters", {}).get("inductor", {})
+            stats = e.get("compile_counters", {}).get("stats", {})
+            notes.append(f"{e['name']}: cudagraph_skips {inductor.get('cudagraph_skips', 0)}, "
+                         f"graphs compiled {stats.get('unique_graphs', 0)}, wall {e.get('wall_s', 0):.0f} s")
+    return notes
 
 
 def loss_gap(run: dict, ref: dict) -> dict | None:
@@ -106,11 +120,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     summary = summarize(load(args.results_dir))
-    not_run = skipped(args.results_dir)
-    summary["not_run"] = not_run
+    entries = driver_entries(args.results_dir)
+    not_run = [e for e in entries if e.get("status") != "ok"]
+    summary["not_run"], summary["graph_notes"] = not_run, graph_notes(entries)
+    summary["wall_s"] = {e["name"]: round(e.get("wall_s", 0), 1) for e in entries if "wall_s" in e}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(summary, f, indent=1)
+    for note in summary["graph_notes"]:
+        print(note)
+    print("wall s per run: " + ", ".join(f"{k} {v}" for k, v in summary["wall_s"].items()))
     print(table(summary, not_run))
     return 0
 
