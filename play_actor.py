@@ -128,7 +128,9 @@ def _request_infos(env_kind: str):
 
     if env_kind == "alfworld":  # what ALFWorld's own agents request from its PDDL games
         return textworld.EnvInfos(admissible_commands=True, won=True, extras=["gamefile"])
-    return textworld.EnvInfos(admissible_commands=True, won=True, lost=True, objective=True, policy_commands=True)
+    # walkthrough/family/task: envs/household.py games (TextWorld's logic engine has no planner's commands)
+    return textworld.EnvInfos(admissible_commands=True, won=True, lost=True, objective=True, policy_commands=True,
+                              extras=["walkthrough", "family", "task"])
 
 
 def make_env(game_file: str, env_kind: str = "textworld", max_steps: int = 50):
@@ -144,6 +146,10 @@ def make_env(game_file: str, env_kind: str = "textworld", max_steps: int = 50):
         except ImportError:
             raise DataError("--env alfworld needs the alfworld package (pip install alfworld) and its data") from None
         wrappers = [AlfredDemangler(shuffle=False), AlfredInfos]
+    elif game_file.endswith(".json"):  # envs/household.py: played by TextWorld's logic engine, narrated by us
+        from envs.household import HouseholdText
+
+        wrappers = [HouseholdText]
     if not os.path.exists(game_file):
         raise DataError(f"{game_file}: game file not found")
     # Jericho cannot track score and moves in TextWorld's games; TextWorld tracks them itself.
@@ -177,7 +183,8 @@ class Policy(Protocol):
 
 
 class ExpertPolicy:
-    """Follows the game's own plan (`policy_commands`, recomputed by the game at every step; TextWorld games)."""
+    """Follows the game's own plan: `policy_commands` (recomputed by the game at every step; compiled TextWorld
+    games), else the game's walkthrough from the start (envs/household.py games)."""
 
     def __init__(self, fmt: TurnFormat):
         self.fmt = fmt
@@ -185,7 +192,7 @@ class ExpertPolicy:
     def __call__(self, episodes: Sequence[Episode]) -> list[str]:
         replies = []
         for ep in episodes:
-            plan = ep.infos.get("policy_commands") or []
+            plan = ep.infos.get("policy_commands") or (ep.infos.get("extra.walkthrough") or [])[len(ep.turns):]
             replies.append(self.fmt.reply.format(command=plan[0] if plan else "look"))
         return replies
 
@@ -204,6 +211,13 @@ class ExplorerPolicy:
         replies = []
         for ep in episodes:
             admissible = list(ep.infos["admissible_commands"])
+            if ep.infos.get("extra.task"):  # envs/household.py games: the same kind of search, its sub-goals
+                from envs.household import explorer_command
+
+                observations = [ep.messages[0]["content"]] + [t["observation"] for t in ep.turns]
+                replies.append(self.fmt.reply.format(command=explorer_command(
+                    ep.infos["extra.task"], observations, [t["command"] for t in ep.turns], admissible, ep.memory)))
+                continue
             objective = normalise_command(ep.infos.get("objective") or "").split()
             rooms = re.findall(r"-= (.+?) =-", "\n".join([ep.messages[0]["content"]] +
                                                           [t["observation"] for t in ep.turns]))
