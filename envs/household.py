@@ -620,10 +620,19 @@ except ImportError:  # textworld is optional for reading this module; playing ne
 class HouseholdText(_WrapperBase):
     """Writes the observations of a household game (TextWorld's logic engine plays it without text)."""
 
+    _gamefile = "game"
+
+    def load(self, path: str) -> None:
+        self._gamefile = path
+        return super().load(path)
+
     def _names(self, state) -> dict[str, str]:
         game = state["game"]
         if game.metadata.get("engine") != GAME_MARK:
-            raise ValueError("HouseholdText narrates only envs/household.py games")
+            from data import DataError
+
+            raise DataError(f"{self._gamefile}: a TextWorld .json game that envs/household.py did not write "
+                            "(play compiled TextWorld games by their .z8 file)")
         return {k: info.name for k, info in game.infos.items()}
 
     def _narrate(self, state, text: str) -> None:
