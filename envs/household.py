@@ -787,6 +787,7 @@ def generate(out_dir: str, n_train: int, n_eval: int, seed: int = 0, opts: House
     finally:
         if pool:
             pool.close()
+            pool.join()
     return files
 
 
