@@ -226,3 +226,29 @@ def test_household_records_are_valid_training_data(hh_data, tokenizer_dir):
     _, files, _ = hh_data
     report = validate_files([files["train"], files["eval_unseen"]], AutoTokenizer.from_pretrained(tokenizer_dir))
     assert report.ok, report.format()
+
+
+def test_summary_scores_each_family_split_and_condition(hh_data, tmp_path):
+    """benchmarks/envs_summary.py: success per player, split, condition and family, from play reports; a
+    missing report (a run cut short) is skipped."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("envs_summary", os.path.join(
+        os.path.dirname(__file__), "..", "benchmarks", "envs_summary.py"))
+    summary_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary_mod)
+    out, _, records = hh_data
+    recs = records["eval_unseen"]
+    won = {r["id"]: r["family"] in ("pick_and_place", "heat_then_place") for r in recs}
+    episodes = [{"id": r["id"], "condition": c, "applies": True, "won": won[r["id"]] if c == "true" else False,
+                 "steps": 7 if won[r["id"]] else r["max_steps"]} for c in ("true", "none") for r in recs]
+    path = tmp_path / "play.json"
+    path.write_text(json.dumps({"episodes": episodes}))
+    s = summary_mod.summarise(out, {("seed0", "eval_unseen"): str(path), ("seed1", "eval_seen"): str(tmp_path / "x")})
+    assert list(s) == ["seed0"] and list(s["seed0"]) == ["eval_unseen"]
+    true, none = s["seed0"]["eval_unseen"]["true"], s["seed0"]["eval_unseen"]["none"]
+    assert true["success"] == pytest.approx(2 / 6) and true["mean_steps_won"] == 7 and none["success"] == 0
+    assert {f: v["success"] for f, v in true["families"].items()} == {
+        f: float(f in ("pick_and_place", "heat_then_place")) for f in hh.FAMILIES}
+    table = summary_mod.table(s)
+    assert "| seed0 | unseen | 33% | - | 0% | - | 7.0 |" in table
