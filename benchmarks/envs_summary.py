@@ -20,7 +20,7 @@ from collections import defaultdict
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from envs.household import FAMILIES  # noqa: E402
+from envs.household import FAMILIES
 
 CONDITIONS = ("true", "shuffled", "none", "plan_text")
 SPLITS = ("eval_seen", "eval_unseen")

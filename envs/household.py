@@ -297,7 +297,8 @@ def build_house(rng: random.Random, vocab: Vocabulary, opts: HouseholdOptions) -
 
 def to_facts(house: House):
     """TextWorld propositions of the house's initial state; and the variables by name."""
-    from textworld.logic import Proposition as F, Variable as V
+    from textworld.logic import Proposition as F
+    from textworld.logic import Variable as V
 
     P, I = V("P", "P"), V("I", "I")
     rooms = [V(f"r_{i}", "r") for i in range(len(house.rooms))]
@@ -460,8 +461,8 @@ def render_plan(steps: Sequence[Step], style: str, rng: random.Random) -> str:
                                f"find the {s.thing}: it is {s.preposition} {there}{closed}, take it from there"])
         elif s.kind == "transform":
             verb = s.commands[-1].split()[0]
-            text = rng.choice([f"{verb} it with {there}", f"the {s.where.rsplit(' ', 1)[0]} to {verb} it is "
-                                                          f"{there}; {verb} it there"])
+            device_kind = s.where.rsplit(" ", 1)[0]
+            text = rng.choice([f"{verb} it with {there}", f"the {device_kind} to {verb} it is {there}; {verb} it there"])
         elif s.kind == "place":
             closed = ", open it first" if s.closed else ""
             text = rng.choice([f"put it {s.preposition} {there}{closed}",
@@ -734,7 +735,7 @@ def explorer_command(task: dict, observations: Sequence[str], commands: Sequence
 def make_record(split: str, index: int, seed: int, out_dir: str, opts: HouseholdOptions,
                 keep_game: bool = True) -> dict:
     """Build one game, play it with the expert, and return its record (see module doc)."""
-    from play_actor import ExpertPolicy, Game, TURN_FORMATS, play
+    from play_actor import TURN_FORMATS, ExpertPolicy, Game, play
 
     game_id = f"{split}_{index:04d}"
     family = FAMILIES[index % len(FAMILIES)]

@@ -168,7 +168,7 @@ def test_plans_are_mostly_facts_and_subgoals_not_the_command_list():
 def test_same_seed_same_game():
     a, ia = hh.build_game("0-eval_unseen-4", "heat_then_place", hh.VOCABULARIES["unseen"], hh.HouseholdOptions())
     b, ib = hh.build_game("0-eval_unseen-4", "heat_then_place", hh.VOCABULARIES["unseen"], hh.HouseholdOptions())
-    c, ic = hh.build_game("0-eval_unseen-5", "heat_then_place", hh.VOCABULARIES["unseen"], hh.HouseholdOptions())
+    _, ic = hh.build_game("0-eval_unseen-5", "heat_then_place", hh.VOCABULARIES["unseen"], hh.HouseholdOptions())
     assert a.serialize() == b.serialize() and ia == ib
     assert ia["layout"] != ic["layout"] or ia["walkthrough"] != ic["walkthrough"]
 
