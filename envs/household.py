@@ -393,8 +393,7 @@ def make_task(family: str, rng: random.Random, vocab: Vocabulary, opts: Househol
     house = build_house(rng, vocab, opts)
     storage = [i for i, r in enumerate(house.receptacles) if r.type in ("c", "s")]
     away = [i for i in storage if house.receptacles[i].room != house.start]
-    kinds = rng.sample(vocab.objects, 2 + opts.distractors)
-    target, others = kinds[0], kinds[2:]
+    target, *others = rng.sample(vocab.objects, 1 + opts.distractors)
     n_targets = 2 if family == "pick_two_and_place" else 1
     sources = [rng.choice(away)] + ([rng.choice(storage)] if n_targets == 2 else [])
     targets = [f"{target} {k + 1}" for k in range(n_targets)]
@@ -810,8 +809,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     problems = [f"--splits: unknown {s!r} (expected some of {', '.join(SPLITS)})" for s in splits if s not in SPLITS]
     if not 2 <= args.rooms <= min(len(v.rooms) for v in VOCABULARIES.values()):
         problems.append("--rooms: expected 2..8")
-    if not 0 <= args.distractors <= min(len(v.objects) for v in VOCABULARIES.values()) - 2:
-        problems.append("--distractors: expected 0..14")
+    if not 0 <= args.distractors <= min(len(v.objects) for v in VOCABULARIES.values()) - 1:
+        problems.append("--distractors: expected 0..15")
     if not 0 <= args.plan_facts_share <= 1:
         problems.append("--plan_facts_share: expected a share in [0, 1]")
     if problems:
