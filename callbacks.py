@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback
 from transformers.integrations.integration_utils import rewrite_logs
 
-from constants import LOSS_CURVE_FILE, LOSS_LOG_FILE, TEXT_KEYS
+from common.constants import LOSS_CURVE_FILE, LOSS_LOG_FILE, TEXT_KEYS
 from losses import infonce_from_scores
 
 logger = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ PANELS = (
     ("delta NLL, wrong vs true latent (bits/token)", "delta_nll_bits", "eval_delta_nll_bits"),
     ("InfoNCE lower bound (nats)", "probe/cInfoNCE_LB", None),
     ("eval CE, shuffled - true latents (bits/token)", None, "cond/delta_bits_shuffled_minus_true"),
-    # train_sender.py (compression stage)
+    # sender/train.py (compression stage)
     ("distillation KL (T^2-scaled, uncertainty-weighted)", "distill_kl", "eval_distill_kl"),
     ("alignment (1 - cos, after the head)", "alignment", "eval_alignment"),
 )
@@ -100,7 +100,7 @@ def conditional_ce_matrix(actor, batch: dict[str, torch.Tensor]) -> torch.Tensor
 
     One batched forward per latent o over all K conversations (pure latents, head in eval mode).
     """
-    from evaluation import ce_sums
+    from evaluation.conditions import ce_sums
 
     k = batch["input_ids"].shape[0]
     text = {name: batch[name] for name in TEXT_KEYS}
@@ -146,14 +146,14 @@ class InfoNCEProbeCallback(TrainerCallback):
 
 class LatentConditionsCallback(TrainerCallback):
     """After each evaluation, logs the eval set's CE (bits/token) under the four messages of
-    `evaluation.py` (true, shuffled, none, plan_text latents), so the curves show whether
+    `evaluation/conditions.py` (true, shuffled, none, plan_text latents), so the curves show whether
     the actor reads its latents while it trains."""
 
     def __init__(self, trainer, max_samples: int = 64):
         self.trainer, self.max_samples = trainer, max_samples
 
     def on_evaluate(self, args, state, control, **kwargs):
-        from evaluation import evaluate_conditions
+        from evaluation.conditions import evaluate_conditions
 
         trainer = self.trainer
         actor = trainer.accelerator.unwrap_model(trainer.model)

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from constants import IGNORE_INDEX, MARKER_TOKEN, SPECIAL_TOKENS
-from safe_io import MAX_LINE_BYTES, DataError, check_regular_file, load_torch_file, read_npy_header
+from common.constants import IGNORE_INDEX, MARKER_TOKEN, SPECIAL_TOKENS
+from common.safe_io import MAX_LINE_BYTES, DataError, check_regular_file, load_torch_file, read_npy_header
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from constants import HEAD_FILE, HEAD_SAFETENSORS_FILE, IGNORE_INDEX, PREPENDED_LENGTH, SPECIAL_TOKENS, TEXT_KEYS
-from constants import MARKER_TOKEN  # noqa: F401 (re-exported: tests import it from here)
+from common.constants import HEAD_FILE, HEAD_SAFETENSORS_FILE, IGNORE_INDEX, PREPENDED_LENGTH, SPECIAL_TOKENS, TEXT_KEYS
+from common.constants import MARKER_TOKEN  # noqa: F401 (re-exported: tests import it from here)
 from losses import LOSS_CHUNK_SIZE, LossConfig, LossSums, latent_comm_losses, token_ce
 
 logger = logging.getLogger(__name__)
@@ -535,7 +535,7 @@ class LatentActor(nn.Module):
         Written whole or not at all (`safe_io.staged_folder`): a failed save (full disk) leaves the folder's
         earlier model as it was; a kill while the files are moved in leaves a marker that loading refuses,
         so weights of one run never pass with the head of another."""
-        from safe_io import staged_folder
+        from common.safe_io import staged_folder
 
         part = lambda prefix: None if state_dict is None else {
             k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
@@ -551,7 +551,7 @@ class LatentActor(nn.Module):
         """Load base-model and head weights saved by `save_pretrained` into this actor (resume, best model)."""
         from safetensors.torch import load_file
 
-        from safe_io import check_model_folder
+        from common.safe_io import check_model_folder
 
         check_model_folder(checkpoint_dir)  # a corrupt, truncated or half-replaced file: one line, before any load
 
@@ -588,7 +588,7 @@ class LatentActor(nn.Module):
         hub id (from the Hugging Face cache, or downloaded when the hub can be reached)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from safe_io import DataError
+        from common.safe_io import DataError
 
         path, state = resolve_actor_dir(path)
         try:
@@ -635,7 +635,7 @@ def load_head_safetensors(path: str) -> dict:
     """`latent_comm_head.safetensors` as `load_head_file` returns the `.pt`: {"config", "state_dict"}."""
     from safetensors import safe_open
 
-    from safe_io import DataError, check_safetensors_file
+    from common.safe_io import DataError, check_safetensors_file
 
     check_safetensors_file(path)
     with safe_open(path, "pt") as f:
@@ -654,8 +654,8 @@ def resolve_actor_dir(path: str, what: str = "") -> tuple[str, dict]:
     checked (`safe_io.check_model_folder`: reads safely, no save cut short), and its head file
     (`latent_comm_head.pt`, or the safetensors copy when it is alone). `DataError` (one line) otherwise;
     `what` names the folder in messages (e.g. "--model_dir")."""
-    from models import ModelNotFoundError, resolve_model_dir
-    from safe_io import DataError, check_model_folder
+    from common.models import ModelNotFoundError, resolve_model_dir
+    from common.safe_io import DataError, check_model_folder
 
     try:
         path = resolve_model_dir(path, what or "actor")
@@ -671,7 +671,7 @@ def resolve_actor_dir(path: str, what: str = "") -> tuple[str, dict]:
 
 def load_head_file(path: str) -> dict:
     """`latent_comm_head.pt` read with `weights_only=True`; a missing, corrupt or foreign file is a `DataError`."""
-    from safe_io import DataError, load_torch_file
+    from common.safe_io import DataError, load_torch_file
 
     if not os.path.lexists(path):
         raise DataError(f"{path}: no latent head here; is this an output folder of train_actor.py?")

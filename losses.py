@@ -73,7 +73,7 @@ def resolve_loss_kernel(choice: str, device_type: str) -> str:
     """`--loss_kernel` on a device. On CUDA the chunk's ~30 elementwise passes over [chunk, vocab] float32
     logits are memory-bound: the Triton kernel makes them 3 passes, torch.compile about 10; so `auto` is
     triton on CUDA where triton is installed, else compile on CUDA, else eager."""
-    import loss_kernel
+    from training import loss_kernel
 
     if choice == "auto":
         return ("triton" if loss_kernel.available() else "compile") if device_type == "cuda" else "eager"
@@ -96,7 +96,7 @@ def chunk_function(kernel: str) -> Callable:
     """The fused loss's per-chunk function for a resolved `--loss_kernel` (triton, compile or eager)."""
     global _COMPILED_CHUNK_FN
     if kernel == "triton":
-        import loss_kernel
+        from training import loss_kernel
 
         return loss_kernel.chunk_values_and_grad
     if kernel == "eager":
@@ -512,7 +512,7 @@ def infonce_from_scores(scores: torch.Tensor, tau: float = 1.0) -> tuple[torch.T
     return loss, math.log(k) - loss
 
 
-# -- the compression stage (train_sender.py): the sender learns to speak in K latents -----------------
+# -- the compression stage (sender/train.py): the sender learns to speak in K latents -----------------
 COMPRESSION_KL_WEIGHT, COMPRESSION_ALIGN_WEIGHT = 0.1, 0.1
 DISTILL_TEMPERATURE = 4.0
 DISTILL_WINDOW = 64  # supervised tokens per sample that the distillation term looks at

@@ -8,33 +8,32 @@ See README.md for the data format, the flags and the outputs.
 """
 from __future__ import annotations
 
-import atexit
-import json
 import logging
 import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import transformers
-from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 from transformers.training_args import ParallelMode
 
 from callbacks import (InfoNCEProbeCallback, InterruptCallback, LatentConditionsCallback, LossLogCallback,
                        NonFiniteGuardCallback, StepsToReadCallback, use_metric_group_tensorboard)
-from constants import INTERRUPTED_DIR, MODEL_MAX_LENGTH, PREPENDED_LENGTH
+from common.cli import (UserError, exit_process, last_checkpoint_note, parse_config_and_flags, run_cli,
+                        save_interrupted, write_failure)
+from common.constants import MODEL_MAX_LENGTH, PREPENDED_LENGTH
+from common.models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
+from common.runs import check_output_dir, check_resume_matches, run_fingerprint
+from common.safe_io import check_model_folder
+from common.validation import validate_files
 from data import (ActorDataset, DataError, DatasetSource, LatentCollator, Source, build_hf_dataset, control_tokens,
                   split_train_eval)
-from latent_head import (HEAD_FILE, LatentActor, load_head_file, packed_sequences_available,
-                         set_training_backends)
+from latent_head import (HEAD_FILE, LatentActor, load_head_file, packed_sequences_available, set_training_backends)
 from losses import LossConfig
-from models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
-from runs import check_output_dir, check_resume_matches, run_fingerprint
-from safe_io import check_model_folder
-from trainer import LatentActorTrainer, resolve_resume
-from validation import validate_files
+from training.trainer import LatentActorTrainer, resolve_resume
 
 logger = logging.getLogger("train_actor")
 
@@ -213,74 +212,6 @@ def _schedules_match(args: TrainingArguments) -> bool:
     return args.save_strategy != "steps" or args.save_steps % args.eval_steps == 0
 
 
-CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
-
-
-def read_config_file(path: str) -> dict:
-    """A YAML or JSON config file as a mapping of argument names to values; a `ValueError` line otherwise."""
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
-    except OSError as e:
-        raise ValueError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
-    except (ValueError, yaml.YAMLError) as e:
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'YAML'} ({first})") from None
-    if config is None:
-        return {}
-    if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
-        raise ValueError(f"{path}: expected a mapping of argument names to values, e.g. `learning_rate: 1.0e-4`")
-    return config
-
-
-def config_as_flags(config: dict, parser: HfArgumentParser, path: str) -> list[str]:
-    """A config file's entries as command-line flags, so that the parser checks them exactly as typed flags (types,
-    choices) and later flags override them. An unknown key is a `ValueError` naming the file and the key."""
-    known = {option[2:] for option in parser._option_string_actions if option.startswith("--")}
-    unknown = [key for key in config if key not in known]
-    if unknown:
-        raise ValueError(f"{path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
-                         f"(not an argument of {os.path.basename(sys.argv[0]) or 'this script'}; see --help)")
-    flags = []
-    for key, value in config.items():
-        if value is None:  # `key: null` or `key:` leaves the default
-            continue
-        if isinstance(value, bool):
-            values = [str(value).lower()]
-        elif isinstance(value, (list, tuple)):
-            values = [str(v) for v in value]
-        elif isinstance(value, dict):
-            values = [json.dumps(value)]
-        else:
-            values = [str(value)]
-        flags += [f"--{key}", *values]
-    return flags
-
-
-# A data source typed as a flag -> the config file's keys it replaces.
-DATA_SOURCE_FLAGS = {"dataset_name": ("train_file", "eval_file"),
-                     "train_file": ("dataset_name", "dataset_split", "eval_split"), "eval_file": ("eval_split",)}
-
-
-def parse_config_and_flags(dataclass_types: tuple, argv: list[str] | None = None):
-    """`[config.yaml | config.json] [--flag value ...]`: the file's values first, command-line flags overriding
-    them (HfArgumentParser does the parsing); unknown keys and flags are a one-line `ValueError`."""
-    parser = HfArgumentParser(dataclass_types)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and not argv[0].startswith("-") and argv[0].lower().endswith(CONFIG_SUFFIXES):
-        path = argv.pop(0)
-        config = read_config_file(path)
-        # The data source is one choice: a source typed on the command line replaces the file's.
-        typed = {a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
-        for flag, replaces in DATA_SOURCE_FLAGS.items():
-            if flag in typed:
-                config = {k: v for k, v in config.items() if k not in replaces}
-        argv = config_as_flags(config, parser, path) + argv
-    return parser.parse_args_into_dataclasses(args=argv)
-
-
 def parse_args(argv: list[str] | None = None):
     return parse_config_and_flags((ModelArguments, DataArguments, ActorTrainingArguments), argv)
 
@@ -307,18 +238,10 @@ def _tokenizer_for_checks(model_args: ModelArguments):
     """The tokenizer alone (no weights): lets --validate_only check chat templates and lengths."""
     from transformers import AutoTokenizer
 
-    from models import resolve_model
+    from common.models import resolve_model
 
     return AutoTokenizer.from_pretrained(resolve_model(model_args.model_name_or_path),
                                          trust_remote_code=model_args.trust_remote_code)
-
-
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, exits with `status`, never a traceback."""
-
-    def __init__(self, message: str, status: int = 2):
-        super().__init__(message)
-        self.status = status
 
 
 def parse_mix_ratios(text: str) -> tuple[float, ...]:
@@ -388,7 +311,7 @@ def check_model_width(model_args: ModelArguments) -> None:
     try:
         from transformers import AutoConfig
 
-        from models import resolve_model
+        from common.models import resolve_model
 
         config = AutoConfig.from_pretrained(resolve_model(model_args.model_name_or_path),
                                             trust_remote_code=model_args.trust_remote_code)
@@ -424,7 +347,7 @@ def check_data(model_args: ModelArguments, data_args: DataArguments, args: Actor
                             "must reload on one process; use FULL_STATE_DICT (the default)")
     check_model_width(model_args)
     try:
-        if not args.validate_only:  # never mix two runs in one folder (runs.py)
+        if not args.validate_only:  # never mix two runs in one folder (common/runs.py)
             check_output_dir(args.output_dir, resuming=bool(args.resume_from_checkpoint) and
                              args.resume_from_checkpoint.lower() not in ("false", "none"),
                              overwrite=args.overwrite_output_dir)
@@ -513,11 +436,11 @@ class RecordAtTrainBegin(TrainerCallback):
 
 
 def warm_start(trainer: LatentActorTrainer, model_args: ModelArguments, args: ActorTrainingArguments) -> None:
-    """`--head_warm_start_steps`: fit the head to the actor's plan-token embeddings (see warm_start.py) on
+    """`--head_warm_start_steps`: fit the head to the actor's plan-token embeddings (see training/warm_start.py) on
     shuffled training batches; every rank does the same (seeded), so the ranks start equal."""
     from torch.utils.data import DataLoader
 
-    from warm_start import warm_start_head
+    from training.warm_start import warm_start_head
 
     actor: LatentActor = trainer.model
     device = args.device
@@ -582,7 +505,7 @@ def build_trainer(actor: LatentActor, model_args: ModelArguments, data_args: Dat
 
 def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrainingArguments,
           callbacks: list[TrainerCallback] = (), save_final_model: bool = True) -> int:
-    """Check, build, train, save. `callbacks`: more `TrainerCallback`s (e.g. bench.py's step timer);
+    """Check, build, train, save. `callbacks`: more `TrainerCallback`s (e.g. benchmarks/bench.py's step timer);
     `save_final_model` False: leave out the final model (a benchmark measures steps, not saving)."""
     report, resume = check_data(model_args, data_args, args)
     if args.validate_only:
@@ -594,7 +517,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
         trainer = build_trainer(actor, model_args, data_args, args)
     except DataError as e:  # found while tokenizing: e.g. no sample fits --model_max_length
         raise UserError(str(e), status=1) from None
-    trainer.run_fingerprint = run_fingerprint(model_args, data_args, args)  # into every checkpoint (runs.py)
+    trainer.run_fingerprint = run_fingerprint(model_args, data_args, args)  # into every checkpoint (common/runs.py)
     for callback in callbacks:
         trainer.add_callback(callback)
     if model_args.head_warm_start_steps > 0 and resume is None:
@@ -631,16 +554,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: ActorTrain
     return finish_run(trainer, args.output_dir)
 
 
-def save_interrupted(trainer, e: DataError, output_dir: str, what: str) -> UserError:
-    """A `DataError` mid-run (a latent file that broke): save what was trained into `<output_dir>/interrupted` and
-    return the error to raise, one line naming that folder (`what`: "the model", "the sender")."""
-    trainer.save_model(os.path.join(output_dir, INTERRUPTED_DIR))
-    message = str(e)
-    if "Original Traceback" in message:  # raised in a data loader worker: the message carries its traceback
-        message = message.rsplit("DataError: ", 1)[-1].rstrip()
-    return UserError(f"{message} ({what} so far is in {output_dir}/{INTERRUPTED_DIR})", status=1)
-
-
 def finish_run(trainer, output_dir: str) -> int:
     """After the final save: refuse a run stopped by a non-finite gradient, else evaluate the final model."""
     if trainer.nonfinite_guard.stopped:
@@ -651,66 +564,15 @@ def finish_run(trainer, output_dir: str) -> int:
     return 0
 
 
-def write_failure(e: BaseException) -> str | None:
-    """What went wrong, when `e` is a failed write: an OSError, or the same from a Rust library (tokenizers,
-    safetensors) that reports it as '... (os error N)'; None for anything else (a bug: its traceback helps)."""
-    if isinstance(e, OSError):
-        return f"{e.strerror or type(e).__name__}{f' ({e.filename})' if e.filename else ''}"
-    text = str(e).strip()
-    if "(os error " in text:
-        return text.splitlines()[0][:200]
-    return None
-
-
-def last_checkpoint_note(output_dir: str) -> str:
-    """Where training can go on from: the newest complete checkpoint, said in words."""
-    try:
-        last = resolve_resume("latest", output_dir)
-    except (FileNotFoundError, OSError):
-        return "no complete checkpoint was saved"
-    return f"the last complete checkpoint is {last} (continue with --resume_from_checkpoint latest)"
-
-
 def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] = (), save_final_model: bool = True) -> int:
     """The command line: `argv` (default sys.argv); `callbacks`/`save_final_model` as in `train`."""
     return run_cli(parse_args, lambda *parsed: train(*parsed, callbacks, save_final_model), argv)
 
 
-def run_cli(parse: Callable[[list[str] | None], tuple], run: Callable[..., int], argv: list[str] | None) -> int:
-    """A training script's command line (the actor's and the sender's): parse (config file and flags), set up
-    logging, run; a user's mistake is one line and an exit status, Ctrl-C says where training can go on from."""
-    try:
-        parsed = parse(argv)
-    except ValueError as e:  # an unknown flag or config key, or an argument dataclass's checks
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
-    args = parsed[-1]  # the TrainingArguments
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=logging.INFO if args.should_log else logging.WARNING)
-    transformers.utils.logging.set_verbosity_warning()
-    try:
-        return run(*parsed)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.status
-    except KeyboardInterrupt:
-        print(f"error: interrupted (Ctrl-C); {last_checkpoint_note(args.output_dir)}", file=sys.stderr)
-        return 130
-
-
-def exit_process(status: int) -> None:
-    """End a (torchrun) process: leave the process group, run the exit handlers (logging, trackers), then exit
-    without the interpreter's teardown. Gloo's transport threads, still alive during that teardown even after
-    `destroy_process_group`, abort a finished run now and then ("terminate called without an active
-    exception", SIGABRT), and torchrun then reports the whole run failed."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-        atexit._run_exitfuncs()  # what a normal exit would run first (logging.shutdown among them)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(status)
+def cli() -> None:
+    """The `interlat-train` console command (ends the (torchrun) process cleanly)."""
+    exit_process(main())
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    cli()

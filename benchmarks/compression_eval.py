@@ -6,14 +6,14 @@ of producing one message (K latent steps vs generating the plan text), as one JS
         --out_dir benchmarks/results/compression_demo --ks 32,16,8,4 --seeds 0,1 \
         --train_flags "--max_steps 300 --per_device_train_batch_size 32 --learning_rate 1e-4"
 
-For each K and seed: `train_sender.py` (a subprocess; `--nproc N` runs it under torchrun), then
-`collect_hidden_states.py --mode compressed` on the eval file and `evaluate_actor.py` on the
+For each K and seed: `sender/train.py` (a subprocess; `--nproc N` runs it under torchrun), then
+`sender/collect.py --mode compressed` on the eval file and `evaluation/evaluate.py` on the
 result; the same evaluation on the eval file's own (full) latents is the reference row. Latency:
 the sender of each K (`LatentSender.rollout`, no gradient) and the same sender model writing the
 plan greedily (`collect_hidden_states.generate_plans`: until its end of turn, up to `--max_plan_tokens`,
 and forced to the mean length of the eval file's plans, those the full latents come from), at each batch size
 of `--latency_batches`, median of `--reps` timed runs after `--warmup` (CUDA synchronised), in the
-dtype collect_hidden_states.py uses (bf16 on a GPU). Writes `<out_dir>/compression.json` and prints
+dtype sender/collect.py uses (bf16 on a GPU). Writes `<out_dir>/compression.json` and prints
 the two tables; they hold every K/seed evaluated in `<out_dir>`, also by earlier or concurrent invocations
 (one per GPU), each with the settings it was trained with (`K<k>_seed<s>/run.json`). Runs resume: a K/seed
 whose report exists is not trained again. `--jobs N` runs N K/seed trainings at once on the same GPU (a 135M
@@ -35,7 +35,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from constants import SENDER_FILE  # noqa: E402  (after the path: the package's modules live in ROOT)
+from common.constants import SENDER_FILE  # noqa: E402  (after the path: the package's modules live in ROOT)
 
 SETTINGS_FILE = "run.json"  # in each K/seed folder: the settings its sender was trained with
 
@@ -50,16 +50,16 @@ def run(cmd: list[str], log: str) -> None:
 
 
 def evaluate(args, eval_file: str, out: str) -> str:
-    """evaluate_actor.py on `eval_file`, its report in `out` (kept: not run again when it exists)."""
+    """evaluation/evaluate.py on `eval_file`, its report in `out` (kept: not run again when it exists)."""
     if not os.path.exists(out):
-        run([sys.executable, "evaluate_actor.py", "--model_dir", args.actor_dir, "--eval_file", eval_file,
+        run([sys.executable, "-m", "evaluation.evaluate", "--model_dir", args.actor_dir, "--eval_file", eval_file,
              "--output", out, "--batch_size", str(args.eval_batch_size), "--model_max_length", str(args.model_max_length)],
             out + ".log")
     return out
 
 
 def summary(report_file: str) -> dict:
-    """An evaluate_actor.py report, cut to what the table shows: per condition CE, accuracy, samples."""
+    """An evaluation/evaluate.py report, cut to what the table shows: per condition CE, accuracy, samples."""
     with open(report_file) as f:
         report = json.load(f)
     return {c: {"ce_bits": v["ce_bits"], "accuracy": v.get("accuracy"), "samples": v["samples"]}
@@ -77,7 +77,7 @@ def train_and_evaluate(args, k: int, seed: int) -> None:
             json.dump({"k": k, "seed": seed, "train_flags": args.train_flags, "nproc": args.nproc}, f)
         launcher = [sys.executable] if args.nproc == 1 else \
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc)]
-        run(launcher + ["train_sender.py", "--actor_dir", args.actor_dir, "--model_name_or_path", args.sender_model,
+        run(launcher + ["-m", "sender.train", "--actor_dir", args.actor_dir, "--model_name_or_path", args.sender_model,
                         "--train_file", args.train_file, "--output_dir", sender_dir, "--num_latents", str(k),
                         "--seed", str(seed), "--model_max_length", str(args.model_max_length), "--report_to", "none",
                         "--save_strategy", "no", *shlex.split(args.train_flags)], os.path.join(folder, "train.log"))
@@ -85,7 +85,7 @@ def train_and_evaluate(args, k: int, seed: int) -> None:
     if not os.path.exists(report):
         if os.path.exists(compressed):
             os.remove(compressed)  # a complete file or none: its latents are cheap to write again
-        run([sys.executable, "collect_hidden_states.py", "--mode", "compressed", "--sender_dir", sender_dir,
+        run([sys.executable, "-m", "sender.collect", "--mode", "compressed", "--sender_dir", sender_dir,
              "--input_file", args.eval_file, "--output_file", compressed, "--dtype", "float32",
              "--batch_size", str(args.eval_batch_size)], os.path.join(folder, "collect.log"))
     evaluate(args, compressed, report)
@@ -130,9 +130,9 @@ def timed(fn, reps: int, warmup: int) -> float:
 def latency(args, sender_dirs: dict[int, str]) -> dict:
     import torch
 
-    import models
-    from collect_hidden_states import chat_messages, first_human_message, generate_plans, load_records
-    from sender import LatentSender
+    from common import models
+    from sender.collect import chat_messages, first_human_message, generate_plans, load_records
+    from sender.model import LatentSender
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -185,8 +185,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out_dir", required=True)
     p.add_argument("--ks", default="32,16,8,4")
     p.add_argument("--seeds", default="0")
-    p.add_argument("--train_flags", default="", help="more train_sender.py flags, one string")
-    p.add_argument("--nproc", type=int, default=1, help="GPUs for train_sender.py (torchrun)")
+    p.add_argument("--train_flags", default="", help="more sender/train.py flags, one string")
+    p.add_argument("--nproc", type=int, default=1, help="GPUs for sender/train.py (torchrun)")
     p.add_argument("--model_max_length", type=int, default=512)
     p.add_argument("--eval_batch_size", type=int, default=16)
     p.add_argument("--latency_batches", default="1,32")

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Compression (train_sender.py) at toy size, on a CPU: can K latents carry what the full message carries?
+# Compression (sender/train.py) at toy size, on a CPU: can K latents carry what the full message carries?
 #
 # A randomly initialised 4-layer, 128-wide Llama with SmolLM2's tokenizer is both the sender (its hidden
 # states of the plan are the full latents) and the actor's base model. For each task of
@@ -27,7 +27,7 @@ for task in $TASKS; do
   if [ ! -f "$data/eval.jsonl" ]; then
     $PY demo/make_demo_task.py --task "$task" --out_dir "$data" --n_train 800 --n_eval 64 --max_distractors 0
     for split in train eval; do
-      $PY collect_hidden_states.py --model_name_or_path "$W/tiny" --mode teacher_forced \
+      $PY -m sender.collect --model_name_or_path "$W/tiny" --mode teacher_forced \
         --input_file "$data/${split}_raw.jsonl" --output_file "$data/$split.jsonl"
     done
   fi

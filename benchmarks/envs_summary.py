@@ -1,10 +1,10 @@
-"""The household games' results (issue 25): success by condition, family and split, from play_actor.py reports.
+"""The household games' results (issue 25): success by condition, family and split, from envs.play reports.
 
     python benchmarks/envs_summary.py --data DATA --out summary.json \
         --report seed0:eval_seen=s0/play_eval_seen.json --report seed0:eval_unseen=... \
         --report expert:eval_seen=baselines/expert_eval_seen.json ...
 
-Each `--report PLAYER:SPLIT=FILE` is a play_actor.py report (missing files are skipped: a cut run reports what
+Each `--report PLAYER:SPLIT=FILE` is an envs.play report (missing files are skipped: a cut run reports what
 finished). Families come from DATA/SPLIT_raw.jsonl. Writes the JSON (per player, split, condition: success,
 episodes, mean steps of won games, per family), a markdown table (`--table`) and a chart (`--plot`): success
 by condition, seen vs unseen, the actor seeds' mean with each seed as a dot.

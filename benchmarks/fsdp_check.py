@@ -98,7 +98,7 @@ if __name__ == "__main__":
         rest.remove("--force_fsdp_on_cpu")
         keep_fsdp_on_cpu()
     if mode == "train":
-        from train_actor import exit_process
+        from common.cli import exit_process
 
         exit_process(train(rest))
     result = reload(rest[0])

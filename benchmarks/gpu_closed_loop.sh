@@ -88,7 +88,7 @@ case $1 in
       log "games senders done"
       for k in 8 4 16 32; do  # success rate with each K-latent message (seed 0's sender)
         [ -f $W/compress_games/K${k}_seed0/eval_compressed.jsonl ] && [ "$(left)" -gt 40 ] || continue
-        python3 play_actor.py --model_dir "$actor" --records $W/compress_games/K${k}_seed0/eval_compressed.jsonl \
+        python3 -m envs.play --model_dir "$actor" --records $W/compress_games/K${k}_seed0/eval_compressed.jsonl \
           --game_root $W/data --conditions true,shuffled --batch_size 128 --output $W/play_K${k}.json
       done
     ) > $W/compress_games.log 2>&1 &

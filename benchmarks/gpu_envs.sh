@@ -32,7 +32,7 @@ PY=${PY:-python3}
 if [ -n "${DRY:-}" ]; then  # the CPU dry run: every stage at toy size
   PY=${PY_DRY:-.venv/bin/python}; OUT=${OUT_DRY:-checkpoints/gpu_envs_dry/out}; W=checkpoints/gpu_envs_dry; DATA=$W/data
   N_TRAIN=12; N_EVAL=6; STEPS=3; BATCH=2; WARM=2; MAX_NEW=6; PLAY_S=60; BUDGET=${BUDGET_DRY:-900}; WORKERS=2
-  MODEL=$W/tiny; [ -f "$MODEL/config.json" ] || $PY -c "import sys, models; models.save_random_llama(sys.argv[1], 64, 2)" "$MODEL"
+  MODEL=$W/tiny; [ -f "$MODEL/config.json" ] || $PY -c "import sys; from common import models; models.save_random_llama(sys.argv[1], 64, 2)" "$MODEL"
 fi
 MODEL=${MODEL:-HuggingFaceTB/SmolLM2-135M-Instruct}
 mkdir -p "$OUT" "$W"
@@ -53,7 +53,7 @@ fi
 log "games ready: $(wc -l < "$DATA/train_raw.jsonl") train, $N_EVAL eval per split"
 
 # --- the sender's latents of every plan (teacher-forced), the eval splits beside the training set ---
-latents() { quiet $PY collect_hidden_states.py --model_name_or_path "$MODEL" --mode teacher_forced \
+latents() { quiet $PY -m sender.collect --model_name_or_path "$MODEL" --mode teacher_forced \
   --batch_size "$LATENT_BATCH" --input_file "$DATA/$1_raw.jsonl" --output_file "$DATA/$1.jsonl"; }
 ( [ -f "$DATA/train.jsonl" ] || latents train ) > "$W/latents_train.log" 2>&1 &
 ( for s in eval_seen eval_unseen; do [ -f "$DATA/$s.jsonl" ] || latents $s || exit 1; done ) > "$W/latents_eval.log" 2>&1
@@ -65,7 +65,7 @@ log "latents done"
 # --- the expert (the ceiling, and a check of the games) and the blind explorer, on the CPU meanwhile ---
 mkdir -p "$W/baselines"
 ( for split in eval_seen eval_unseen; do for policy in expert explorer; do
-    quiet $PY play_actor.py --records "$DATA/$split.jsonl" --policy $policy --conditions none \
+    quiet $PY -m envs.play --records "$DATA/$split.jsonl" --policy $policy --conditions none \
       --output "$W/baselines/${policy}_$split.json"
   done; done ) > "$W/baselines.log" 2>&1 &
 
@@ -78,7 +78,7 @@ for g in $SEEDS; do (
   stage train || exit 1
   model=$(latest_model "$ACTOR"); log "seed $g: trained ($model)"
   for split in eval_unseen eval_seen; do
-    timeout -k 5 $(( $(left) - 25 )) $PY play_actor.py --model_dir "$model" --records "$DATA/$split.jsonl" \
+    timeout -k 5 $(( $(left) - 25 )) $PY -m envs.play --model_dir "$model" --records "$DATA/$split.jsonl" \
       --output "$OUT/play_$split.json" --batch_size "$PLAY_BATCH" --max_new_tokens "$MAX_NEW" 2>&1 \
       | tr '\r' '\n' | grep -v "$QUIET"
     log "seed $g: $split played"

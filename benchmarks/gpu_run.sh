@@ -25,7 +25,7 @@ BUDGET=${BUDGET:-545}  # seconds for the whole script: a run that might not end 
 bench() {
   local el=$(( $(date +%s) - T0 ))
   if [ $(( el + ${LIMIT:-120} )) -gt "$BUDGET" ]; then echo "[gpu_run] skipped (+$el s): $*"; return; fi
-  timeout "${LIMIT:-120}" python3 bench.py --results_dir "$RES" --profile_dir "$OUT" "$@" 2>&1 | grep -v "it/s\]\|examples/s\]"
+  timeout "${LIMIT:-120}" python3 benchmarks/bench.py --results_dir "$RES" --profile_dir "$OUT" "$@" 2>&1 | grep -v "it/s\]\|examples/s\]"
   echo "[gpu_run] $* done rc=$? at +$(( $(date +%s) - T0 )) s"
 }
 LIMIT=100 bench --batch_size 48 --steps 22 --warmup 4 --out_name cur_b48

@@ -16,8 +16,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import loss_kernel  # noqa: E402
 import losses  # noqa: E402
+from training import loss_kernel  # noqa: E402
 
 
 def timed(fn, repeats: int = 20) -> float:

@@ -63,7 +63,7 @@ RECIPES = {
 
 def run(cmd: list[str], **kwargs) -> None:
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, **kwargs)
+    subprocess.run(cmd, check=True, cwd=ROOT, **kwargs)  # `-m` modules resolve from the repo root
 
 
 def prepare(args) -> None:
@@ -77,14 +77,14 @@ def prepare(args) -> None:
     for i, task in enumerate(TASKS):
         out = os.path.join(args.out, task)
         for split in ("eval", "train"):
-            cmd = [sys.executable, os.path.join(ROOT, "collect_hidden_states.py"), "--model_name_or_path", MODEL,
+            cmd = [sys.executable, "-m", "sender.collect", "--model_name_or_path", MODEL,
                    "--mode", "teacher_forced", "--batch_size", str(args.batch_size),
                    "--input_file", os.path.join(out, f"{split}_raw.jsonl"),
                    "--output_file", os.path.join(out, f"{split}.jsonl")]
             if i == 0 and split == "eval":
                 run(cmd)
             else:
-                procs.append(subprocess.Popen(cmd, stderr=subprocess.DEVNULL))
+                procs.append(subprocess.Popen(cmd, stderr=subprocess.DEVNULL, cwd=ROOT))
     if any(p.wait() for p in procs):
         raise SystemExit("a latent collection failed")
 

@@ -1,4 +1,4 @@
-"""Table of bench.py results: `python benchmarks/summarize.py DIR [--combined FILE] [--split DIR]`.
+"""Table of benchmarks/bench.py results: `python benchmarks/summarize.py DIR [--combined FILE] [--split DIR]`.
 
 Reads every `*.json` result in DIR (or the runs inside a combined file), prints a markdown
 table; `--combined` writes all of them into one file, `--split` writes one file per run.

@@ -1,7 +1,7 @@
 """The shared benchmark workload (../shared/bench/workload.py), as an importable module.
 
 Changes from the shared script, none of which change a step's cost:
-- `build(out, shape, n)` is callable from `bench.py`; the tokenizer comes from the gzipped
+- `build(out, shape, n)` is callable from `benchmarks/bench.py`; the tokenizer comes from the gzipped
   `qwen2.5-tokenizer.json.gz` beside this file (Qwen2.5's real one).
 - The saved tokenizer gets Qwen2.5's ChatML chat template (system default, no tools), which
   `data.encode_conversation` needs; the shared script saves none.

@@ -26,7 +26,7 @@ Splits: `train` and `eval_seen` draw from the seen vocabulary (rooms, receptacle
 occurs in any training game. Seeds are `{seed}-{split}-{index}`; family = index mod 6, so every split is
 balanced. Writes `games/{split}_NNNN.json` (eval splits; train with `--keep_train_games`) and
 `{split}_raw.jsonl`: the records in the training format, `conversations` = the expert's episode in
-`play_actor.TURN_FORMATS["textworld"]`, plus `plan`, `plan_style`, `family`, `split`, `objective`,
+`envs.game.TURN_FORMATS["textworld"]`, plus `plan`, `plan_style`, `family`, `split`, `objective`,
 `max_steps` (expert steps + `--slack`), `expert_steps`, `layout` and `target`.
 """
 from __future__ import annotations
@@ -734,7 +734,9 @@ def explorer_command(task: dict, observations: Sequence[str], commands: Sequence
 def make_record(split: str, index: int, seed: int, out_dir: str, opts: HouseholdOptions,
                 keep_game: bool = True) -> dict:
     """Build one game, play it with the expert, and return its record (see module doc)."""
-    from play_actor import TURN_FORMATS, ExpertPolicy, Game, play
+    from envs.game import TURN_FORMATS, Game
+    from envs.play import play
+    from envs.policies import ExpertPolicy
 
     game_id = f"{split}_{index:04d}"
     family = FAMILIES[index % len(FAMILIES)]

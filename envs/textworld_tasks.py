@@ -9,7 +9,7 @@ containers. The objective is vague: "Find the coin and take it." Where the coin 
 route) is known only from the game's facts, which the sender reads as its plan; with 4 rooms x 2
 containers an actor without the message must search, which rarely fits the step budget
 (`--max_steps`, by default the expert's steps + `--slack` 2). Measured on 40 games (seed 1): the
-expert wins all in 3.55 steps on average; `play_actor.py --policy explorer`, a methodical search
+expert wins all in 3.55 steps on average; `envs/play.py --policy explorer`, a methodical search
 without the message, wins 10% within the budget (30% with slack 3, 62% with slack 6).
 
 Splits are seeded separately (`{seed}-{split}-{index}`): changing `--n_train` never changes the
@@ -17,7 +17,7 @@ eval games. Writes `games/eval_NNNN.z8` (+ `.json`, TextWorld's game description
 only with `--keep_train_games`) and
 `{split}_raw.jsonl`: one record per game in the training format, `conversations` = the expert's
 episode (it follows the game's `policy_commands`) in `play_actor.TURN_FORMATS["textworld"]`, `plan` =
-the privileged facts rendered as text (for `collect_hidden_states.py --mode teacher_forced`), plus
+the privileged facts rendered as text (for `sender/collect.py --mode teacher_forced`), plus
 `game_file`, `max_steps`, `objective`, `target` (room, container, object).
 """
 from __future__ import annotations
@@ -144,7 +144,9 @@ def make_task(split: str, index: int, seed: int, out_dir: str, opts: TaskOptions
     import textworld
     from textworld.generator import compile_game
 
-    from play_actor import ExpertPolicy, Game, TURN_FORMATS, play
+    from envs.game import TURN_FORMATS, Game
+    from envs.play import play
+    from envs.policies import ExpertPolicy
 
     game_id = f"{split}_{index:04d}"
     game, facts = build_game(f"{seed}-{split}-{index}", opts)

@@ -9,14 +9,14 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-# Tests have no GPU: Triton kernels (loss_kernel.py) run in Triton's interpreter on CPU tensors. Read
+# Tests have no GPU: Triton kernels (training/loss_kernel.py) run in Triton's interpreter on CPU tensors. Read
 # when triton is first imported, so set before anything imports it.
 os.environ.setdefault("TRITON_INTERPRET", "1")
-# No test may reach the network: the hub is only ever the local HF cache (models.py's resolvers honour this;
+# No test may reach the network: the hub is only ever the local HF cache (common/models.py's resolvers honour this;
 # huggingface_hub reads it when first imported, below).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import models  # noqa: E402
+from common import models  # noqa: E402
 from latent_head import LatentActor  # noqa: E402
 
 LATENT_DIM = 24  # deliberately not the tiny model's hidden size: exercises the input projection

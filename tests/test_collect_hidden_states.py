@@ -9,8 +9,8 @@ import pytest
 import torch
 import transformers
 
-import collect_hidden_states as chs
-import models
+from common import models
+from sender import collect as chs
 
 TASKS = ["Where is the key?", "Find the lamp in the house, please, and tell me which room it is in."]
 PLANS = ["I searched the house. The key is in the kitchen.", "The lamp is in the attic."]

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-import convert_alfworld as ca
 from data import encode_conversation, normalise_record
+from envs import convert_alfworld as ca
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "data", "alfworld_sft_sample.json")
 
@@ -77,7 +77,7 @@ def test_the_marker_follows_the_task_in_the_tokens(tmp_path, tokenizer_dir):
 def test_converted_records_are_valid_training_data(tmp_path, tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from validation import validate_files
+    from common.validation import validate_files
 
     converted(tmp_path)
     report = validate_files([str(tmp_path / "out.jsonl")], AutoTokenizer.from_pretrained(tokenizer_dir))
@@ -96,8 +96,8 @@ def test_a_malformed_record_names_file_id_and_field_and_writes_nothing(tmp_path,
 
 
 def test_play_rebuilds_the_trained_first_turn_from_instruction_and_observation(tmp_path):
-    """`play_actor.py --env alfworld` writes `instruction` + the game's first observation: the trained turn."""
-    import play_actor as pa
+    """`envs/play.py --env alfworld` writes `instruction` + the game's first observation: the trained turn."""
+    from envs import play as pa
 
     for rec in converted(tmp_path):
         first = rec["conversations"][0]["value"]

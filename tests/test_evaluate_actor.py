@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import evaluate_actor as ev
+from evaluation import evaluate as ev
 from conftest import PREPENDED, make_records, write_jsonl
 from data import ActorDataset, LatentCollator, build_hf_dataset, encode_conversation
 from latent_head import IGNORE_INDEX, LatentActor, assemble_inputs

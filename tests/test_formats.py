@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import collect_hidden_states as chs
+from sender import collect as chs
 import train_actor
 from conftest import ROOT, make_records, write_jsonl
+from common.validation import validate_files
 from data import (ActorDataset, DatasetSource, DataError, LatentCollator, build_hf_dataset, load_latents, load_samples,
                   read_records, record_messages)
-from validation import validate_files
 
 EXAMPLES = os.path.join(ROOT, "examples")
 MESSAGES_FILE, SHAREGPT_FILE = (os.path.join(EXAMPLES, f"train_{k}.jsonl") for k in ("messages", "sharegpt"))
@@ -171,7 +171,7 @@ def test_dataset_flags_are_checked(capsys):
 
 
 def test_the_sender_reads_a_dataset(tmp_path, tiny_model_dir):
-    """collect_hidden_states.py --dataset_name: a local dataset of messages-format records."""
+    """sender/collect.py --dataset_name: a local dataset of messages-format records."""
     folder = tmp_path / "ds"
     folder.mkdir()
     shutil.copy(MESSAGES_FILE, folder / "train.jsonl")

@@ -11,11 +11,11 @@ from concurrent.futures import Future
 import pytest
 import torch
 
-import evaluate_actor
-import inference
-import models
+from common import models
+from evaluation import evaluate as evaluate_actor
+from evaluation import inference
+from sender import train as train_sender
 import train_actor
-import train_sender
 from conftest import LATENT_DIM, PREPENDED, ROOT, make_records, write_jsonl
 from latent_head import HEAD_FILE, HEAD_SAFETENSORS_FILE, LatentActor, load_head_file, load_head_safetensors
 
@@ -299,7 +299,7 @@ def test_every_push_uploads_the_head_and_a_model_card(tiny_model_dir, tiny_data,
 
 def test_the_model_card_prefers_the_evaluation_report(tmp_path):
     from latent_head import HeadConfig
-    from model_card import write_actor_card
+    from common.model_card import write_actor_card
 
     report = {"conditions": {"true": {"ce_bits": 0.0123, "exact_match": 1.0, "accuracy": 0.975},
                              "shuffled": {"ce_bits": 6.5, "exact_match": 0.25, "accuracy": None}}}
@@ -309,7 +309,7 @@ def test_the_model_card_prefers_the_evaluation_report(tmp_path):
     assert card.startswith("---\nlibrary_name: transformers") and "base_model: Qwen/Qwen2.5-0.5B-Instruct" in card
     assert "| the sample's own latents | 0.0123 | 100.0% | 97.5% |" in card
     assert "| another sample's latents | 6.5000 | 25.0% | – |" in card
-    assert "evaluate_actor.py" in card and "| 576 |" in card and "| 256 |" in card
+    assert "evaluation/evaluate.py" in card and "| 576 |" in card and "| 256 |" in card
 
 
 # ---------------------------------------------------------------------------------------------

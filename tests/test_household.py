@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-import play_actor as pa
+from envs import play as pa
 from envs import household as hh
 
 FMT = pa.TURN_FORMATS["textworld"]
@@ -221,7 +221,7 @@ def test_cli_writes_the_splits_and_refuses_bad_flags_in_one_line(tmp_path, capsy
 def test_household_records_are_valid_training_data(hh_data, tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from validation import validate_files
+    from common.validation import validate_files
 
     _, files, _ = hh_data
     report = validate_files([files["train"], files["eval_unseen"]], AutoTokenizer.from_pretrained(tokenizer_dir))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import inference
+from evaluation import inference
 from conftest import LATENT_DIM, PREPENDED, make_records, write_jsonl
 from data import encode_conversation
 from latent_head import LatentActor

@@ -177,7 +177,7 @@ def test_bf16_projections_stay_within_bf16_tolerance_of_float32():
 def interpreted_loss_kernel():
     """`loss_kernel` run by Triton's interpreter on CPU tensors (conftest sets TRITON_INTERPRET)."""
     pytest.importorskip("triton")
-    import loss_kernel
+    from training import loss_kernel
 
     return loss_kernel
 
@@ -217,7 +217,7 @@ import itertools, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import loss_kernel
+from training import loss_kernel
 
 kernel = loss_kernel._chunk_kernel
 signature = {name: "constexpr" for name in kernel.arg_names}
@@ -340,7 +340,7 @@ def test_adaptive_loss_weighting_by_hand():
 
 
 def test_switches_of_the_autograd_path_are_refused_on_the_fused_path():
-    from trainer import LossConfig
+    from training.trainer import LossConfig
 
     for switch in (dict(contrast_divergence="published"), dict(loss_weighting="adaptive")):
         with pytest.raises(ValueError, match="--fused_loss false"):

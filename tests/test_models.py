@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-import models
+from common import models
 import train_actor
 from conftest import make_records, write_jsonl
 

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-import play_actor as pa
+from envs import play as pa
 from conftest import LATENT_DIM
 from envs import textworld_tasks as tt
 
@@ -74,7 +74,7 @@ def test_same_seed_same_game_and_splits_differ():
 def test_expert_data_is_valid_training_data(tw_data, tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from validation import validate_files
+    from common.validation import validate_files
 
     out, files, _ = tw_data
     report = validate_files([files["eval"]], AutoTokenizer.from_pretrained(tokenizer_dir))

@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-import trainer as trainer_module
+from training import trainer as trainer_module
 from conftest import make_records, sharpen_, write_jsonl
 from data import ActorDataset, LatentCollator, build_hf_dataset
 from latent_head import IGNORE_INDEX, LatentActor
-from trainer import LatentActorTrainer, LossConfig
+from training.trainer import LatentActorTrainer, LossConfig
 
 RATIOS = torch.tensor([1.0, 0.5, 0.2])  # pure latents, half/half, mostly plan text
 DONORS = torch.tensor([2, 0, 1])  # sample i's negative is DONORS[i]'s latents

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import train_actor
 from conftest import ROOT, make_records, write_jsonl
-from trainer import checkpoint_is_complete, resolve_resume
+from training.trainer import checkpoint_is_complete, resolve_resume
 
 N = 3  # checkpoint after N steps; runs go to 2N
 

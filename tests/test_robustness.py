@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
+from common import safe_io
 import data
-import evaluate_actor
-import inference
-import safe_io
+from evaluation import evaluate as evaluate_actor
+from evaluation import inference
 import train_actor
 from conftest import LATENT_DIM, ROOT, make_records, save_tiny_actor, write_jsonl
+from common.safe_io import check_model_folder
+from common.validation import validate_files
 from data import DataError, build_hf_dataset, encode_conversation, encode_plan, load_latents, read_records
 from latent_head import LatentActor
-from safe_io import check_model_folder
-from validation import validate_files
 
 
 def _argv(model_dir, train, out, *extra, steps=2):
@@ -330,8 +330,8 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path
 import os, resource, signal, sys
 sys.path.insert(0, {ROOT!r})
 import numpy as np
-from safe_io import write_text_atomic
-from collect_hidden_states import save_npy
+from common.safe_io import write_text_atomic
+from sender.collect import save_npy
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 for write in (lambda: write_text_atomic({str(report)!r}, "x" * 100000), lambda: save_npy({str(npy)!r}, np.zeros(10000))):
@@ -464,7 +464,7 @@ def test_messages_say_what_is_wrong(tmp_path):
 
 
 def test_one_record_reader_for_training_and_the_sender(tmp_path):
-    import collect_hidden_states as chs
+    from sender import collect as chs
 
     rec = {"id": "a", "conversations": [{"from": "user", "value": "line one\u2028still one\u2029"},
                                         {"from": "assistant", "value": "ok"}], "plan": "p"}
@@ -483,7 +483,7 @@ def test_fifo_as_data_or_latent_file_is_refused_not_waited_on(tmp_path):
     recs[1]["hidden_state_path"] = "pipe.npy"
     data_file = write_jsonl(tmp_path / "d.jsonl", recs)
     os.mkfifo(tmp_path / "pipe.jsonl")
-    script = ("import sys; sys.path.insert(0, {root!r}); from validation import validate_files; "
+    script = ("import sys; sys.path.insert(0, {root!r}); from common.validation import validate_files; "
               "print(validate_files([{a!r}, {b!r}]).format())").format(root=ROOT, a=data_file,
                                                                        b=str(tmp_path / "pipe.jsonl"))
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

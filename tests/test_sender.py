@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import ROOT, make_records, save_tiny_actor, write_jsonl
 from latent_head import LatentActor
 from losses import alignment_loss, distillation_kl, first_rows_per_sample, token_entropy, uncertainty_weights
-from sender import SENDER_FILE, CompressionModel, LatentSender, SenderConfig, fit_rows
+from sender.model import SENDER_FILE, CompressionModel, LatentSender, SenderConfig, fit_rows
 
 WIDTH = 32  # the tiny model's hidden size: the student's latents are the actor's input
 K = 5  # the tiny actor reads up to 6 rows; make_records writes 3-8: some data latents are cut, some tiled
@@ -131,8 +131,8 @@ def test_distillation_kl_and_alignment_by_hand():
 
 
 def build(setup, tmp_path, *extra):
-    """A `SenderTrainer` as train_sender.py builds it."""
-    import train_sender
+    """A `SenderTrainer` as sender/train.py builds it."""
+    from sender import train as train_sender
 
     student_dir, actor_dir, train, evaluation = setup
     sender_args, data_args, args = train_sender.parse_args(
@@ -221,7 +221,7 @@ def test_gradients_reach_only_the_student_bridge_and_start_vector(setup, tmp_pat
 
 # -- the command line -------------------------------------------------------------------------------------
 def test_help_shows_num_latents():
-    out = subprocess.run([sys.executable, "train_sender.py", "--help"], capture_output=True, text=True, cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "sender.train", "--help"], capture_output=True, text=True, cwd=ROOT,
                          timeout=300)
     assert out.returncode == 0 and "--num_latents" in out.stdout and "--actor_dir" in out.stdout
 
@@ -234,7 +234,7 @@ def _losses(path: str) -> dict[int, float]:
 
 
 def test_a_tiny_cpu_run_trains_saves_and_resumes(setup, tmp_path):
-    import train_sender
+    from sender import train as train_sender
 
     student_dir, actor_dir, train, evaluation = setup
     out = tmp_path / "out"
@@ -271,7 +271,7 @@ def test_a_tiny_cpu_run_trains_saves_and_resumes(setup, tmp_path):
 
 
 def test_bad_inputs_are_one_line_errors(setup, tmp_path, capsys):
-    import train_sender
+    from sender import train as train_sender
 
     student_dir, actor_dir, train, _ = setup
     base = ["--model_name_or_path", student_dir, "--train_file", train, "--output_dir", str(tmp_path / "o"),
@@ -289,7 +289,7 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path, capsys):
 
 
 def test_collect_compressed_without_a_sender_is_one_line_error(tmp_path, capsys):
-    import collect_hidden_states
+    from sender import collect as collect_hidden_states
 
     raw = write_jsonl(tmp_path / "raw.jsonl", [{"id": "a", "conversations": [{"from": "human", "value": "Hi"}]}])
     assert collect_hidden_states.main(["--mode", "compressed", "--sender_dir", str(tmp_path), "--input_file", raw,
@@ -298,9 +298,9 @@ def test_collect_compressed_without_a_sender_is_one_line_error(tmp_path, capsys)
     assert err.count("\n") == 0 and "no latent_sender.pt" in err and str(tmp_path) in err
 
 
-# -- compressed messages for evaluate_actor.py / inference.py -------------------------------------------------
+# -- compressed messages for evaluation/evaluate.py / evaluation/inference.py -------------------------------------------------
 def test_collect_compressed_writes_k_row_latents_that_the_actor_reads(setup, tmp_path):
-    import collect_hidden_states
+    from sender import collect as collect_hidden_states
     from data import ActorDataset, build_hf_dataset
 
     sender = new_sender(setup[0])
@@ -323,7 +323,7 @@ def test_collect_compressed_writes_k_row_latents_that_the_actor_reads(setup, tmp
         got = np.load(tmp_path / rec["hidden_state_path"])
         assert got.shape == (K, WIDTH)
         np.testing.assert_allclose(got, want, atol=1e-5)
-    # evaluate_actor.py / inference.py read these files as any latent message: K rows each.
+    # evaluation/evaluate.py / evaluation/inference.py read these files as any latent message: K rows each.
     actor = LatentActor.from_pretrained(setup[1])
     dataset = ActorDataset(build_hf_dataset(str(out)), actor.tokenizer, 512, actor.head.config.prepended_length)
     assert [dataset[i]["latents"].shape for i in range(3)] == [(K, WIDTH)] * 3
@@ -331,7 +331,7 @@ def test_collect_compressed_writes_k_row_latents_that_the_actor_reads(setup, tmp
 
 # -- a sender that reads the plan as private notes (tasks whose plan holds what the task lacks) ------------
 def test_plan_knowledge_sender_reads_the_plan_and_collect_passes_it(setup, tmp_path, capsys):
-    import collect_hidden_states
+    from sender import collect as collect_hidden_states
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
@@ -346,7 +346,7 @@ def test_plan_knowledge_sender_reads_the_plan_and_collect_passes_it(setup, tmp_p
     with torch.no_grad():  # the same task with another plan: another message
         attic, cellar = sender.messages([conversation] * 2, plans=["It is in the attic.", "It is in the cellar."])
     assert np.abs(attic - cellar).max() > 1e-3
-    # The knowledge travels with the saved sender, and collect_hidden_states.py gives it each record's plan.
+    # The knowledge travels with the saved sender, and sender/collect.py gives it each record's plan.
     sender.save_pretrained(str(tmp_path / "sender"))
     assert LatentSender.from_pretrained(str(tmp_path / "sender")).config.knowledge == "plan"
     records = [{"id": f"r{i}", "conversations": [{"from": "human", "value": "Where is the key?"},
@@ -371,7 +371,7 @@ def test_plan_knowledge_sender_reads_the_plan_and_collect_passes_it(setup, tmp_p
 
 
 def test_train_sender_with_plan_knowledge_trains_on_contexts_with_the_plan(setup, tmp_path):
-    import train_sender
+    from sender import train as train_sender
 
     student_dir, actor_dir, train, _ = setup
     out = tmp_path / "out"
@@ -383,7 +383,7 @@ def test_train_sender_with_plan_knowledge_trains_on_contexts_with_the_plan(setup
     assert sender.config.knowledge == "plan"
     # The training contexts held each record's plan, as the saved sender will read it.
     from data import ActorDataset, build_hf_dataset
-    from sender import SenderDataset
+    from sender.model import SenderDataset
 
     from transformers import AutoTokenizer
 

@@ -12,7 +12,7 @@ import torch
 
 import train_actor
 from conftest import ROOT, make_records, write_jsonl
-from trainer import draw_mix_ratios, pick_negatives
+from training.trainer import draw_mix_ratios, pick_negatives
 
 SPEC_BASIC = """--model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --train_file ./data/train.json
   --eval_file ./data/eval.json --output_dir ./checkpoints/actor_model --per_device_train_batch_size 2
@@ -202,7 +202,8 @@ def _torchrun(*argv: str) -> subprocess.CompletedProcess:
 RECORDER = """
 import json, os, sys
 sys.path.insert(0, {root!r})
-import torch, train_actor, trainer as trainer_module
+import torch, train_actor
+from training import trainer as trainer_module
 log = {{"negatives": [], "ratios": []}}
 draw = trainer_module.draw_mix_ratios
 def recording_draw(*a, **k):
@@ -482,7 +483,7 @@ def test_a_latent_file_broken_mid_run_in_a_loader_worker_is_one_clear_error(tiny
 
 
 def test_donor_latents_are_cut_or_tiled_to_the_own_length_with_noise_only_when_tiled():
-    from trainer import fit_donor_latents
+    from training.trainer import fit_donor_latents
 
     g = torch.Generator().manual_seed(0)
     donor = torch.randn(2, 5, 256, generator=g)
@@ -500,10 +501,10 @@ def test_negative_branch_holds_donor_rows_then_the_own_plan_suffix(tiny_model_di
     through the head in the positive's round(r*K) rows, this sample's own plan suffix, <eop>."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import trainer as trainer_module
+    from training import trainer as trainer_module
     from data import ActorDataset, LatentCollator, build_hf_dataset
     from latent_head import LatentActor
-    from trainer import LatentActorTrainer, LossConfig
+    from training.trainer import LatentActorTrainer, LossConfig
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""validation.py: every kind of bad input is reported with its place; nothing runs code; CLI exit codes."""
+"""common/validation.py: every kind of bad input is reported with its place; nothing runs code; CLI exit codes."""
 import json
 import os
 import subprocess
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import LATENT_DIM, ROOT, make_records, write_jsonl
+from common.validation import SEVERITY, main, validate_files
 from data import DataError, load_latents, tokenize_sample
-from validation import SEVERITY, main, validate_files
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +278,7 @@ def test_nan_and_inf_latents(tmp_path, where, bad, words):
 
 
 def test_values_beyond_float32_range_and_chunked_reading(tmp_path, monkeypatch):
-    import validation
+    from common import validation
 
     monkeypatch.setattr(validation, "_CHUNK_BYTES", 64)  # several chunks for a small array
     recs = good_records(tmp_path, n=2)
@@ -556,7 +556,7 @@ def test_cli_subprocess_no_traceback(tmp_path):
     good = write_jsonl(tmp_path / "good.jsonl", good_records(tmp_path, n=2))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt"}]}\n{oops\n')
-    cmd = [sys.executable, os.path.join(ROOT, "validation.py")]
+    cmd = [sys.executable, "-m", "common.validation"]
     clean = subprocess.run(cmd + [good], capture_output=True, text=True, cwd=tmp_path)
     assert clean.returncode == 0, clean.stdout + clean.stderr
     dirty = subprocess.run(cmd + [good, str(bad), str(tmp_path / "missing.json")], capture_output=True, text=True,

@@ -5,7 +5,7 @@ import torch
 from conftest import LATENT_DIM, make_records, write_jsonl
 from data import ActorDataset, LatentCollator, build_hf_dataset
 from latent_head import HeadConfig, LatentCommHead
-from warm_start import alignment_loss, warm_start_head
+from training.warm_start import alignment_loss, warm_start_head
 
 
 def test_alignment_loss_by_hand():

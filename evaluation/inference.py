@@ -1,10 +1,10 @@
 """Generate a reply from a trained actor with a latent message (and/or plan text, or nothing) injected.
 
-    python inference.py --model_dir checkpoints/actor --record data/eval.jsonl:3
-    python inference.py --model_dir checkpoints/actor --record data/eval.jsonl:eval_0007 --no_latents --with_plan
-    python inference.py --model_dir checkpoints/actor --prompt "Where is the key?" --latents message.npy
+    python -m evaluation.inference --model_dir checkpoints/actor --record data/eval.jsonl:3
+    python -m evaluation.inference --model_dir checkpoints/actor --record data/eval.jsonl:eval_0007 --no_latents --with_plan
+    python -m evaluation.inference --model_dir checkpoints/actor --prompt "Where is the key?" --latents message.npy
 
-The prompt and the latent block are laid out as in training (see `generation.py`, the library this
+The prompt and the latent block are laid out as in training (see `evaluation/generation.py`, the library this
 command line uses): the first user message ends with `<bop> [latent rows] [plan tokens] <eop>`.
 """
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Sequence
 
 import torch
 
-from constants import PREPENDED_LENGTH
+from common.constants import PREPENDED_LENGTH
 from data import DataError, load_latents, normalise_record, read_records
-from generation import (build_prompt_batch, encode_prompt, generate_replies, generate_reply,  # noqa: F401
+from evaluation.generation import (build_prompt_batch, encode_prompt, generate_replies, generate_reply,  # noqa: F401
                         generate_token_ids, prompt_embeddings, prompt_messages)  # (the tests' names too)
 from latent_head import LatentActor, resolve_actor_dir
 
@@ -29,7 +29,7 @@ from latent_head import LatentActor, resolve_actor_dir
 def find_record(spec: str, expected_latent_dim: int | None = None, prepended_length: int = PREPENDED_LENGTH) -> dict:
     """`FILE`, `FILE:INDEX` (0-based) or `FILE:ID` -> the normalised record (see `data.normalise_record`),
     checked as training checks it (`validation.validate_record`) first."""
-    from validation import validate_record
+    from common.validation import validate_record
 
     path, selector = spec, None
     if not os.path.exists(spec) and ":" in spec:
@@ -106,5 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `interlat-generate` console command (exits with main's status)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

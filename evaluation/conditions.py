@@ -1,6 +1,6 @@
 """Does the actor read the latents? Reference-reply CE, exact match and answer accuracy under four messages.
 
-The library behind `evaluate_actor.py` (the command line) and `callbacks.LatentConditionsCallback` (the
+The library behind `evaluation/evaluate.py` (the command line) and `callbacks.LatentConditionsCallback` (the
 same measurement while training).
 
 Conditions (what sits between `<bop>` and `<eop>` in place of the first human message's marker):
@@ -32,9 +32,9 @@ from typing import Iterator, Sequence
 
 import torch
 
+from common.constants import TEXT_KEYS
 from data import ActorDataset, DataError, LatentCollator
-from generation import build_prompt_batch, decode_replies, encode_prompt, generate_token_ids, prompt_messages
-from constants import TEXT_KEYS
+from evaluation.generation import build_prompt_batch, decode_replies, encode_prompt, generate_token_ids, prompt_messages
 from latent_head import LatentActor
 from losses import LN2
 

@@ -10,7 +10,7 @@ like the hidden states of a written plan.
 
 `LatentSender.rollout` runs a whole batch at once: one left-padded prefill of the contexts (each
 row's positions counted from its first real token), then K decode steps that extend the KV cache.
-`CompressionModel` pairs a sender with the frozen actor; its forward is the stage's training step (`train_sender.py`).
+`CompressionModel` pairs a sender with the frozen actor; its forward is the stage's training step (`sender/train.py`).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from constants import MARKER_TOKEN, SENDER_FILE, TEXT_KEYS
+from common.constants import MARKER_TOKEN, SENDER_FILE, TEXT_KEYS
 from data import LatentCollator, with_marker
 from latent_head import LatentActor
 from losses import (COMPRESSION_ALIGN_WEIGHT, COMPRESSION_KL_WEIGHT, DISTILL_TEMPERATURE, DISTILL_WINDOW,
@@ -161,7 +161,7 @@ class LatentSender(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | str | None = None,
                         device: str | torch.device | None = None, trust_remote_code: bool = False) -> "LatentSender":
-        """A sender saved by `save_pretrained` (an output folder of train_sender.py), in eval mode."""
+        """A sender saved by `save_pretrained` (an output folder of sender/train.py), in eval mode."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         state = load_sender_file(path)
@@ -206,7 +206,7 @@ def plan_notes(knowledge: str, plan: str | None) -> str | None:
 def load_sender_file(path: str) -> dict:
     file = os.path.join(path, SENDER_FILE)
     if not os.path.exists(file):
-        raise FileNotFoundError(f"{path}: no {SENDER_FILE} here; is this an output folder of train_sender.py?")
+        raise FileNotFoundError(f"{path}: no {SENDER_FILE} here; is this an output folder of sender/train.py?")
     return torch.load(file, map_location="cpu", weights_only=True)
 
 
@@ -266,7 +266,7 @@ COMPRESSION_METRICS = tuple(f.name for f in fields(CompressionSums) if f.name !=
 
 
 class CompressionModel(nn.Module):
-    """What `train_sender.py` hands to the Trainer: a trainable sender and a frozen actor.
+    """What `sender/train.py` hands to the Trainer: a trainable sender and a frozen actor.
 
     The actor (base model and head) never gets a gradient and stays in eval mode (no head dropout),
     whatever mode the Trainer switches the model to."""

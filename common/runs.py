@@ -15,7 +15,7 @@ import os
 import re
 from typing import Any
 
-from constants import HEAD_FILE, INTERRUPTED_DIR, LOSS_LOG_FILE
+from common.constants import HEAD_FILE, INTERRUPTED_DIR, LOSS_LOG_FILE
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Check data files before training: every record, every problem, with its place.
 
-    python validation.py data/train.jsonl data/eval.jsonl [--tokenizer DIR --model_max_length 3072]
+    python -m common.validation data/train.jsonl data/eval.jsonl [--tokenizer DIR --model_max_length 3072]
 
 `validate_files(paths, ...)` reads each file (or `data.DatasetSource`) with `data.read_records`, checks every record
 and returns a `Report`: a list of `Problem`s (severity, location `file:line` or
@@ -73,11 +73,10 @@ from typing import Any
 
 import numpy as np
 
+from common.constants import MODEL_MAX_LENGTH, PREPENDED_LENGTH, SPECIAL_TOKENS
+from common.safe_io import read_npy_header
 from data import (LATENT_SUFFIXES, TURN_FORMATS, DataError, Source, control_tokens, load_latents, read_plan_file,
-                  read_records, record_messages, resolve_path, source_dir, token_budget,
-                  tokenize_sample, turns_field)
-from constants import MODEL_MAX_LENGTH, PREPENDED_LENGTH, SPECIAL_TOKENS
-from safe_io import read_npy_header
+                  read_records, record_messages, resolve_path, source_dir, token_budget, tokenize_sample, turns_field)
 
 SEVERITY = {
     "unreadable_file": "error", "malformed_json": "error", "empty_file": "error", "record_not_object": "error",
@@ -532,7 +531,7 @@ def validate_files(paths: list[Source], tokenizer=None, model_max_length: int | 
 
 def validate_record(where: str, record: Any, base_dir: str, tokenizer=None, expected_latent_dim: int | None = None,
                     prepended_length: int = PREPENDED_LENGTH) -> Report:
-    """The checks of `validate_files` for one record (e.g. the one `inference.py --record` replies to)."""
+    """The checks of `validate_files` for one record (e.g. the one `evaluation/inference.py --record` replies to)."""
     checker = _Checker(tokenizer, None, prepended_length, expected_latent_dim, True)
     checker.report.files = checker.report.records = 1
     try:
@@ -614,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from transformers import AutoTokenizer
 
-            from models import resolve_model
+            from common.models import resolve_model
 
             tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.tokenizer))
         except Exception as e:
@@ -630,5 +629,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if report.ok else 1
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `interlat-validate` console command (exits with main's status)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,7 +1,7 @@
 """A cheap warm start of the latent head: its processed row k is fitted to the actor's own input
 embedding of plan token k, before the actor is trained.
 
-The sender's latents are its hidden states at the plan's tokens (`collect_hidden_states.py`: one row
+The sender's latents are its hidden states at the plan's tokens (`sender/collect.py`: one row
 per plan token, same order). A fresh head maps them to small vectors the actor has never seen, so the
 actor first has to learn that anything useful comes through the latent slots at all; with rows that
 already resemble the plan's token embeddings, the latent block starts out reading like the plan text,

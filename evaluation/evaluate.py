@@ -1,11 +1,11 @@
-"""Does the actor read the latents? The command line of `evaluation.py`: a report, a table and a plot.
+"""Does the actor read the latents? The command line of `evaluation/conditions.py`: a report, a table and a plot.
 
-    python evaluate_actor.py --model_dir checkpoints/actor --eval_file data/demo/eval.jsonl \
+    python -m evaluation.evaluate --model_dir checkpoints/actor --eval_file data/demo/eval.jsonl \
         --output results/eval.json [--batch_size 8] [--max_samples N] [--generate true|false] \
         [--max_new_tokens 32] [--plot results/eval.png]
 
 The conditions (true, shuffled, none, plan_text latents), the CE and exact-match measures and answer
-scoring are described in `evaluation.py`.
+scoring are described in `evaluation/conditions.py`.
 """
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from typing import Sequence
 
 import torch
 
+from common.constants import MODEL_MAX_LENGTH
+from common.safe_io import check_output_file, remove_quietly, write_text_atomic
 from data import ActorDataset, DataError, LatentCollator, build_hf_dataset, read_records
-from evaluation import (CONDITIONS, answer_in_reply, ce_and_exact, ce_sums, condition_inputs,  # noqa: F401
+from evaluation.conditions import (CONDITIONS, answer_in_reply, ce_and_exact, ce_sums, condition_inputs,  # noqa: F401
                         donor_indices, evaluate, evaluate_conditions, iter_batches)  # (the tests' names too)
-from constants import MODEL_MAX_LENGTH
 from latent_head import LatentActor, resolve_actor_dir
-from safe_io import check_output_file, remove_quietly, write_text_atomic
 
 COLORS = {"true": "C0", "shuffled": "C3", "none": "C7", "plan_text": "C2"}
 
@@ -106,7 +106,7 @@ def check_inputs(args: argparse.Namespace) -> str:
     folder (a hub id resolved to its snapshot)."""
     from transformers import AutoTokenizer
 
-    from validation import validate_files
+    from common.validation import validate_files
 
     if args.batch_size < 1 or (args.max_samples is not None and args.max_samples < 1):
         raise DataError("--batch_size and --max_samples must be positive")
@@ -171,5 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `interlat-eval` console command (exits with main's status)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -17,12 +17,12 @@ import shutil
 import torch
 from transformers import Trainer
 
-from constants import HEAD_FILE, HEAD_SAFETENSORS_FILE
+from common.constants import HEAD_FILE, HEAD_SAFETENSORS_FILE
+from common.runs import RUN_FILE
+from common.safe_io import INCOMPLETE_MARKER
 from data import RankBalancedLengthSampler
 from latent_head import LatentActor, StepDraws, pad_rows
 from losses import LN2, METRIC_FIELDS, LossConfig, LossSums
-from runs import RUN_FILE
-from safe_io import INCOMPLETE_MARKER
 
 logger = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ class LatentActorTrainer(Trainer):
         # Under FSDP, `state_dict` holds the full weights gathered on this rank (the module's own are shards).
         actor.save_pretrained(output_dir, state_dict=state_dict)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-        if getattr(self, "run_fingerprint", None) is not None:  # which run wrote this (runs.py); before trainer_state
+        if getattr(self, "run_fingerprint", None) is not None:  # which run wrote this (common/runs.py); before trainer_state
             with open(os.path.join(output_dir, RUN_FILE), "w", encoding="utf-8") as f:
                 json.dump(self.run_fingerprint, f, indent=1)
 
@@ -310,10 +310,10 @@ class LatentActorTrainer(Trainer):
 
     # -- the hub: every push carries the head and a model card -----------------------------------------------
     def create_model_card(self, *args, **kwargs) -> None:
-        """The Trainer's draft card describes a plain fine-tune; write this actor's card (model_card.py) instead."""
+        """The Trainer's draft card describes a plain fine-tune; write this actor's card (common/model_card.py) instead."""
         if not self.is_world_process_zero():
             return
-        from model_card import write_actor_card
+        from common.model_card import write_actor_card
 
         actor: LatentActor = self.accelerator.unwrap_model(self.model)
         info = getattr(self, "card_info", {})

@@ -11,7 +11,7 @@ Modes:
   generate        the sender writes the plan itself (sampled), then the generated text is
                   re-tokenised and run teacher-forced, so a record's latents are always
                   reproducible from its saved `plan` alone.
-  compressed      a sender trained by train_sender.py (`--sender_dir`) writes its K-latent
+  compressed      a sender trained by sender/train.py (`--sender_dir`) writes its K-latent
                   message [K, d] directly (no plan text); records keep their `plan`, if any.
 
 Runs resume: ids already in the output file are skipped and new lines are appended.
@@ -31,11 +31,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-import models
-from constants import LATENT_OWNER_FILE
+from common import models
+from common.constants import LATENT_OWNER_FILE
+from common.safe_io import check_output_file, remove_quietly, write_text_atomic
 from data import DataError, DatasetSource, Source, check_plain_text, read_records, record_messages, turns_field
-from generation import decode_replies, stop_token_ids, until_stop
-from safe_io import check_output_file, remove_quietly, write_text_atomic
+from evaluation.generation import decode_replies, stop_token_ids, until_stop
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def load_records(path: Source) -> list[dict]:
     """Records from a JSON list, a {"data": [...]} object, JSONL or a `data.DatasetSource`, read and checked as
     training reads and checks them (`data.read_records`, `validation.validate_files`): errors stop here, before
     any model work."""
-    from validation import validate_files
+    from common.validation import validate_files
 
     flag = "--dataset_name" if isinstance(path, DatasetSource) else "--input_file"
     try:
@@ -300,7 +300,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_file", required=True, help="JSONL in the training format (appended to on resume)")
     p.add_argument("--latent_dir", default=None, help="default: <output_file stem>_latents/ next to output_file")
     p.add_argument("--mode", choices=("generate", "teacher_forced", "compressed"), default="teacher_forced")
-    p.add_argument("--sender_dir", default=None, help="compressed mode: an output folder of train_sender.py")
+    p.add_argument("--sender_dir", default=None, help="compressed mode: an output folder of sender/train.py")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="dtype of the saved .npy")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=128)
@@ -367,7 +367,7 @@ def run(args: argparse.Namespace) -> int:
     model_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         if args.mode == "compressed":
-            from sender import LatentSender, plan_notes
+            from sender.model import LatentSender, plan_notes
 
             sender = LatentSender.from_pretrained(args.sender_dir, dtype=model_dtype, device=device,
                                                   trust_remote_code=args.trust_remote_code)
@@ -452,5 +452,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `interlat-collect` console command (exits with main's status)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -8,14 +8,14 @@ from __future__ import annotations
 import json
 import os
 
-from constants import HEAD_FILE, HEAD_SAFETENSORS_FILE
-from evaluation import CONDITIONS
+from common.constants import HEAD_FILE, HEAD_SAFETENSORS_FILE
+from common.models import looks_like_repo_id
+from common.safe_io import write_text_atomic
+from evaluation.conditions import CONDITIONS
 from latent_head import HeadConfig
-from models import looks_like_repo_id
-from safe_io import write_text_atomic
 
 CARD_FILE = "README.md"
-REPORT_FILE = "eval_report.json"  # evaluate_actor.py's report, when written into the folder (make demo does)
+REPORT_FILE = "eval_report.json"  # evaluation/evaluate.py's report, when written into the folder (make demo does)
 CONDITION_NAMES = {"true": "the sample's own latents", "shuffled": "another sample's latents", "none": "nothing",
                    "plan_text": "the plan as text"}
 
@@ -28,7 +28,7 @@ def evaluation_rows(output_dir: str, log_history: list[dict]) -> tuple[str, list
         try:
             with open(path, encoding="utf-8") as f:
                 conditions = json.load(f)["conditions"]
-            return f"`evaluate_actor.py` ({REPORT_FILE})", [
+            return f"`evaluation/evaluate.py` ({REPORT_FILE})", [
                 {"condition": c, **{k: conditions[c].get(k) for k in ("ce_bits", "exact_match", "accuracy")}}
                 for c in CONDITIONS if c in conditions]
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -82,7 +82,7 @@ def actor_card(repo_id: str, base_model: str | None, sender_model: str | None, h
         lines.append("")
     lines += [
         "## Loading", "",
-        "With the interlat toolkit (`latent_head.py`, `generation.py`):", "",
+        "With the interlat toolkit (`latent_head.py`, `evaluation/generation.py`):", "",
         "```python",
         "import numpy as np",
         "from latent_head import LatentActor",
@@ -93,8 +93,8 @@ def actor_card(repo_id: str, base_model: str | None, sender_model: str | None, h
         '                       latents=np.load("message.npy"))   # [K, latent width] hidden states of the sender',
         "```",
         "",
-        f"or `python inference.py --model_dir {repo_id} --prompt \"...\" --latents message.npy`, and",
-        f"`python evaluate_actor.py --model_dir {repo_id} --eval_file eval.jsonl --output report.json`.",
+        f"or `python -m evaluation.inference --model_dir {repo_id} --prompt \"...\" --latents message.npy`, and",
+        f"`python -m evaluation.evaluate --model_dir {repo_id} --eval_file eval.jsonl --output report.json`.",
         "",
     ]
     return "\n".join(lines)

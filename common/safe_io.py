@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from constants import HEAD_FILE, HEAD_SAFETENSORS_FILE
+from common.constants import HEAD_FILE, HEAD_SAFETENSORS_FILE
 
 MAX_LINE_BYTES = int(os.environ.get("INTERLAT_MAX_LINE_BYTES", 32 << 20))  # one JSONL record (see data.read_records)
 INCOMPLETE_MARKER = ".incomplete"  # in a model folder while its files are being replaced

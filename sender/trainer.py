@@ -1,6 +1,6 @@
-"""`SenderTrainer`: a `transformers.Trainer` for the compression stage (`train_sender.py`).
+"""`SenderTrainer`: a `transformers.Trainer` for the compression stage (`sender/train.py`).
 
-The step itself (rollout, the actor's three passes, the loss) is `CompressionModel.forward` (`sender.py`):
+The step itself (rollout, the actor's three passes, the loss) is `CompressionModel.forward` (`sender/model.py`):
 one call of the wrapped model, returning named sums. The trainer records sample ids, accumulates the
 metrics and returns the loss, and saves and resumes the sender only.
 """
@@ -11,8 +11,8 @@ import os
 
 import torch
 
-from sender import COMPRESSION_METRICS, CompressionLossConfig
-from trainer import LatentActorTrainer
+from sender.model import COMPRESSION_METRICS, CompressionLossConfig
+from training.trainer import LatentActorTrainer
 
 logger = logging.getLogger(__name__)
 

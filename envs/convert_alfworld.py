@@ -1,6 +1,6 @@
 """Convert ALFWorld SFT data (ETO / AgentInstruct conversations) to this project's training records.
 
-    python convert_alfworld.py --input alfworld_sft.json --output data/alfworld/train_raw.jsonl \
+    python -m envs.convert_alfworld --input alfworld_sft.json --output data/alfworld/train_raw.jsonl \
         [--latent_turn task|first] [--plan expert_actions|none]
 
 In those files the first human turn is usually a generic instruction (and in AgentInstruct a worked
@@ -15,11 +15,11 @@ in a later human turn. The latent message goes at the end of the first human tur
   --latent_turn first  the conversation is kept as it is: the message follows the generic instruction.
 
 `--plan expert_actions` writes `plan` = the expert's actions in order ("go to countertop 1, take mug 1
-from countertop 1, ..."), for `collect_hidden_states.py --mode teacher_forced`; `--plan none` writes
+from countertop 1, ..."), for `sender/collect.py --mode teacher_forced`; `--plan none` writes
 no plan (use `--mode generate`: the sender writes one). Other fields are kept (`game_file`, which
-`play_actor.py --env alfworld` plays); per-turn `loss` keys are dropped (every assistant turn is
+`envs/play.py --env alfworld` plays); per-turn `loss` keys are dropped (every assistant turn is
 supervised); `instruction` is what the merged first turn holds before the game's first observation
-("You are in the middle of a room ..."): `play_actor.py --env alfworld` writes it before the observation.
+("You are in the middle of a room ..."): `envs/play.py --env alfworld` writes it before the observation.
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def convert_record(record: dict, latent_turn: str = "task", plan: str = "expert_
         humans = [turn["value"] for turn in turns[: t + 1] if turn["from"] in ("human", "user")]
         merged = MERGE_SEPARATOR.join(humans)
         turns = [{"from": "human", "value": merged}] + turns[t + 1:]
-        # What play_actor.py puts before the game's first observation: all but the observation itself
+        # What envs/play.py puts before the game's first observation: all but the observation itself
         # (ETO's task turn starts "Here is your task. " and then the game's text).
         start = humans[-1].find(OBSERVATION_START)
         out["instruction"] = merged[: len(merged) - len(humans[-1]) + max(start, 0)]
@@ -132,5 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `interlat-convert-alfworld` console command (exits with main's status)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

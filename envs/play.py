@@ -1,14 +1,14 @@
 """The closed loop: a trained actor plays text games, with the sender's latent message, and we count wins.
 
-    python play_actor.py --model_dir checkpoints/tw_actor --records data/tw/eval.jsonl \
+    python -m envs.play --model_dir checkpoints/tw_actor --records data/tw/eval.jsonl \
         --output results/play/report.json [--conditions true,shuffled,none,plan_text] [--env textworld|alfworld]
 
 Each record names a game (`game_file`, relative to the records file, or to `--game_root`) and carries
 the sender's message for it: `hidden_state_path` (latents) and `plan` (text), as written by
-`collect_hidden_states.py`. Every game is played once per condition, the message injected at the end
+`sender/collect.py`. Every game is played once per condition, the message injected at the end
 of the first human turn exactly as in training:
   true       the game's own latents
-  shuffled   another game's latents (game i reads game (i+1) mod N's, as in evaluate_actor.py)
+  shuffled   another game's latents (game i reads game (i+1) mod N's, as in evaluation/evaluate.py)
   none       the empty block `<bop><eop>`
   plan_text  the plan's text tokens between `<bop>` and `<eop>`
 
@@ -30,241 +30,20 @@ and the user's downloaded ALFWorld data. Its turns use the ETO layout (see `TURN
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import re
 import sys
-import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from data import DataError, load_latents, read_records, resolve_path
+from envs.game import TURN_FORMATS, Episode, Game, clean_observation, first_turn, make_env, match_command, next_turn
+from envs.policies import ActorPolicy, ExpertPolicy, ExplorerPolicy, Policy
 
 CONDITIONS = ("true", "shuffled", "none", "plan_text")
 COLORS = {"true": "C0", "shuffled": "C3", "none": "C7", "plan_text": "C2", "expert": "C1"}
-
-
-# ---------------------------------------------------------------------------------------------
-# Observations, turns, commands
-# ---------------------------------------------------------------------------------------------
-_BANNER_LINE = re.compile(r"^[\s_|\\$/<>]*$")  # TextWorld's ASCII-art title: only these characters
-_WELCOME_LINE = re.compile(r"^-= Welcome to TextWorld.*=-$")  # ALFWorld's title line
-
-
-def clean_observation(text: str) -> str:
-    """A game's output without TextWorld's title art, its trailing `>` prompt line and extra blank lines."""
-    text = re.split(r"\n>", "\n" + text)[0] if "\n>" in "\n" + text else text
-    lines = [ln.rstrip() for ln in text.splitlines()]
-    lines = [ln for ln in lines if ln.strip() == "" or not (_BANNER_LINE.match(ln) or _WELCOME_LINE.match(ln))]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-
-
-def normalise_command(text: str) -> str:
-    """Lowercase, punctuation -> space, whitespace collapsed."""
-    return " ".join(re.sub(r"[^\w\s]|_", " ", text.lower()).split())
-
-
-def match_command(reply: str, admissible: Sequence[str]) -> tuple[str, str]:
-    """The command a reply stands for, and how it was found: `exact`, `overlap` or `raw` (see module doc)."""
-    text = reply.rsplit("Action:", 1)[-1] if "Action:" in reply else reply
-    text = (text.strip().splitlines() or [""])[0]
-    wanted = normalise_command(text)
-    normalised = [normalise_command(c) for c in admissible]
-    if wanted in normalised:
-        return admissible[normalised.index(wanted)], "exact"
-    words = wanted.split()
-    best, best_f1 = None, 0.0
-    for command, norm in zip(admissible, normalised):
-        cw = norm.split()
-        common = sum(min(words.count(w), cw.count(w)) for w in set(words))
-        if common:
-            f1 = 2 * common / (len(words) + len(cw))
-            if f1 > best_f1:
-                best, best_f1 = command, f1
-    if best is not None:
-        return best, "overlap"
-    return text.strip(), "raw"
-
-
-@dataclass(frozen=True)
-class TurnFormat:
-    """How observations become human turns and commands become replies (training data and play alike)."""
-    first: str  # .format(instruction=, objective=, observation=, commands=)
-    next: str  # .format(observation=, commands=)
-    reply: str  # .format(command=)
-
-
-TURN_FORMATS = {
-    # envs/textworld_tasks.py writes its expert data with this one.
-    "textworld": TurnFormat(
-        first="You are playing a text game. Reply with exactly one of the admissible commands.\n\n"
-              "Task: {objective}\n\n{observation}\n\nAdmissible commands: {commands}",
-        next="{observation}\n\nAdmissible commands: {commands}",
-        reply="{command}"),
-    # ETO/AgentInstruct ALFWorld layout, after convert_alfworld.py merged the instruction into the task turn.
-    "alfworld": TurnFormat(first="{instruction}{observation}", next="Observation: {observation}",
-                           reply="Action: {command}"),
-}
-
-
-def first_turn(fmt: TurnFormat, objective: str, observation: str, admissible: Sequence[str],
-               instruction: str = "") -> str:
-    return fmt.first.format(instruction=instruction, objective=objective, observation=observation,
-                            commands=", ".join(admissible))
-
-
-def next_turn(fmt: TurnFormat, observation: str, admissible: Sequence[str]) -> str:
-    return fmt.next.format(observation=observation, commands=", ".join(admissible))
-
-
-# ---------------------------------------------------------------------------------------------
-# Environments (textworld.gym, and ALFWorld on top of it)
-# ---------------------------------------------------------------------------------------------
-def _request_infos(env_kind: str):
-    import textworld
-
-    if env_kind == "alfworld":  # what ALFWorld's own agents request from its PDDL games
-        return textworld.EnvInfos(admissible_commands=True, won=True, extras=["gamefile"])
-    # walkthrough/family/task: envs/household.py games (TextWorld's logic engine has no planner's commands)
-    return textworld.EnvInfos(admissible_commands=True, won=True, lost=True, objective=True, policy_commands=True,
-                              extras=["walkthrough", "family", "task"])
-
-
-def make_env(game_file: str, env_kind: str = "textworld", max_steps: int = 50):
-    """A `textworld.gym` environment for one game file (reset/step return one observation, one info dict)."""
-    try:
-        import textworld.gym
-    except ImportError:
-        raise DataError("textworld is not installed: pip install textworld==1.7.0") from None
-    wrappers = []
-    if env_kind == "alfworld":
-        try:
-            from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
-        except ImportError:
-            raise DataError("--env alfworld needs the alfworld package (pip install alfworld) and its data") from None
-        wrappers = [AlfredDemangler(shuffle=False), AlfredInfos]
-    elif game_file.endswith(".json"):  # envs/household.py: played by TextWorld's logic engine, narrated by us
-        from envs.household import HouseholdText
-
-        wrappers = [HouseholdText]
-    if not os.path.exists(game_file):
-        raise DataError(f"{game_file}: game file not found")
-    # Jericho cannot track score and moves in TextWorld's games; TextWorld tracks them itself.
-    warnings.filterwarnings("ignore", message=".*is not fully supported", module="jericho")
-    env_id = textworld.gym.register_game(game_file, _request_infos(env_kind), max_episode_steps=max_steps,
-                                         asynchronous=False, wrappers=wrappers)
-    return textworld.gym.make(env_id)
-
-
-# ---------------------------------------------------------------------------------------------
-# Policies: who chooses the next command
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class Episode:
-    """One game under one condition, as it is being played."""
-    game_id: str
-    condition: str
-    latents: np.ndarray | None
-    plan_text: str | None
-    messages: list[dict] = field(default_factory=list)  # the conversation so far ({role, content})
-    infos: dict = field(default_factory=dict)  # the game's latest infos (admissible_commands, policy_commands ...)
-    turns: list[dict] = field(default_factory=list)
-    won: bool = False
-    done: bool = False
-    memory: dict = field(default_factory=dict)  # what a policy keeps between the steps of this episode
-
-
-class Policy(Protocol):
-    def __call__(self, episodes: Sequence[Episode]) -> list[str]:
-        """The next reply of each (unfinished) episode."""
-
-
-class ExpertPolicy:
-    """Follows the game's own plan: `policy_commands` (recomputed by the game at every step; compiled TextWorld
-    games), else the game's walkthrough from the start (envs/household.py games)."""
-
-    def __init__(self, fmt: TurnFormat):
-        self.fmt = fmt
-
-    def __call__(self, episodes: Sequence[Episode]) -> list[str]:
-        replies = []
-        for ep in episodes:
-            plan = ep.infos.get("policy_commands") or (ep.infos.get("extra.walkthrough") or [])[len(ep.turns):]
-            replies.append(self.fmt.reply.format(command=plan[0] if plan else "look"))
-        return replies
-
-
-class ExplorerPolicy:
-    """Searches without a message: takes the objective's object when it can, else opens a closed container,
-    else leaves the room by an exit neither tried from it nor the one it came in by (else the first exit).
-    The no-message baseline of a methodical searcher, against which the step budget is set (TextWorld games)."""
-
-    REVERSE = {"go north": "go south", "go south": "go north", "go east": "go west", "go west": "go east"}
-
-    def __init__(self, fmt: TurnFormat):
-        self.fmt = fmt
-
-    def __call__(self, episodes: Sequence[Episode]) -> list[str]:
-        replies = []
-        for ep in episodes:
-            admissible = list(ep.infos["admissible_commands"])
-            if ep.infos.get("extra.task"):  # envs/household.py games: the same kind of search, its sub-goals
-                from envs.household import explorer_command
-
-                observations = [ep.messages[0]["content"]] + [t["observation"] for t in ep.turns]
-                replies.append(self.fmt.reply.format(command=explorer_command(
-                    ep.infos["extra.task"], observations, [t["command"] for t in ep.turns], admissible, ep.memory)))
-                continue
-            objective = normalise_command(ep.infos.get("objective") or "").split()
-            rooms = re.findall(r"-= (.+?) =-", "\n".join([ep.messages[0]["content"]] +
-                                                          [t["observation"] for t in ep.turns]))
-            room = rooms[-1] if rooms else ""
-            tried = ep.memory.setdefault("exits_not_to_take", {}).setdefault(room, set())
-            if ep.turns and ep.turns[-1]["command"] in self.REVERSE:  # just came in: not back the same way
-                tried.add(self.REVERSE[ep.turns[-1]["command"]])
-            take = [c for c in admissible if c.startswith("take ") and c.split()[1] in objective]
-            opens = [c for c in admissible if c.startswith("open ")]
-            exits = [c for c in admissible if c.startswith("go ")]
-            command = (take or opens or [c for c in exits if c not in tried] or exits or admissible)[0]
-            if command.startswith("go "):
-                tried.add(command)
-            replies.append(self.fmt.reply.format(command=command))
-        return replies
-
-
-class ActorPolicy:
-    """A trained `LatentActor`: greedy replies, the episode's message in the first human turn."""
-
-    def __init__(self, actor, max_new_tokens: int = 24, batch_size: int = 32):
-        self.actor, self.max_new_tokens, self.batch_size = actor, max_new_tokens, batch_size
-
-    def __call__(self, episodes: Sequence[Episode]) -> list[str]:
-        from generation import generate_replies
-
-        replies: list[str] = []
-        for s in range(0, len(episodes), self.batch_size):
-            chunk = episodes[s:s + self.batch_size]
-            replies += generate_replies(self.actor, [ep.messages for ep in chunk], [ep.latents for ep in chunk],
-                                        max_new_tokens=self.max_new_tokens,
-                                        plan_texts=[ep.plan_text for ep in chunk])
-        return replies
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class Game:
-    """A game to play and the sender's message for it."""
-    game_id: str
-    game_file: str
-    latents: np.ndarray | None = None
-    plan: str | None = None
-    max_steps: int | None = None
-    instruction: str = ""  # alfworld: the generic instruction that precedes the task (convert_alfworld.py)
 
 
 def condition_messages(games: Sequence[Game], condition: str) -> list[tuple[np.ndarray | None, str | None] | None]:
@@ -272,7 +51,7 @@ def condition_messages(games: Sequence[Game], condition: str) -> list[tuple[np.n
     if condition == "true":
         return [(g.latents, None) if g.latents is not None and len(g.latents) else None for g in games]
     if condition == "shuffled":
-        from evaluation import donor_indices
+        from evaluation.conditions import donor_indices
 
         donors = donor_indices(len(games))
         return [(games[d].latents, None) if d != i and games[d].latents is not None and len(games[d].latents)
@@ -433,7 +212,7 @@ def plot_report(report: dict, path: str) -> None:
 @dataclass
 class PlayArguments:
     records: str = field(metadata={"help": "Records naming games (`game_file`) with the sender's message "
-                                           "(`hidden_state_path`, `plan`), e.g. collect_hidden_states.py's output."})
+                                           "(`hidden_state_path`, `plan`), e.g. sender/collect.py's output."})
     output: str = field(metadata={"help": "The JSON report to write (summary + every transcript)."})
     model_dir: str | None = field(default=None, metadata={"help": "An output folder of train_actor.py."})
     policy: str = field(default="actor", metadata={"help": "`actor` (the trained model), `expert` (the game's "
@@ -513,5 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `interlat-play` console command (exits with main's status)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

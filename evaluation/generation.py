@@ -6,7 +6,7 @@ ends with the `<FIRST_HUMAN_END>` marker; it is replaced by `<bop> [latent rows]
 (`latent_head.assemble_inputs` + `LatentActor.embed`), so the actor sees the layout it was trained on.
 With no latent rows and no plan the block is `<bop><eop>`: the "no message" input. `stop_token_ids` and
 `until_stop` are the one end-of-turn rule, for the actor and for the sender writing plans.
-Used by `inference.py`, `evaluation.py`, `play_actor.py` and `collect_hidden_states.py`.
+Used by `evaluation/inference.py`, `evaluation/conditions.py`, `envs/play.py` and `sender/collect.py`.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from constants import IGNORE_INDEX
+from common.constants import IGNORE_INDEX
 from data import chat_messages, check_messages_text, encode_plan, find_marker, with_marker
 from latent_head import LatentActor, assemble_inputs
 

@@ -1,8 +1,8 @@
 """Training-throughput benchmark of the real path: `train_actor.main(argv)` on the shared workload.
 
-    python bench.py --batch_size 2 --model_max_length 3072 --steps 25 --out_name b2_3072
-    python bench.py --shape tiny --steps 3 --n_samples 16 --out_name cpu_tiny      # CPU smoke test
-    python bench.py ... -- --gradient_checkpointing True --loss_chunk_size 1024   # extra train_actor flags
+    python benchmarks/bench.py --batch_size 2 --model_max_length 3072 --steps 25 --out_name b2_3072
+    python benchmarks/bench.py --shape tiny --steps 3 --n_samples 16 --out_name cpu_tiny      # CPU smoke test
+    python benchmarks/bench.py ... -- --gradient_checkpointing True --loss_chunk_size 1024   # extra train_actor flags
 
 The workload (../shared/bench: Qwen2.5-0.5B's shape, random bf16 weights, 128 ALFWorld-like
 conversations with plans and 64-256 x 896 sender latents) is built once under --workload_dir.
@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from constants import MODEL_MAX_LENGTH  # noqa: E402
+from common.constants import MODEL_MAX_LENGTH  # noqa: E402
 
 N_PARAMS_MFU = 494e6  # Qwen2.5-0.5B, the convention of ../shared/bench/README.md (10*N FLOPs per token)
 PEAK_BF16_DENSE = 989e12  # H100/H200 SXM dense bf16 datasheet figure
@@ -394,6 +394,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from train_actor import exit_process
+    from common.cli import exit_process
 
     exit_process(main())

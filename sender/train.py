@@ -1,15 +1,15 @@
 """Compression: train the sender to speak in K latents to a trained, frozen actor.
 
-    python train_sender.py --actor_dir checkpoints/actor --model_name_or_path SENDER \
+    python -m sender.train --actor_dir checkpoints/actor --model_name_or_path SENDER \
         --train_file data/train.jsonl --output_dir checkpoints/sender --num_latents 8 ...
-    python train_sender.py config.yaml [--flag value ...]   # a YAML/JSON config file, flags override it
-    torchrun --nproc_per_node 2 train_sender.py ...
+    python -m sender.train config.yaml [--flag value ...]   # a YAML/JSON config file, flags override it
+    torchrun --nproc_per_node 2 sender/train.py ...
 
 The data files are train_actor.py's (conversations + data latents of the written plans). The
 student starts from the sender model (the one whose hidden states the actor was trained on);
 student, bridge and start vector are trained, the actor is not. The output folder is the sender
 (student weights + tokenizer + `latent_sender.pt`), `loss_log.csv`, `loss_curve.png` and checkpoints;
-`collect_hidden_states.py --mode compressed --sender_dir` writes its messages. See README.md.
+`sender/collect.py --mode compressed --sender_dir` writes its messages. See README.md.
 """
 from __future__ import annotations
 
@@ -23,19 +23,19 @@ import transformers
 from transformers import AutoTokenizer
 
 from callbacks import LossLogCallback, NonFiniteGuardCallback
+from common.cli import UserError, exit_process, parse_config_and_flags, run_cli, save_interrupted
+from common.models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
+from common.validation import validate_files
 from data import ActorDataset, DataError
 from latent_head import HEAD_FILE, LatentActor, load_head_file, set_training_backends
 from losses import (COMPRESSION_ALIGN_WEIGHT, COMPRESSION_KL_WEIGHT, DISTILL_TEMPERATURE, DISTILL_WINDOW,
                     LOSS_CHUNK_SIZE, UNCERTAINTY_QUANTILE)
-from models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
-from sender import (KNOWLEDGE, REQUEST, SENDER_FILE, CompressionLossConfig, CompressionModel, LatentSender, SenderCollator,
-                    SenderConfig, SenderDataset)
-from sender_trainer import SenderTrainer
-from train_actor import (LIGER_REFUSAL, ActorTrainingArguments, DataArguments, UserError, build_datasets,
-                         check_data_source, data_sources, exit_process, finish_run, parse_config_and_flags,
-                         run_cli, save_interrupted)
-from trainer import resolve_resume
-from validation import validate_files
+from sender.model import (KNOWLEDGE, REQUEST, SENDER_FILE, CompressionLossConfig, CompressionModel, LatentSender,
+                          SenderCollator, SenderConfig, SenderDataset)
+from sender.trainer import SenderTrainer
+from train_actor import (LIGER_REFUSAL, ActorTrainingArguments, DataArguments, build_datasets, check_data_source,
+                         data_sources, finish_run)
+from training.trainer import resolve_resume
 
 logger = logging.getLogger("train_sender")
 UNUSED = {"help": "(train_actor.py only; unused here)"}
@@ -93,12 +93,12 @@ def check_inputs(sender_args: SenderArguments, data_args: DataArguments, args: S
     if args.use_liger_kernel:
         raise UserError(LIGER_REFUSAL)
     if args.fsdp:
-        raise UserError("--fsdp is not supported by train_sender.py: use DDP (torchrun without --fsdp)")
+        raise UserError("--fsdp is not supported by sender/train.py: use DDP (torchrun without --fsdp)")
     if args.push_to_hub:  # the trainer's hub hooks and model card are the actor's
-        raise UserError("--push_to_hub is not supported by train_sender.py: upload the output folder with "
+        raise UserError("--push_to_hub is not supported by sender/train.py: upload the output folder with "
                         "huggingface-cli upload")
     if args.gradient_checkpointing:
-        raise UserError("--gradient_checkpointing is not supported by train_sender.py: the student's rollout "
+        raise UserError("--gradient_checkpointing is not supported by sender/train.py: the student's rollout "
                         "needs its KV cache")
     if sender_args.sender_knowledge not in KNOWLEDGE:
         raise UserError(f"--sender_knowledge {sender_args.sender_knowledge}: expected one of {', '.join(KNOWLEDGE)}")
@@ -191,5 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(parse_args, train, argv)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `interlat-train-sender` console command (ends the (torchrun) process cleanly)."""
     exit_process(main())
+
+
+if __name__ == "__main__":
+    cli()
