@@ -80,7 +80,8 @@ def table(summary: dict) -> str:
             else:
                 cells = [_pct(res.get(c, {}).get("success")) for c in CONDITIONS]
                 steps = res.get("true", {}).get("mean_steps_won")
-            lines.append(f"| {player} | {split[5:]} | " + " | ".join(cells) + f" | {'-' if steps is None else f'{steps:.1f}'} |")
+            steps_cell = "-" if steps is None else f"{steps:.1f}"
+            lines.append(f"| {player} | {split[5:]} | " + " | ".join(cells) + f" | {steps_cell} |")
     seeds = actor_players(summary)
     if summary:
         lines += ["", "Per family (the actor seeds' mean; the expert and the blind explorer; the expert's steps):", "",
@@ -90,8 +91,8 @@ def table(summary: dict) -> str:
             for fam in FAMILIES:
                 cells = []
                 for c in CONDITIONS:
-                    vals = [summary[s][split][c]["families"][fam]["success"] for s in seeds
-                            if c in summary[s].get(split, {}) and summary[s][split][c]["families"][fam]["success"] is not None]
+                    fams = [summary[s][split][c]["families"][fam] for s in seeds if c in summary[s].get(split, {})]
+                    vals = [f["success"] for f in fams if f["success"] is not None]
                     cells.append(_pct(float(np.mean(vals))) if vals else "-")
                 for p in ("expert", "explorer"):
                     r = summary.get(p, {}).get(split, {}).get("none")

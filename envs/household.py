@@ -300,11 +300,12 @@ def to_facts(house: House):
     from textworld.logic import Proposition as F
     from textworld.logic import Variable as V
 
-    P, I = V("P", "P"), V("I", "I")
+    player, inventory = V("P", "P"), V("I", "I")
     rooms = [V(f"r_{i}", "r") for i in range(len(house.rooms))]
     mids = [V(f"mid_{i}", "mid") for i in range(len(house.rooms))]
     var = {}
-    facts = [F("at", [P, rooms[house.start]]), F("near", [P, mids[house.start]]), F("handsfree", [I])]
+    facts = [F("at", [player, rooms[house.start]]), F("near", [player, mids[house.start]]),
+             F("handsfree", [inventory])]
     for i, m in enumerate(mids):
         facts.append(F("at", [m, rooms[i]]))
     for a, ex in house.exits.items():
@@ -461,7 +462,8 @@ def render_plan(steps: Sequence[Step], style: str, rng: random.Random) -> str:
         elif s.kind == "transform":
             verb = s.commands[-1].split()[0]
             device_kind = s.where.rsplit(" ", 1)[0]
-            text = rng.choice([f"{verb} it with {there}", f"the {device_kind} to {verb} it is {there}; {verb} it there"])
+            text = rng.choice([f"{verb} it with {there}",
+                               f"the {device_kind} to {verb} it is {there}; {verb} it there"])
         elif s.kind == "place":
             closed = ", open it first" if s.closed else ""
             text = rng.choice([f"put it {s.preposition} {there}{closed}",
@@ -498,7 +500,8 @@ def build_game(seed: str, family: str, vocab: Vocabulary, opts: HouseholdOptions
     walkthrough = [c for s in steps for c in s.commands]
     game.objective = objective
     game.metadata.update({"engine": GAME_MARK, "family": family, "walkthrough": walkthrough,
-                          "task": {"family": family, "objective": objective, "object_kind": targets[0].rsplit(" ", 1)[0],
+                          "task": {"family": family, "objective": objective,
+                                   "object_kind": targets[0].rsplit(" ", 1)[0],
                                    "destination_kind": objective.rstrip(".").rsplit(" ", 1)[-1]
                                    if family != "look_at_under_lamp" else None}})
     style = "facts" if rng.random() < opts.plan_facts_share else "commands"

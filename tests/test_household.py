@@ -209,7 +209,8 @@ def test_the_blind_explorer_searches_the_whole_house_but_rarely_within_the_budge
 
 
 def test_cli_writes_the_splits_and_refuses_bad_flags_in_one_line(tmp_path, capsys):
-    assert hh.main(["--out_dir", str(tmp_path), "--n_train", "2", "--n_eval", "1", "--splits", "train,eval_unseen"]) == 0
+    args = ["--out_dir", str(tmp_path), "--n_train", "2", "--n_eval", "1", "--splits", "train,eval_unseen"]
+    assert hh.main(args) == 0
     assert sorted(os.listdir(tmp_path)) == ["eval_unseen_raw.jsonl", "games", "train_raw.jsonl"]
     assert os.listdir(tmp_path / "games") == ["eval_unseen_0000.json"]  # training games are not kept
     capsys.readouterr()
