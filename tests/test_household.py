@@ -219,6 +219,7 @@ def test_cli_writes_the_splits_and_refuses_bad_flags_in_one_line(tmp_path, capsy
     assert err.count("\n") == 0 and "eval_mars" in err
 
 
+@pytest.mark.slow
 def test_household_records_are_valid_training_data(hh_data, tokenizer_dir):
     from transformers import AutoTokenizer
 
