@@ -21,7 +21,9 @@
 set -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-[ -n "${DRY:-}" ] || export INTERLAT_CACHE=${INTERLAT_CACHE:-/tmp/interlat_cache}
+if [ -z "${DRY:-}" ]; then  # where earlier calls installed wheels and converted the model
+  export INTERLAT_CACHE=${INTERLAT_CACHE:-/tmp/interlat_cache} PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 T0=$(date +%s)
 OUT=${OUT:-/tmp/out}; W=${W:-/tmp/envs}; DATA=${DATA:-$W/data}
 BUDGET=${BUDGET:-530}; PLAY_S=${PLAY_S:-170}
