@@ -79,12 +79,13 @@ for g in $SEEDS; do (
   mkdir -p "$OUT"; log "seed $g: training for at most $TRAIN_TIME_LIMIT s"
   stage train || exit 1
   model=$(latest_model "$ACTOR"); log "seed $g: trained ($model)"
-  for split in eval_unseen eval_seen; do
-    timeout -k 5 $(( $(left) - 25 )) $PY -m envs.play --model_dir "$model" --records "$DATA/$split.jsonl" \
-      --output "$OUT/play_$split.json" --batch_size "$PLAY_BATCH" --max_new_tokens "$MAX_NEW" 2>&1 \
-      | tr '\r' '\n' | grep -v "$QUIET"
-    log "seed $g: $split played"
+  for split in eval_unseen eval_seen; do  # both splits at once: a play step is as much CPU (prompts, games) as GPU
+    ( timeout -k 5 $(( $(left) - 25 )) $PY -m envs.play --model_dir "$model" --records "$DATA/$split.jsonl" \
+        --output "$OUT/play_$split.json" --batch_size "$PLAY_BATCH" --max_new_tokens "$MAX_NEW" 2>&1 \
+        | tr '\r' '\n' | grep -v "$QUIET" > "$OUT/play_$split.log"
+      log "seed $g: $split played" ) &
   done
+  wait; cat "$OUT"/play_*.log
 ) > "$W/s$g.log" 2>&1 & done
 wait
 for f in "$W"/s*.log "$W/baselines.log"; do echo "== $f"; grep -v "$QUIET" "$f" | tail -14; done
