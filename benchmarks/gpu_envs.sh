@@ -33,7 +33,8 @@ PLAY_BATCH=${PLAY_BATCH:-128}; WORKERS=${WORKERS:-$(nproc)}; LATENT_BATCH=${LATE
 PY=${PY:-python3}
 if [ -n "${DRY:-}" ]; then  # the CPU dry run: every stage at toy size
   PY=${PY_DRY:-.venv/bin/python}; OUT=${OUT_DRY:-checkpoints/gpu_envs_dry/out}; W=checkpoints/gpu_envs_dry; DATA=$W/data
-  N_TRAIN=12; N_EVAL=6; STEPS=3; BATCH=2; WARM=2; MAX_NEW=6; PLAY_S=60; BUDGET=${BUDGET_DRY:-900}; WORKERS=2
+  N_TRAIN=12; N_EVAL=6; STEPS=3; BATCH=2; WARM=2; MAX_NEW=6; PLAY_S=300; BUDGET=${BUDGET_DRY:-1300}; WORKERS=2
+  PLAY_FLAGS=${PLAY_FLAGS:---max_games 2}
   MODEL=$W/tiny; [ -f "$MODEL/config.json" ] || $PY -c "import sys; from common import models; models.save_random_llama(sys.argv[1], 64, 2)" "$MODEL"
 fi
 MODEL=${MODEL:-HuggingFaceTB/SmolLM2-135M-Instruct}
@@ -81,7 +82,7 @@ for g in $SEEDS; do (
   model=$(latest_model "$ACTOR"); log "seed $g: trained ($model)"
   for split in eval_unseen eval_seen; do  # both splits at once: a play step is as much CPU (prompts, games) as GPU
     ( timeout -k 5 $(( $(left) - 25 )) $PY -m envs.play --model_dir "$model" --records "$DATA/$split.jsonl" \
-        --output "$OUT/play_$split.json" --batch_size "$PLAY_BATCH" --max_new_tokens "$MAX_NEW" 2>&1 \
+        --output "$OUT/play_$split.json" --batch_size "$PLAY_BATCH" --max_new_tokens "$MAX_NEW" ${PLAY_FLAGS:-} 2>&1 \
         | tr '\r' '\n' | grep -v "$QUIET" > "$OUT/play_$split.log"
       log "seed $g: $split played" ) &
   done
