@@ -98,7 +98,7 @@ for p in expert explorer; do for split in eval_seen eval_unseen; do reports+=(--
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 tar czf "$OUT/envs_results.tgz" -C "$W" --exclude='*.npy' --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' \
   --exclude='optimizer*' --exclude='tokenizer*' --exclude='data' --exclude='tiny' --exclude='rng_state*' \
-  --exclude='scheduler*' $(cd "$W" && ls -d s* baselines *.log 2>/dev/null) 2>/dev/null
+  --exclude='scheduler*' $(cd "$W" && ls -d s* actor_s* baselines *.log 2>/dev/null) 2>/dev/null
 tar czf "$OUT/records_eval.tgz" -C "$DATA" eval_seen_raw.jsonl eval_unseen_raw.jsonl
 log "done"
 $PY benchmarks/envs_summary.py --data "$DATA" "${reports[@]}" --out "$OUT/summary.json" --table "$OUT/summary.md" \
