@@ -86,6 +86,11 @@ class ActorModelArguments(ModelArguments):
     compile_layers: bool | None = field(default=None, metadata={
         "help": "torch.compile each decoder layer (dynamic shapes): fewer, fused kernels; 1.5-1.75x faster steps "
                 "on an H100 (BENCHMARKS.md). Default: on with CUDA."})
+    cuda_graphs: bool = field(default=False, metadata={
+        "help": "Replay CUDA graphs in the compiled decoder layers (torch.compile's reduce-overhead): one launch per "
+                "layer and pass instead of dozens, for small batches whose steps wait on the host. Each packed row "
+                "is padded to one of a few lengths (a graph replays one shape). Needs --compile_layers and "
+                "--packed_sequences (CUDA, bf16/fp16)."})
 
     def __post_init__(self):
         check_choices(self)

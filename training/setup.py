@@ -157,6 +157,9 @@ def resolve_auto_settings(model_args: ActorArguments, args: ActorTrainingArgumen
         model_args.packed_sequences = packed_sequences_available() and (args.bf16 or args.fp16)
     if model_args.compile_layers is None:  # not under FSDP: its hooks around each layer are not compiled with it
         model_args.compile_layers = torch.cuda.is_available() and not args.fsdp
+    if model_args.cuda_graphs and not (model_args.compile_layers and model_args.packed_sequences):
+        raise ValueError("--cuda_graphs replays the compiled layers on packed rows: it needs --compile_layers and "
+                         "--packed_sequences (CUDA, bf16/fp16)")
     if args.fsdp and (args.bf16 or args.fp16) and args.fsdp_plugin_args.get("fsdp_version") == 2 \
             and "mixed_precision_policy" not in args.fsdp_plugin_args:
         args.fsdp_plugin_args["mixed_precision_policy"] = fsdp2_mixed_precision_policy(
@@ -164,7 +167,8 @@ def resolve_auto_settings(model_args: ActorArguments, args: ActorTrainingArgumen
     loss = LossConfig.from_arguments(model_args).resolved("cuda" if args.trains_on_gpu else "cpu", args.bf16)
     model_args.loss_kernel, model_args.loss_matmul_dtype = loss.loss_kernel, loss.loss_matmul_dtype
     settings = {"bf16": args.bf16, "fp16": args.fp16, "packed_sequences": model_args.packed_sequences,
-                "compile_layers": model_args.compile_layers, "loss_kernel": model_args.loss_kernel,
+                "compile_layers": model_args.compile_layers, "cuda_graphs": model_args.cuda_graphs,
+                "loss_kernel": model_args.loss_kernel,
                 "loss_matmul_dtype": model_args.loss_matmul_dtype,
                 "dataloader_num_workers": args.dataloader_num_workers,
                 "dataloader_pin_memory": args.dataloader_pin_memory,
@@ -203,7 +207,7 @@ def build_actor(model_args: ActorArguments, latent_dim: int | None, seed: int) -
                                   prepended_length=model_args.prepended_length, dropout=model_args.head_dropout)
     actor.use_packed_sequences(bool(model_args.packed_sequences))
     if model_args.compile_layers:
-        actor.compile_layers()
+        actor.compile_layers(cuda_graphs=model_args.cuda_graphs)
     if model_args.lora_r:
         targets = model_args.lora_target_modules
         actor.add_lora(model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
