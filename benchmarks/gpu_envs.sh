@@ -50,7 +50,7 @@ $PY -c "import textworld" || { echo "error: textworld missing (carry .whl_tw)"; 
 
 # --- games: train (seen vocabulary), eval_seen, eval_unseen; the expert's episodes are the training records ---
 if [ ! -f "$DATA/eval_unseen_raw.jsonl" ]; then
-  quiet $PY -m envs.household --out_dir "$DATA" --n_train "$N_TRAIN" --n_eval "$N_EVAL" --seed "$SEED" \
+  quiet $PY -m envs.make_household --out_dir "$DATA" --n_train "$N_TRAIN" --n_eval "$N_EVAL" --seed "$SEED" \
     --workers "$WORKERS" || exit 1
 fi
 log "games ready: $(wc -l < "$DATA/train_raw.jsonl") train, $N_EVAL eval per split"

@@ -10,6 +10,7 @@ import pytest
 
 from envs import play as pa
 from envs import household as hh
+from envs import make_household
 
 FMT = pa.TURN_FORMATS["textworld"]
 
@@ -18,7 +19,7 @@ FMT = pa.TURN_FORMATS["textworld"]
 def hh_data(tmp_path_factory):
     """One game per family in each split (18 games, about a second)."""
     out = str(tmp_path_factory.mktemp("hh"))
-    files = hh.generate(out, n_train=6, n_eval=6, seed=5, keep_train_games=True)
+    files = make_household.generate(out, n_train=6, n_eval=6, seed=5, keep_train_games=True)
     records = {}
     for split, path in files.items():
         with open(path) as f:
@@ -210,11 +211,11 @@ def test_the_blind_explorer_searches_the_whole_house_but_rarely_within_the_budge
 
 def test_cli_writes_the_splits_and_refuses_bad_flags_in_one_line(tmp_path, capsys):
     args = ["--out_dir", str(tmp_path), "--n_train", "2", "--n_eval", "1", "--splits", "train,eval_unseen"]
-    assert hh.main(args) == 0
+    assert make_household.main(args) == 0
     assert sorted(os.listdir(tmp_path)) == ["eval_unseen_raw.jsonl", "games", "train_raw.jsonl"]
     assert os.listdir(tmp_path / "games") == ["eval_unseen_0000.json"]  # training games are not kept
     capsys.readouterr()
-    assert hh.main(["--out_dir", str(tmp_path), "--splits", "train,eval_mars"]) == 2
+    assert make_household.main(["--out_dir", str(tmp_path), "--splits", "train,eval_mars"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "eval_mars" in err
 
