@@ -10,6 +10,7 @@ only (their content and end-of-turn token).
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
@@ -38,9 +39,10 @@ LATENT_SUFFIXES = (".npy", ".pt", ".pth")
 
 @dataclass(frozen=True)
 class DatasetSource:
-    """Records from `datasets.load_dataset(name, split=split)`: a hub dataset id, a local dataset folder or a
-    data file. Relative latent and plan paths are relative to the folder (or the file's folder) when local,
-    else to the working folder."""
+    """Records of one split of a dataset (--dataset_name): a local dataset folder or data file, or a hub dataset id
+    (its snapshot in the local Hugging Face cache, downloaded first when the hub is reachable), read with `datasets`'
+    json loader (`load_dataset("json", data_files=...)`). Relative latent and plan paths are relative to the folder
+    (or the file's folder)."""
 
     name: str
     split: str = "train"
@@ -51,12 +53,80 @@ class DatasetSource:
 
 Source = Union[str, DatasetSource]  # a data file's path, or a dataset
 
+DATA_FILE_SUFFIXES = (".jsonl", ".json")  # what a dataset folder's records are read from (latents are .npy)
+# Where sender/collect.py puts an output file's latents by default: a folder whose name starts with "__", which
+# `datasets`' split rules never read (`train_latents/` beside train.jsonl was taken for the train split).
+LATENTS_DIR = "__latents__"
+
+
+def resolve_dataset(name: str) -> str:
+    """A local folder or data file for --dataset_name: itself when it exists; a hub id's snapshot in the local
+    Hugging Face cache, else downloaded (`huggingface_hub.snapshot_download`) when the hub is reachable."""
+    if os.path.exists(name):
+        return name
+    from huggingface_hub import snapshot_download
+
+    from common.models import _hub_reachable, looks_like_repo_id
+
+    if not looks_like_repo_id(name):
+        raise DataError(where=name, kind="unreadable_file",
+                        detail="not found: expected a local dataset folder or data file, or a hub id (owner/name)")
+    try:
+        return snapshot_download(name, repo_type="dataset", local_files_only=True)
+    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError is an OSError)
+        pass
+    if not _hub_reachable():
+        raise DataError(where=name, kind="unreadable_file", detail="not a local folder or file, not in the Hugging "
+                        "Face cache, and the hub cannot be reached (offline?)")
+    try:
+        return snapshot_download(name, repo_type="dataset")
+    except Exception as e:  # no such repository, no access, a network failure
+        raise DataError(where=name, kind="unreadable_file",
+                        detail=f"cannot be downloaded from the hub ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+def dataset_data_files(path: str) -> dict[str, list[str]]:
+    """{split: data files} of a local dataset folder or data file, split as `datasets` splits a folder (its file-
+    and folder-name rules: train.jsonl, test.jsonl, data/train-00000.jsonl, ...), keeping only data files
+    (.json, .jsonl). A folder written before latents went into `__latents__/` (`train_latents/` beside
+    train.jsonl: the folder rule takes it for the train split) is read by its own files' names instead."""
+    from datasets.data_files import DEFAULT_PATTERNS_SPLIT_IN_FILENAME, DataFilesDict, get_data_patterns
+
+    if os.path.isfile(path):
+        return {"train": [path]}
+    try:
+        found = DataFilesDict.from_patterns(get_data_patterns(path), base_path=path)
+    except Exception:  # datasets' EmptyDatasetError and the like: no file its rules recognise
+        found = {}
+    by_split = {str(split): sorted(f for f in files if f.lower().endswith(DATA_FILE_SUFFIXES))
+                for split, files in found.items()}
+    by_split = {split: files for split, files in by_split.items() if files}
+    if by_split:
+        return by_split
+    top = sorted(n for n in os.listdir(path) if n.lower().endswith(DATA_FILE_SUFFIXES) and not n.startswith((".", "__"))
+                 and os.path.isfile(os.path.join(path, n)))
+    for split, patterns in DEFAULT_PATTERNS_SPLIT_IN_FILENAME.items():  # e.g. "**/train[-._ 0-9]*"
+        names = [n for n in top if any(fnmatch.fnmatchcase(n, p.split("/")[-1]) for p in patterns)]
+        if names:
+            by_split[str(split)] = [os.path.join(path, n) for n in names]
+    if not by_split and top:  # no split in any name: all of them are the train split (as datasets reads them)
+        by_split["train"] = [os.path.join(path, n) for n in top]
+    return by_split
+
 
 def source_dir(source: Source) -> str:
     """The folder that relative paths in a source's records are relative to."""
     if isinstance(source, DatasetSource):
-        name = os.path.abspath(source.name)
-        return name if os.path.isdir(name) else os.path.dirname(name) if os.path.isfile(name) else os.getcwd()
+        try:
+            name = os.path.abspath(resolve_dataset(source.name))
+        except DataError:  # reported when its records are read
+            return os.getcwd()
+        return name if os.path.isdir(name) else os.path.dirname(name)
     return os.path.dirname(os.path.abspath(source))
 
 
@@ -182,18 +252,37 @@ def _file_error(path: str, line: int | None, detail: str, column: int | None = N
 
 
 def _dataset_records(source: DatasetSource) -> Iterator[tuple[str, Any]]:
-    """`(where, record)` of each row of a `datasets` dataset; columns a row leaves null are left out, as if
-    absent (Arrow gives every row every column of the dataset)."""
+    """`(where, record)` of each row of a dataset's split, read with `datasets`' json loader; columns a row leaves
+    null are left out, as if absent (Arrow gives every row every column of the dataset)."""
     import datasets
 
-    try:
-        rows = datasets.load_dataset(source.name, split=source.split)
-    except Exception as e:  # not found, no such split, offline without a cached copy, unreadable files
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    found = dataset_data_files(resolve_dataset(source.name))
+    files = found.get(source.split)
+    if not files:
         raise DataError(where=str(source), kind="unreadable_file",
-                        detail=f"cannot be loaded with datasets.load_dataset ({type(e).__name__}: {first})") from None
+                        detail=f"no split {source.split!r} (found: {', '.join(found) or 'no .json/.jsonl file'}; "
+                               "splits come from file names: train.jsonl, test.jsonl, ...)")
+    objects = []  # {"data": [...]} files: the loader reads their records with field="data"
+    for path in files:
+        check_regular_file(path)
+        objects.append(not _is_jsonl(path) and _first_byte(path) == b"{")
+    if any(objects) and not all(objects):
+        raise DataError(where=str(source), kind="unreadable_file", detail="mixes {\"data\": [...]} files with JSON "
+                        "lines or lists in one split; use one form")
+    try:
+        rows = datasets.load_dataset("json", data_files={source.split: files}, split=source.split,
+                                     field="data" if objects[0] else None)
+    except Exception as e:  # unreadable or malformed files, mixed columns
+        raise DataError(where=str(source), kind="unreadable_file",
+                        detail=f"cannot be loaded with datasets.load_dataset ({type(e).__name__}: "
+                               f"{_first_line(e)})") from None
     for i, row in enumerate(rows):
         yield f"{source}[{i}]", _without_nulls(row)
+
+
+def _first_byte(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4096).lstrip()[:1]
 
 
 def _without_nulls(value: Any) -> Any:

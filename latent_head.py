@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from common.constants import HEAD_FILE, HEAD_SAFETENSORS_FILE, IGNORE_INDEX, PREPENDED_LENGTH, SPECIAL_TOKENS, TEXT_KEYS
 from common.constants import MARKER_TOKEN  # noqa: F401 (re-exported: tests import it from here)
-from losses import LOSS_CHUNK_SIZE, LossConfig, LossSums, latent_comm_losses, token_ce
+from losses import LOSS_CHUNK_SIZE, LossConfig, LossInputs, LossSums, latent_comm_losses, token_ce
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +169,86 @@ def _bucket(length: int, multiple: int = 1024) -> int:
     return -(-length // multiple) * multiple
 
 
+GRAPH_ROW_UNIT = 1024  # packed rows under CUDA graphs are a multiple of this many tokens
+
+
+def graph_row_length(tokens: int, limit: int, unit: int = GRAPH_ROW_UNIT) -> int:
+    """The length of a packed row under CUDA graphs (a graph replays one shape): `tokens` rounded up to a
+    multiple of `unit`, and past 8 units to one of 4 steps per doubling (8, 10, 12, 14, 16, 20, ... units: at
+    most a quarter more), so that few lengths recur and each is recorded once; at most `limit`."""
+    units = -(-tokens // unit)
+    if units > 8:
+        shift = units.bit_length() - 3  # keep the top 3 bits of the count: 4 steps per doubling
+        units = -(-units >> shift) << shift
+    return max(min(units * unit, limit), tokens)
+
+
+@dataclass
+class PackedRow:
+    """Where the tokens of right-padded rows [B, width] sit in one packed row of `length` tokens (no padding
+    between samples): sample b's tokens at `cu[b]` on. With CUDA graphs the row is longer than its real tokens:
+    each sample's segment ends with extra tokens (zero embeddings), after all of its own, so that causal
+    attention keeps them from every real token and they change no value or gradient."""
+
+    source: torch.Tensor  # [length] index of each token in the flattened [B * width] rows
+    position: torch.Tensor  # [length] position within its sample
+    cu: torch.Tensor  # [B + 1] int64 segment starts (and the row's end)
+    real: torch.Tensor | None  # [length] bool: not an extra token (None: all are real)
+    length: int
+    real_tokens: int
+
+
+def pack_rows(lengths: torch.Tensor, total: int, width: int, segment_limit: int | None = None) -> PackedRow:
+    """The `PackedRow` of rows with `lengths` [B] (their sum `total`, known to the caller) and `width`.
+    `segment_limit` (CUDA graphs): pad the row to `graph_row_length`, no segment longer than the limit."""
+    length, segments = total, lengths
+    if segment_limit is not None:
+        length = graph_row_length(total, lengths.shape[0] * segment_limit)
+        room = segment_limit - lengths
+        # The extra tokens fill the samples' room in batch order (on the device: no wait for it).
+        segments = lengths + (length - total - (room.cumsum(0) - room)).clamp_min(0).minimum(room)
+    cu = torch.nn.functional.pad(segments.cumsum(0), (1, 0))
+    token = torch.arange(length, device=lengths.device)
+    sample = torch.bucketize(token, cu[1:], right=True)
+    position = token - cu[sample]
+    real = None if segment_limit is None else position < lengths[sample]
+    source = sample * width + (position if real is None else position.clamp(max=width - 1))
+    return PackedRow(source, position, cu, real, length, total)
+
+
+def supervised_text_positions(labels: torch.Tensor, text_lengths: torch.Tensor,
+                              marker_index: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: the text positions whose labels every branch of the batch supervises: inside the row, label
+    not ignored, not the first token (no position predicts it) and not the marker (the latent block replaces it)."""
+    pos = torch.arange(labels.shape[1], device=labels.device)[None, :]
+    return (labels != IGNORE_INDEX) & (pos >= 1) & (pos != marker_index[:, None]) & (pos < text_lengths[:, None])
+
+
+_NONZERO_STATIC: dict[str, bool] = {}  # device type -> torch.nonzero_static works there (checked on first use)
+
+
+def true_positions(mask: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mask.nonzero(as_tuple=True)` of a 2-D mask whose number of True entries, `count`, the caller knows: the
+    plain nonzero waits for the device to learn it."""
+    kind = mask.device.type
+    if _NONZERO_STATIC.get(kind, True):
+        try:
+            found = torch.nonzero_static(mask, size=count)
+            _NONZERO_STATIC[kind] = True
+            return found[:, 0], found[:, 1]
+        except (NotImplementedError, RuntimeError):  # a torch or device without it
+            if kind in _NONZERO_STATIC:
+                raise
+            _NONZERO_STATIC[kind] = False
+    rows, cols = mask.nonzero(as_tuple=True)
+    return rows, cols
+
+
+def read_sizes(*values: torch.Tensor) -> list[int]:
+    """Integers from the device (one wait for it, however many)."""
+    return torch.stack(values).tolist()
+
+
 def _varlen_flash(query, key, value, cu_seqlens, max_length, scaling):
     """Causal attention within each sample of packed [T, H, D] rows (flash kernel, no mask)."""
     varlen_attn, kwargs, has_gqa, has_scale = _VARLEN  # resolved once, outside any compiled code
@@ -210,10 +290,12 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 
 def _packed_mask(*args, **kwargs):
-    """Masks for `packed_attention`: none for packed rows (the kernel keeps samples apart), SDPA's otherwise."""
+    """Masks for `packed_attention`: none for packed rows (the kernel keeps samples apart; `LatentActor.backbone`
+    gives them a 4-D placeholder), SDPA's otherwise."""
     from transformers.masking_utils import sdpa_mask
 
-    return None if kwargs.get("attention_mask") is None else sdpa_mask(*args, **kwargs)
+    mask = kwargs.get("attention_mask")
+    return None if mask is None or mask.dim() == 4 else sdpa_mask(*args, **kwargs)
 
 
 def register_packed_attention() -> None:
@@ -281,6 +363,16 @@ class BranchOutput:
     sample_index: torch.Tensor  # [N] row of the batch each position belongs to
 
 
+@dataclass
+class BranchLayout:
+    """What the host must know to lay out one branch's forward: read from the device for all branches of a step
+    at once (`LatentActor.loss_step`), they spare each branch a wait for it."""
+
+    longest: int  # longest assembled row
+    total: int  # tokens of all assembled rows
+    supervised: int  # supervised positions
+
+
 class LatentActor(nn.Module):
     """A causal LM plus a `LatentCommHead`; `forward` runs one branch and returns supervised hidden states."""
 
@@ -293,6 +385,8 @@ class LatentActor(nn.Module):
         self.marker_id, self.bop_id, self.eop_id = ids
         self.pad_id = tokenizer.pad_token_id
         self.packed = False
+        self.cuda_graphs = False  # compiled layers replay CUDA graphs; packed rows padded to few lengths
+        self.packed_tokens: tuple[int, int] | None = None  # the last packed row's (real, total) tokens
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -339,11 +433,18 @@ class LatentActor(nn.Module):
         self.packed = enabled
         return self
 
-    def compile_layers(self) -> "LatentActor":
+    def compile_layers(self, cuda_graphs: bool = False) -> "LatentActor":
         """`torch.compile` each decoder layer (dynamic shapes): fuses the norms, rotary embedding and
-        activation casts, and cuts the per-op launch cost that dominates small batches."""
+        activation casts, and cuts the per-op launch cost that dominates small batches.
+
+        `cuda_graphs` (packed rows on CUDA): the layers replay CUDA graphs (torch.compile's "reduce-overhead"),
+        one launch per layer and pass instead of dozens; a graph replays one shape, so each packed row is
+        padded to one of a few lengths (`graph_row_length`)."""
+        if cuda_graphs and not self.packed:
+            raise ValueError("CUDA graphs need packed rows (use_packed_sequences): padded rows vary in shape")
         for layer in self.base_model.get_decoder().layers:
-            layer.compile(dynamic=True)
+            layer.compile(dynamic=True, mode="reduce-overhead" if cuda_graphs else None)
+        self.cuda_graphs = cuda_graphs
         return self
 
     def add_lora(self, r: int, alpha: float, dropout: float = 0.0, target_modules: str | list[str] = "all-linear"):
@@ -414,7 +515,10 @@ class LatentActor(nn.Module):
         plan (no gradient): the plan text between <bop>/<eop>;
         negative (no gradient): another sample's latents in the positive's latent rows, then the positive's own
         plan suffix (`negative_form` published), or the other sample's latents alone (latents_only).
-        Every branch supervises the same tokens in the same order: row k of each is the same target token."""
+        Every branch supervises the same tokens in the same order: row k of each is the same target token.
+        The step waits for the device once, for the sizes of both forwards (`BranchLayout`)."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: the graphs' earlier outputs are spent
         text = {k: batch[k] for k in TEXT_KEYS}
         latents, latent_lengths = batch["latents"], batch["latent_lengths"]
         plan_ids, plan_lengths = batch["plan_ids"], batch["plan_lengths"]
@@ -424,9 +528,8 @@ class LatentActor(nn.Module):
         latent_rows = torch.round(ratio * latent_lengths).long()
         block_ids, block_lengths = shift_left(plan_ids, plan_lengths, torch.round(ratio * plan_lengths).long(),
                                               self.pad_id)
-        pos = self.branch(**text, latents=latents, latent_lengths=latent_lengths, latent_rows=latent_rows,
-                          block_ids=block_ids, block_lengths=block_lengths)
-
+        positive = dict(latents=latents, latent_lengths=latent_lengths, latent_rows=latent_rows, block_ids=block_ids,
+                        block_lengths=block_lengths)
         targets = {}  # the no-grad branches, run as one forward (batch stacked): half the launches of two
         if loss_config.plan_similarity_weight:
             targets["plan"] = dict(latents=latents, latent_lengths=no_rows, block_ids=plan_ids,
@@ -439,13 +542,46 @@ class LatentActor(nn.Module):
         elif draws.negative_latents is not None:
             targets["negative"] = dict(latents=draws.negative_latents, latent_lengths=draws.negative_lengths,
                                        block_ids=plan_ids[:, :0], block_lengths=no_rows)
-        with torch.no_grad():
-            hidden = dict(zip(targets, self.stacked_branches(text, list(targets.values()))))
+        forwards = [(text, positive)] + ([self._stack_branches(text, list(targets.values()))] if targets else [])
+        layouts = self._layouts(forwards)
+        pos = self.branch(**text, **positive, layout=layouts[0])
+        hidden = {}
+        if targets:
+            with torch.no_grad():
+                stacked_text, stacked = forwards[1]
+                out = self.branch(**stacked_text, **stacked, layout=layouts[1])
+            hidden = dict(zip(targets, out.hidden.chunk(len(targets))))
         row = pos.sample_index
-        return latent_comm_losses(pos.hidden, pos.labels, self.output_weight(), self.logits,
-                                  hidden.get("plan"), has_plan[row] if "plan" in hidden else None,
-                                  hidden.get("negative"), (found & has_latent)[row] if "negative" in hidden else None,
-                                  row, loss_config)
+        inputs = LossInputs(pos.hidden, pos.labels, sample_index=row,
+                            plan_hidden=hidden.get("plan"), plan_mask=has_plan[row],
+                            neg_hidden=hidden.get("negative"),
+                            neg_mask=None if found is None else (found & has_latent)[row])
+        return latent_comm_losses(inputs, loss_config, self.logits, self.output_weight())
+
+    def _layouts(self, forwards: list[tuple[dict, dict]]) -> list[BranchLayout]:
+        """The `BranchLayout` of each (text, branch) forward, read from the device at once."""
+        sizes = []
+        for text, branch in forwards:
+            text_lengths = text["attention_mask"].sum(1)
+            lengths = assembled_lengths(text_lengths, branch.get("latent_rows", branch["latent_lengths"]),
+                                        branch["block_lengths"])
+            keep = supervised_text_positions(text["labels"], text_lengths, text["marker_index"])
+            sizes += [lengths.max(), lengths.sum(), keep.sum()]
+        values = read_sizes(*sizes)
+        return [BranchLayout(*values[i:i + 3]) for i in range(0, len(values), 3)]
+
+    def _stack_branches(self, text: dict[str, torch.Tensor], branches: list[dict]) -> tuple[dict, dict]:
+        """Several branches of one batch (each: latents, latent_lengths, block_ids, block_lengths, and latent_rows
+        where fewer than latent_lengths) as one batch, stacked: (text, branch) arguments of one `branch` call."""
+        width = max(b["block_ids"].shape[1] for b in branches)
+        rows = max(b["latents"].shape[1] for b in branches)
+        pad_ids = lambda ids: torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=self.pad_id)  # noqa: E731
+        stacked = dict(latents=torch.cat([pad_rows(b["latents"], rows) for b in branches]),
+                       latent_lengths=torch.cat([b["latent_lengths"] for b in branches]),
+                       latent_rows=torch.cat([b.get("latent_rows", b["latent_lengths"]) for b in branches]),
+                       block_ids=torch.cat([pad_ids(b["block_ids"]) for b in branches]),
+                       block_lengths=torch.cat([b["block_lengths"] for b in branches]))
+        return {k: torch.cat([v] * len(branches)) for k, v in text.items()}, stacked
 
     def stacked_branches(self, text: dict[str, torch.Tensor], branches: list[dict]) -> list[torch.Tensor]:
         """Several branches of one batch (each: latents, latent_lengths, block_ids, block_lengths, and
@@ -453,61 +589,65 @@ class LatentActor(nn.Module):
         branch's supervised hidden states (the same positions of the same conversations, in batch order)."""
         if not branches:
             return []
-        width = max(b["block_ids"].shape[1] for b in branches)
-        rows = max(b["latents"].shape[1] for b in branches)
-        pad_ids = lambda ids: torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=self.pad_id)
-        out = self.branch(**{k: torch.cat([v] * len(branches)) for k, v in text.items()},
-                          latents=torch.cat([pad_rows(b["latents"], rows) for b in branches]),
-                          latent_lengths=torch.cat([b["latent_lengths"] for b in branches]),
-                          latent_rows=torch.cat([b.get("latent_rows", b["latent_lengths"]) for b in branches]),
-                          block_ids=torch.cat([pad_ids(b["block_ids"]) for b in branches]),
-                          block_lengths=torch.cat([b["block_lengths"] for b in branches]))
-        return list(out.hidden.chunk(len(branches)))
+        stacked_text, stacked = self._stack_branches(text, branches)
+        return list(self.branch(**stacked_text, **stacked).hidden.chunk(len(branches)))
 
     def branch(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
                marker_index: torch.Tensor, latents: torch.Tensor | None = None,
                latent_lengths: torch.Tensor | None = None, latent_rows: torch.Tensor | None = None,
-               block_ids: torch.Tensor | None = None, block_lengths: torch.Tensor | None = None) -> BranchOutput:
-        """Assemble one branch (`latent_rows` latents then `block_ids` between <bop>/<eop>) and run the LM."""
+               block_ids: torch.Tensor | None = None, block_lengths: torch.Tensor | None = None,
+               layout: BranchLayout | None = None) -> BranchOutput:
+        """Assemble one branch (`latent_rows` latents then `block_ids` between <bop>/<eop>) and run the LM.
+        `layout`: its sizes, when the caller read them (else this waits for the device once)."""
         if latent_rows is None:
             latent_rows = torch.zeros_like(marker_index)
         text_lengths = attention_mask.sum(1)
         lengths = assembled_lengths(text_lengths, latent_rows, block_lengths)
-        longest, total = torch.stack([lengths.max(), lengths.sum()]).tolist()  # the one wait for the device
+        keep = supervised_text_positions(labels, text_lengths, marker_index)
+        if layout is None:
+            layout = BranchLayout(*read_sizes(lengths.max(), lengths.sum(), keep.sum()))
         batch = assemble_inputs(input_ids, labels, text_lengths, marker_index, latent_rows, block_ids,
-                                block_lengths, self.bop_id, self.eop_id, self.pad_id, width=longest)
+                                block_lengths, self.bop_id, self.eop_id, self.pad_id, width=layout.longest)
         embeds = self.embed(batch["input_ids"], batch["latent_slots"], latents, latent_lengths)
-        hidden = self.backbone(embeds, batch["attention_mask"], total_tokens=total)
-        # Position t predicts token t+1: keep the positions whose *next* label is supervised.
-        next_labels = batch["labels"][:, 1:]
-        rows, cols = (next_labels != IGNORE_INDEX).nonzero(as_tuple=True)
-        return BranchOutput(hidden[rows, cols], next_labels[rows, cols], rows)
+        # The supervised text tokens, and the assembled positions that predict them (one before each: text
+        # after the marker moved past the latent block).
+        rows, text_cols = true_positions(keep, layout.supervised)
+        block = latent_rows + 1 if block_lengths is None else latent_rows + block_lengths + 1
+        cols = torch.where(text_cols < marker_index[rows], text_cols, text_cols + block[rows]) - 1
+        hidden = self.backbone(embeds, batch["attention_mask"], rows=rows, cols=cols, lengths=lengths,
+                               total_tokens=layout.total)
+        return BranchOutput(hidden, labels[rows, text_cols], rows)
 
-    def backbone(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                 total_tokens: int | None = None) -> torch.Tensor:
-        """Final (normed) hidden states [B, T, H] of the base model; no cache, no logits.
+    def backbone(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
+                 cols: torch.Tensor, lengths: torch.Tensor | None = None, total_tokens: int | None = None
+                 ) -> torch.Tensor:
+        """Final (normed) hidden states of the base model at positions (`rows`, `cols`) of the [B, T] inputs:
+        [N, H]; no cache, no logits.
 
-        Packed (`use_packed_sequences`): rows must be right-padded; `total_tokens` (their sum of
-        lengths, when the caller knows it) saves a wait for the device."""
+        Packed (`use_packed_sequences`): rows must be right-padded; their `lengths` [B] and `total_tokens` (their
+        sum), when the caller knows them, spare a wait for the device."""
         decoder = self.base_model.get_decoder()
         if not self.packed:
             return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                           use_cache=False).last_hidden_state
+                           use_cache=False).last_hidden_state[rows, cols]
         # Packed: the valid tokens of all rows as one row; positions restart at every sample.
-        batch, width = attention_mask.shape
-        cu = torch.nn.functional.pad(attention_mask.sum(1).cumsum(0), (1, 0))
-        if total_tokens is None:
-            total_tokens = int(cu[-1])
-        token = torch.arange(total_tokens, device=cu.device)
-        sample = torch.bucketize(token, cu[1:], right=True)
-        position = token - cu[sample]
-        flat = sample * width + position  # where each packed token sits in the padded [B * T] layout
+        width = attention_mask.shape[1]
+        lengths = attention_mask.sum(1) if lengths is None else lengths
+        total_tokens = int(lengths.sum()) if total_tokens is None else total_tokens
         longest = _bucket(width)  # an upper bound is enough for the kernel, and few values: few recompiles
-        cu = cu.int()
-        packed = decoder(inputs_embeds=inputs_embeds.flatten(0, 1)[flat][None], position_ids=position[None],
-                         use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
+        row = pack_rows(lengths, total_tokens, width, longest if self.cuda_graphs else None)
+        embeds = inputs_embeds.flatten(0, 1)[row.source]
+        if row.real is not None:
+            embeds = torch.where(row.real[:, None], embeds, 0.0)
+        self.packed_tokens = (row.real_tokens, row.length)
+        cu = row.cu.int()
+        # A 4-D mask is taken as given (transformers' masking_utils), which spares its check for packed
+        # positions (a wait for the device); packed rows need no mask (`packed_attention` ignores it).
+        packed = decoder(inputs_embeds=embeds[None], position_ids=row.position[None],
+                         attention_mask=embeds.new_ones((1, 1, 1, 1), dtype=torch.bool), use_cache=False,
+                         cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
                          max_length_k=longest).last_hidden_state[0]
-        return packed.new_zeros(batch * width, packed.shape[-1]).index_copy(0, flat, packed).view(batch, width, -1)
+        return packed[row.cu[rows] + cols]
 
     def output_weight(self) -> torch.Tensor | None:
         """The LM head's weight [V, H] when the head is a plain bias-free linear map (the fused loss

@@ -20,36 +20,30 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-LN2 = math.log(2.0)
-CONTRAST_MARGIN = 0.69  # ~ln 2, the maximum of JS in nats
-PLAN_KL_WEIGHT, PLAN_COS_WEIGHT = 0.7, 0.3
-LOSS_CHUNK_SIZE = 1024  # supervised rows projected to the vocabulary at a time: bounds [rows, vocab] logits
+from common.args import LossArguments, parse_mix_ratios
+from common.constants import (COMPRESSION_ALIGN_WEIGHT, COMPRESSION_KL_WEIGHT, DISTILL_TEMPERATURE,  # noqa: F401
+                              DISTILL_WINDOW, LOSS_CHUNK_SIZE, UNCERTAINTY_QUANTILE)
+# The constants and row tuples that the Triton kernel shares (re-exported here: the loss's names live in losses)
+from common.loss_terms import CONTRAST_MARGIN, LN2, PLAN_COS_WEIGHT, PLAN_KL_WEIGHT, ChunkLogits, RowTerms  # noqa: F401
 
 
 @dataclass
-class LossConfig:
-    """The three-branch loss's settings; every default here is the command line's (train_actor.py reads them)."""
-
-    plan_similarity_weight: float = 1.0
-    random_contrast_weight: float = 2.0
-    mix_ratios: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-    pure_latent_prob: float = 0.5  # share of training samples that see pure latents (ratio 1)
-    loss_chunk_size: int | None = LOSS_CHUNK_SIZE
-    fused_loss: bool = True  # closed-form gradients per chunk (bias-free linear LM heads); else autograd
-    loss_kernel: str = "auto"  # the fused chunk: "triton", "compile", "eager"; auto: see `resolve_loss_kernel`
-    loss_matmul_dtype: str = "auto"  # projections' operands: "auto" = bfloat16 under bf16 on CUDA, else float32
-    # The negative branch: "published" = the donor's latents in the positive's latent rows, then the sample's
-    # own plan suffix (only the latent part differs from the positive); "latents_only" = the donor's latents
-    # alone (this project's earlier form, kept for ablation: in mixed samples it differs in the text too).
-    negative_form: str = "published"
-    contrast_divergence: str = "js"  # "js": per-position Jensen-Shannon; "published": 0.5 KL(M||P)+0.5 KL(M||Q) of means
-    loss_weighting: str = "fixed"  # "fixed": the weights above; "adaptive": the published code's loss-driven weights
+class LossConfig(LossArguments):
+    """The three-branch loss's settings: the command line's loss flags (their names, defaults, checks and help
+    are `common.args.LossArguments`, defined once there), with `mix_ratios` as numbers and a `loss_chunk_size`
+    of 0 as None (no chunking)."""
 
     def __post_init__(self):
-        for name, allowed in (("negative_form", ("published", "latents_only")),
-                              ("contrast_divergence", ("js", "published")), ("loss_weighting", ("fixed", "adaptive"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        super().__post_init__()  # the values' checks
+        if isinstance(self.mix_ratios, str):
+            self.mix_ratios = parse_mix_ratios(self.mix_ratios)
+        self.mix_ratios = tuple(self.mix_ratios)
+        self.loss_chunk_size = self.loss_chunk_size or None
+
+    @classmethod
+    def from_arguments(cls, args: LossArguments) -> "LossConfig":
+        """The loss settings of parsed arguments (any object with `LossArguments`' fields)."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(LossArguments)})
 
     def check_loss_path(self) -> None:
         """The fused loss computes each chunk's gradient in one pass with fixed weights, per position: the
@@ -205,13 +199,41 @@ class LossSums:
 METRIC_FIELDS = tuple(f.name for f in fields(LossSums) if f.name != "total")
 
 
-class RowTerms(NamedTuple):
-    """A chunk's per-row loss values [C]; a term of an absent branch is None."""
+@dataclass
+class LossInputs:
+    """What a training step hands the loss: the supervised rows of its three branches, by name.
 
-    ce: torch.Tensor
-    plan: torch.Tensor | None  # 0.7 KL(plan || pos) + 0.3 (1 - cos)
-    js: torch.Tensor | None  # JS(pos, neg), nats
-    neg_ce: torch.Tensor | None
+    Row k of every tensor is the k-th supervised target token of the batch, the same token in every branch
+    (all branches share the conversation after the latent block). The plan and negative branches are
+    targets, run without gradient; a branch that is None has no term. A mask says which rows' samples have
+    that branch (None: all of them)."""
+
+    pos_hidden: torch.Tensor  # [N, H] the positive branch's final hidden states (the gradient flows here)
+    labels: torch.Tensor  # [N] the target tokens
+    sample_index: torch.Tensor | None = None  # [N] the batch row of each (the published divergence needs it)
+    plan_hidden: torch.Tensor | None = None  # [N, H] the plan branch's
+    plan_mask: torch.Tensor | None = None  # [N] bool: rows whose sample has a plan
+    neg_hidden: torch.Tensor | None = None  # [N, H] the negative branch's
+    neg_mask: torch.Tensor | None = None  # [N] bool: rows whose sample has a negative
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def rows(self, sl: slice) -> "LossInputs":
+        """These inputs restricted to a slice of rows (a chunk)."""
+        cut = lambda t: None if t is None else t[sl]  # noqa: E731
+        return LossInputs(*[cut(getattr(self, f.name)) for f in fields(self)])
+
+    def row_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row weights [N] of the plan and contrast terms: the masks as floats (all ones without a mask)."""
+        ones = self.pos_hidden.new_ones(len(self), dtype=torch.float32)
+        as_weight = lambda mask: ones if mask is None else mask.float()  # noqa: E731
+        return as_weight(self.plan_mask), as_weight(self.neg_mask)
+
+    def detached_targets(self) -> "LossInputs":
+        """The plan and negative rows detached (targets: the method runs their branches without gradient)."""
+        detach = lambda t: None if t is None else t.detach()  # noqa: E731
+        return replace(self, plan_hidden=detach(self.plan_hidden), neg_hidden=detach(self.neg_hidden))
 
 
 def sum_rows(terms: RowTerms, plan_w: torch.Tensor, neg_w: torch.Tensor) -> LossSums:
@@ -225,34 +247,30 @@ def sum_rows(terms: RowTerms, plan_w: torch.Tensor, neg_w: torch.Tensor) -> Loss
         random_contrast=(random_contrast(terms.js) * neg_w).sum() if has_neg else zero,
         neg_ce=(terms.neg_ce.detach() * neg_w).sum() if has_neg else zero,
         js=(terms.js.detach() * neg_w).sum() if has_neg else zero,
-        tokens=ce.new_tensor(float(ce.shape[0]), dtype=torch.float32),
+        # a fill on the device: a tensor made from a Python number is copied there, and that copy waits for it
+        tokens=torch.full((), float(ce.shape[0]), dtype=torch.float32, device=ce.device),
         plan_tokens=plan_w.float().sum() if has_plan else zero,
         contrast_tokens=neg_w.float().sum() if has_neg else zero,
         ce_on_contrast=(ce.detach() * neg_w).sum() if has_neg else zero)
 
 
-def _chunk_terms(pos_h, plan_h, neg_h, labels, plan_w, neg_w, project) -> LossSums:
+def _chunk_terms(chunk: LossInputs, plan_w: torch.Tensor, neg_w: torch.Tensor,
+                 project: Callable[[torch.Tensor], torch.Tensor]) -> LossSums:
     """Loss sums of one chunk of supervised rows; logits exist only inside this call.
 
     The plan and negative distributions are targets: detached, as their branches run without
     gradient in the method (the shared LM head learns from the positive branch only).
     """
-    pos_logits = project(pos_h)
-    ce = token_ce(pos_logits, labels)
+    pos_logits = project(chunk.pos_hidden)
+    ce = token_ce(pos_logits, chunk.labels)
     plan_term = js = neg_ce = None
-    if plan_h is not None:
-        plan_term = plan_similarity(pos_logits, project(plan_h).detach())
-    if neg_h is not None:
-        neg_logits = project(neg_h).detach()
+    if chunk.plan_hidden is not None:
+        plan_term = plan_similarity(pos_logits, project(chunk.plan_hidden).detach())
+    if chunk.neg_hidden is not None:
+        neg_logits = project(chunk.neg_hidden).detach()
         js = js_divergence(pos_logits, neg_logits)
-        neg_ce = token_ce(neg_logits, labels)
+        neg_ce = token_ce(neg_logits, chunk.labels)
     return sum_rows(RowTerms(ce, plan_term, js, neg_ce), plan_w, neg_w)
-
-
-def _row_weights(n: int, like: torch.Tensor, plan_mask, neg_mask):
-    """Per-row weights [N] of the plan and contrast terms: the masks as floats (all ones without a mask)."""
-    ones = like.new_ones(n, dtype=torch.float32)
-    return (ones if plan_mask is None else plan_mask.float()), (ones if neg_mask is None else neg_mask.float())
 
 
 def _weighted_total(sums: LossSums, plan_weight: float, contrast_weight: float, weighting: str = "fixed"
@@ -266,94 +284,68 @@ def _weighted_total(sums: LossSums, plan_weight: float, contrast_weight: float, 
     return sums.ce + plan_weight * sums.plan_similarity + contrast_weight * sums.random_contrast
 
 
-def latent_comm_losses(pos_hidden: torch.Tensor, labels: torch.Tensor, lm_head_weight: torch.Tensor | None,
-                       project: Callable[[torch.Tensor], torch.Tensor], plan_hidden: torch.Tensor | None,
-                       plan_mask: torch.Tensor | None, neg_hidden: torch.Tensor | None, neg_mask: torch.Tensor | None,
-                       sample_index: torch.Tensor, config: LossConfig) -> LossSums:
+def latent_comm_losses(inputs: LossInputs, config: LossConfig, project: Callable[[torch.Tensor], torch.Tensor],
+                       lm_head_weight: torch.Tensor | None = None) -> LossSums:
     """The three-branch loss of a `config` (its "auto" values resolved): the fused path where the LM head is a
     bias-free linear map (`lm_head_weight`), else autograd through `project` (the reference path)."""
-    weights = dict(chunk_size=config.loss_chunk_size, plan_weight=config.plan_similarity_weight,
-                   contrast_weight=config.random_contrast_weight)
     if config.fused_loss and lm_head_weight is not None:
         config.check_loss_path()
-        return fused_latent_comm_loss_sums(pos_hidden, labels, lm_head_weight, plan_hidden, plan_mask, neg_hidden,
-                                           neg_mask, chunk_fn=chunk_function(config.loss_kernel),
-                                           matmul_dtype=getattr(torch, config.loss_matmul_dtype), **weights)
-    return latent_comm_loss_sums(pos_hidden, labels, project, plan_hidden, plan_mask, neg_hidden, neg_mask,
-                                 contrast_divergence=config.contrast_divergence,
-                                 loss_weighting=config.loss_weighting, sample_index=sample_index, **weights)
+        return fused_latent_comm_loss_sums(inputs, lm_head_weight, config)
+    return latent_comm_loss_sums(inputs, project, config)
 
 
-def latent_comm_loss_sums(
-    pos_hidden: torch.Tensor,
-    labels: torch.Tensor,
-    project: Callable[[torch.Tensor], torch.Tensor],
-    plan_hidden: torch.Tensor | None = None,
-    plan_mask: torch.Tensor | None = None,
-    neg_hidden: torch.Tensor | None = None,
-    neg_mask: torch.Tensor | None = None,
-    chunk_size: int | None = LOSS_CHUNK_SIZE,
-    plan_weight: float = 1.0,
-    contrast_weight: float = 2.0,
-    contrast_divergence: str = "js",
-    loss_weighting: str = "fixed",
-    sample_index: torch.Tensor | None = None,
-) -> LossSums:
+def latent_comm_loss_sums(inputs: LossInputs, project: Callable[[torch.Tensor], torch.Tensor],
+                          config: LossConfig | None = None) -> LossSums:
     """Sum every loss term over the supervised rows, projecting to the vocabulary in chunks.
 
-    The reference path, and the one for any `project` (e.g. an adapter-wrapped LM head).
-    `*_hidden` are final hidden states [N, H] at the positions predicting `labels` [N]; the
-    plan and negative branches are expected without gradient; `project` maps hidden states to
-    logits (the LM head). `plan_mask`/`neg_mask` [N]
-    say which rows have a plan / a negative. With `chunk_size`, each chunk's logits are
-    recomputed in backward (activation checkpointing), so peak memory holds one chunk of
-    [chunk, vocab] logits instead of all of them; `chunk_size=None` is the plain path.
-
-    `contrast_divergence="published"`: the contrast term is, per sample (`sample_index` [N] says whose
+    The reference path, and the one for any `project` (e.g. an adapter-wrapped LM head): `project` maps
+    hidden states to logits (the LM head). From `config` (default `LossConfig()`): the weights of the terms;
+    `loss_chunk_size`, with which each chunk's logits are recomputed in backward (activation checkpointing),
+    so peak memory holds one chunk of [chunk, vocab] logits instead of all of them (None: one chunk);
+    `contrast_divergence="published"`: the contrast term is, per sample (`inputs.sample_index` says whose
     each row is), `max(0, 0.69 - published_divergence(mean P_pos, mean P_neg))` over its rows with a
     negative, counted once per such row (so it is normalised by tokens like every other term); the `js`
     sum stays the per-position JS, a metric comparable across settings. `loss_weighting="adaptive"`:
     see `_weighted_total`.
     """
-    if contrast_divergence not in ("js", "published"):  # before any work
-        raise ValueError(f"contrast_divergence {contrast_divergence!r}: expected js or published")
-    n = labels.shape[0]
-    plan_w, neg_w = _row_weights(n, pos_hidden, plan_mask, neg_mask)
-    sums = LossSums.zeros(pos_hidden)
-    step = n if not chunk_size else chunk_size
-    for start in range(0, n, max(step, 1)):
+    config = config or LossConfig()
+    n = len(inputs)
+    plan_w, neg_w = inputs.row_weights()
+    sums = LossSums.zeros(inputs.pos_hidden)
+    step = max(config.loss_chunk_size or n, 1)
+    for start in range(0, n, step):
         sl = slice(start, start + step)
-        args = (pos_hidden[sl], None if plan_hidden is None else plan_hidden[sl],
-                None if neg_hidden is None else neg_hidden[sl], labels[sl], plan_w[sl], neg_w[sl],
-                project)
-        if chunk_size and torch.is_grad_enabled():
+        args = (inputs.rows(sl), plan_w[sl], neg_w[sl], project)
+        if config.loss_chunk_size and torch.is_grad_enabled():
             sums = sums + checkpoint(_chunk_terms, *args, use_reentrant=False)
         else:
             sums = sums + _chunk_terms(*args)
-    if contrast_divergence == "published" and neg_hidden is not None:
-        sums.random_contrast = _published_contrast_sum(pos_hidden, neg_hidden, neg_w, sample_index, project, step)
-    sums.total = _weighted_total(sums, plan_weight, contrast_weight, loss_weighting)
+    if config.contrast_divergence == "published" and inputs.neg_hidden is not None:
+        sums.random_contrast = _published_contrast_sum(inputs, neg_w, project, step)
+    sums.total = _weighted_total(sums, config.plan_similarity_weight, config.random_contrast_weight,
+                                 config.loss_weighting)
     return sums
 
 
-def _chunk_prob_sums(pos_h, neg_h, weights, sample_index, n_samples: int, project):
+def _chunk_prob_sums(chunk: LossInputs, weights: torch.Tensor, n_samples: int, project):
     """Per-sample sums of the positive's and the (detached) negative's probabilities over weighted rows:
     two [n_samples, V] tensors."""
-    p = torch.softmax(project(pos_h).float(), dim=-1) * weights[:, None]
-    r = torch.softmax(project(neg_h).detach().float(), dim=-1) * weights[:, None]
+    p = torch.softmax(project(chunk.pos_hidden).float(), dim=-1) * weights[:, None]
+    r = torch.softmax(project(chunk.neg_hidden).detach().float(), dim=-1) * weights[:, None]
     zeros = p.new_zeros(n_samples, p.shape[-1])
-    return zeros.index_add(0, sample_index, p), zeros.index_add(0, sample_index, r)
+    return zeros.index_add(0, chunk.sample_index, p), zeros.index_add(0, chunk.sample_index, r)
 
 
-def _published_contrast_sum(pos_hidden, neg_hidden, neg_w, sample_index, project, step: int) -> torch.Tensor:
+def _published_contrast_sum(inputs: LossInputs, neg_w: torch.Tensor, project, step: int) -> torch.Tensor:
     """Sum over rows with a negative of their sample's `max(0, 0.69 - published_divergence(means))`."""
+    sample_index = inputs.sample_index
     if sample_index is None:
         raise ValueError("contrast_divergence='published' needs sample_index (each row's sample)")
     n_samples = int(sample_index.max()) + 1 if sample_index.numel() else 0
     p_sum = r_sum = None
     for start in range(0, sample_index.shape[0], max(step, 1)):
         sl = slice(start, start + step)
-        args = (pos_hidden[sl], neg_hidden[sl], neg_w[sl], sample_index[sl], n_samples, project)
+        args = (inputs.rows(sl), neg_w[sl], n_samples, project)
         p, r = (checkpoint(_chunk_prob_sums, *args, use_reentrant=False) if torch.is_grad_enabled()
                 else _chunk_prob_sums(*args))
         p_sum, r_sum = (p, r) if p_sum is None else (p_sum + p, r_sum + r)
@@ -366,13 +358,11 @@ def _published_contrast_sum(pos_hidden, neg_hidden, neg_w, sample_index, project
 
 
 # -- the fused path: values and the gradient w.r.t. the positive logits in one pass ------------------
-def chunk_values_and_grad(pos_logits: torch.Tensor, labels: torch.Tensor,
-                          plan_logits: torch.Tensor | None, plan_w: torch.Tensor,
-                          neg_logits: torch.Tensor | None, neg_w: torch.Tensor,
-                          plan_weight: float, contrast_weight: float, need_grad: bool = True,
+def chunk_values_and_grad(chunk: ChunkLogits, plan_weight: float, contrast_weight: float, need_grad: bool = True,
                           grad_dtype: torch.dtype = torch.float32):
-    """The per-row terms of `_chunk_terms` (`RowTerms`) and d(total)/d(pos_logits) [C, V] (as `grad_dtype`),
-    from float32 logits [C, V]. `loss_kernel.chunk_values_and_grad` is the same function as one Triton kernel.
+    """The per-row terms of `_chunk_terms` (`RowTerms`) and d(total)/d(chunk.pos) [C, V] (as `grad_dtype`),
+    from float32 logits (`ChunkLogits`). `loss_kernel.chunk_values_and_grad` is the same function as one
+    Triton kernel.
 
     Closed forms per row, with p = softmax(pos), q = softmax(plan), r = softmax(neg), m = (p+r)/2:
       CE:                      d/dz = p - onehot(label)
@@ -381,7 +371,8 @@ def chunk_values_and_grad(pos_logits: torch.Tensor, labels: torch.Tensor,
       JS(p,r):                 d/dz = p * (g - <p,g>),  g = (log p - log m) / 2
     so no logits need to be kept or recomputed for the backward pass.
     """
-    log_p = F.log_softmax(pos_logits, dim=-1)
+    labels = chunk.labels
+    log_p = F.log_softmax(chunk.pos, dim=-1)
     p = log_p.exp()
     ce = -log_p.gather(1, labels[:, None]).squeeze(-1)
     plan_term = js = neg_ce = None
@@ -389,8 +380,8 @@ def chunk_values_and_grad(pos_logits: torch.Tensor, labels: torch.Tensor,
     if need_grad:
         grad = p.clone()
         grad.scatter_add_(1, labels[:, None], grad.new_full((labels.shape[0], 1), -1.0))
-    if plan_logits is not None:
-        log_q = F.log_softmax(plan_logits, dim=-1)
+    if chunk.plan is not None:
+        log_q = F.log_softmax(chunk.plan, dim=-1)
         q = log_q.exp()
         kl = (q * (log_q - log_p)).sum(-1)
         s_pq, s_pp, s_qq = (p * q).sum(-1), (p * p).sum(-1), (q * q).sum(-1)
@@ -398,16 +389,16 @@ def chunk_values_and_grad(pos_logits: torch.Tensor, labels: torch.Tensor,
         plan_term = PLAN_KL_WEIGHT * kl + PLAN_COS_WEIGHT * (1.0 - s_pq / norms)
         if need_grad:
             d_cos = p * (q - (s_pq / s_pp)[:, None] * p) / norms[:, None]
-            grad += (plan_weight * plan_w)[:, None] * (PLAN_KL_WEIGHT * (p - q) - PLAN_COS_WEIGHT * d_cos)
-    if neg_logits is not None:
-        log_r = F.log_softmax(neg_logits, dim=-1)
+            grad += (plan_weight * chunk.plan_w)[:, None] * (PLAN_KL_WEIGHT * (p - q) - PLAN_COS_WEIGHT * d_cos)
+    if chunk.neg is not None:
+        log_r = F.log_softmax(chunk.neg, dim=-1)
         log_m = torch.logaddexp(log_p, log_r) - LN2
         g = 0.5 * (log_p - log_m)  # dJS/dp
         kl_pm = (p * g).sum(-1)  # = KL(p||m) / 2
         js = kl_pm + 0.5 * (log_r.exp() * (log_r - log_m)).sum(-1)
         neg_ce = -log_r.gather(1, labels[:, None]).squeeze(-1)
         if need_grad:
-            active = (CONTRAST_MARGIN - js >= 0).float() * neg_w  # the hinge's slope is -1 where not clamped
+            active = (CONTRAST_MARGIN - js >= 0).float() * chunk.neg_w  # the hinge's slope is -1 where not clamped
             grad -= (contrast_weight * active)[:, None] * p * (g - kl_pm[:, None])
     return RowTerms(ce, plan_term, js, neg_ce), None if grad is None else grad.to(grad_dtype)
 
@@ -430,78 +421,105 @@ def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b, out_dtype=torch.float32) if _MM_OUT_DTYPE else (a @ b).float()
 
 
+_ADDMM_OUT_DTYPE: dict[str, bool] = {}  # device type -> addmm adds a bf16 product into float32 in place there
+
+
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """`acc += a @ b` in place, `acc` float32: one fused multiply-add where torch has one for the operands' dtype
+    (bf16 operands: `addmm`'s `out_dtype` on CUDA), else through a float32 product (a temporary of acc's size:
+    545 MB for Qwen2.5's LM head, written and read again every chunk)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    kind = acc.device.type
+    if kind not in _ADDMM_OUT_DTYPE:  # checked once per device type, on small tensors, against the plain sum
+        try:
+            c, x, y = torch.ones(2, 3, device=acc.device), a[:2, :4], b[:4, :3]
+            want = c + x.float() @ y.float()
+            torch.addmm(c, x, y, out_dtype=torch.float32, out=c)
+            _ADDMM_OUT_DTYPE[kind] = bool(torch.allclose(c, want, rtol=1e-3, atol=1e-3))
+        except (RuntimeError, TypeError, NotImplementedError):
+            _ADDMM_OUT_DTYPE[kind] = False
+    if _ADDMM_OUT_DTYPE[kind]:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc += _mm_float32(a, b)
+
+
+class _FusedSettings(NamedTuple):
+    """The fused loss's fixed settings for one call (`_FusedLoss`)."""
+
+    plan_weight: float
+    contrast_weight: float
+    chunk_size: int
+    chunk_fn: Callable
+    matmul_dtype: torch.dtype
+
+
 class _FusedLoss(torch.autograd.Function):
     """Chunked vocabulary projection + every loss term, with gradients computed in the forward pass.
 
     Per chunk the positive, plan and negative logits exist once; the gradient w.r.t. the positive
     hidden states and the output weight is accumulated right away (as liger-kernel's fused linear
     losses do), so the backward pass only scales it: no checkpoint recompute, no saved logits.
+    `targets`: the step's `LossInputs` with the plan and negative rows detached (its `pos_hidden` is the
+    first argument, which autograd tracks).
     """
 
     @staticmethod
-    def forward(ctx, pos_hidden, weight, labels, plan_hidden, plan_w, neg_hidden, neg_w,
-                plan_weight, contrast_weight, chunk_size, chunk_fn, matmul_dtype):
+    def forward(ctx, pos_hidden, weight, targets: LossInputs, settings: _FusedSettings):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        w = weight.to(matmul_dtype)  # operands of the projections; logits and gradients stay float32
-        n = labels.shape[0]
+        dtype = settings.matmul_dtype
+        w = weight.to(dtype)  # operands of the projections; logits and gradients stay float32
+        plan_w, neg_w = targets.row_weights()
+        n, size = len(targets), settings.chunk_size
         metrics = pos_hidden.new_zeros(len(METRIC_FIELDS), dtype=torch.float32)  # one vector: one add per chunk
         grad_hidden = torch.zeros_like(pos_hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         with torch.autocast(device_type=pos_hidden.device.type, enabled=False):
-            for start in range(0, n, chunk_size):
-                sl = slice(start, start + chunk_size)
-                h = pos_hidden[sl].to(matmul_dtype)
-                logits = lambda x: None if x is None else _mm_float32(x[sl].to(matmul_dtype), w.T)
-                terms, grad = chunk_fn(_mm_float32(h, w.T), labels[sl], logits(plan_hidden), plan_w[sl],
-                                       logits(neg_hidden), neg_w[sl], plan_weight, contrast_weight, need_grad,
-                                       grad_dtype=matmul_dtype)
+            for start in range(0, n, size):
+                sl = slice(start, start + size)
+                h = pos_hidden[sl].to(dtype)
+                logits = lambda x: None if x is None else _mm_float32(x[sl].to(dtype), w.T)  # noqa: E731
+                chunk = ChunkLogits(_mm_float32(h, w.T), targets.labels[sl], logits(targets.plan_hidden),
+                                    plan_w[sl], logits(targets.neg_hidden), neg_w[sl])
+                terms, grad = settings.chunk_fn(chunk, settings.plan_weight, settings.contrast_weight, need_grad,
+                                                grad_dtype=dtype)
                 metrics += sum_rows(terms, plan_w[sl], neg_w[sl]).metrics()
                 if grad_hidden is not None:
                     grad_hidden[sl] = _mm_float32(grad, w)
-                if grad_weight is not None and matmul_dtype == torch.float32:
-                    grad_weight.addmm_(grad.T, h)  # in place: no [V, H] temporary
-                elif grad_weight is not None:
-                    grad_weight += _mm_float32(grad.T, h)
+                if grad_weight is not None:
+                    _add_product(grad_weight, grad.T, h)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = (pos_hidden.dtype, weight.dtype)
         ctx.mark_non_differentiable(metrics)
-        return _weighted_total(LossSums.from_metrics(metrics), plan_weight, contrast_weight), metrics
+        return _weighted_total(LossSums.from_metrics(metrics), settings.plan_weight, settings.contrast_weight), metrics
 
     @staticmethod
     def backward(ctx, grad_total, _grad_sums):
         grad_hidden, grad_weight = ctx.saved_tensors
-        scale = lambda g, dtype: None if g is None else (g * grad_total).to(dtype)
-        return (scale(grad_hidden, ctx.dtypes[0]), scale(grad_weight, ctx.dtypes[1]),
-                None, None, None, None, None, None, None, None, None, None)
+        scale = lambda g, dtype: None if g is None else (g * grad_total).to(dtype)  # noqa: E731
+        return scale(grad_hidden, ctx.dtypes[0]), scale(grad_weight, ctx.dtypes[1]), None, None
 
 
-def fused_latent_comm_loss_sums(
-    pos_hidden: torch.Tensor,
-    labels: torch.Tensor,
-    weight: torch.Tensor,
-    plan_hidden: torch.Tensor | None = None,
-    plan_mask: torch.Tensor | None = None,
-    neg_hidden: torch.Tensor | None = None,
-    neg_mask: torch.Tensor | None = None,
-    chunk_size: int | None = LOSS_CHUNK_SIZE,
-    plan_weight: float = 1.0,
-    contrast_weight: float = 2.0,
-    chunk_fn: Callable = chunk_values_and_grad,
-    matmul_dtype: torch.dtype = torch.float32,
-) -> LossSums:
-    """`latent_comm_loss_sums` for a bias-free linear LM head `weight` [V, H], in float32 (TF32 on GPUs).
+def fused_latent_comm_loss_sums(inputs: LossInputs, weight: torch.Tensor, config: LossConfig | None = None,
+                                chunk_fn: Callable | None = None) -> LossSums:
+    """`latent_comm_loss_sums` for a bias-free linear LM head `weight` [V, H]: same values; the gradient flows
+    through `total` only.
 
-    Same values; the gradient flows through `total` only. `chunk_fn` may be a compiled
-    `chunk_values_and_grad` (one fused kernel per reduction instead of ~30 passes over the logits).
-    `matmul_dtype` bfloat16: the vocabulary projections take bf16 operands (float32 accumulation, float32
-    logits on CUDA), twice TF32's speed, with bf16 training's rounding in the loss terms.
+    From `config` (default `LossConfig()`; "auto" values decided for the hidden states' device, without bf16:
+    the trainer passes them decided): the weights, the chunk size, `loss_kernel` (the chunk function: the
+    Triton kernel, a compiled or the eager `chunk_values_and_grad`; `chunk_fn` overrides it) and
+    `loss_matmul_dtype` (bfloat16: the projections take bf16 operands, float32 accumulation and float32 logits
+    on CUDA, twice TF32's speed, with bf16 training's rounding in the loss terms; float32: TF32 on GPUs).
     """
-    n = labels.shape[0]
-    plan_w, neg_w = _row_weights(n, pos_hidden, plan_mask, neg_mask)
-    detach = lambda x: None if x is None else x.detach()
-    total, metrics = _FusedLoss.apply(pos_hidden, weight, labels, detach(plan_hidden), plan_w, detach(neg_hidden),
-                                   neg_w, float(plan_weight), float(contrast_weight), max(chunk_size or n, 1),
-                                   chunk_fn, matmul_dtype)
+    config = config or LossConfig()
+    if "auto" in (config.loss_kernel, config.loss_matmul_dtype):
+        config = config.resolved(inputs.pos_hidden.device.type, bf16=False)
+    settings = _FusedSettings(float(config.plan_similarity_weight), float(config.random_contrast_weight),
+                              max(config.loss_chunk_size or len(inputs), 1),
+                              chunk_fn or chunk_function(config.loss_kernel), getattr(torch, config.loss_matmul_dtype))
+    total, metrics = _FusedLoss.apply(inputs.pos_hidden, weight, inputs.detached_targets(), settings)
     return LossSums.from_metrics(metrics, total=total)
 
 
@@ -513,10 +531,7 @@ def infonce_from_scores(scores: torch.Tensor, tau: float = 1.0) -> tuple[torch.T
 
 
 # -- the compression stage (sender/train.py): the sender learns to speak in K latents -----------------
-COMPRESSION_KL_WEIGHT, COMPRESSION_ALIGN_WEIGHT = 0.1, 0.1
-DISTILL_TEMPERATURE = 4.0
-DISTILL_WINDOW = 64  # supervised tokens per sample that the distillation term looks at
-UNCERTAINTY_QUANTILE = 0.95
+# (its defaults, COMPRESSION_KL_WEIGHT ... UNCERTAINTY_QUANTILE, are common/constants.py's, imported above)
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:

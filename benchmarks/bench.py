@@ -118,18 +118,23 @@ class TokenCounter:
         self.grad = self.nograd = self.grad_padded = self.nograd_padded = 0
         self.grad_calls = self.nograd_calls = self.grad_samples = 0
 
-    def attach(self, decoder) -> None:
+    def attach(self, decoder, actor=None) -> None:
+        self.actor = actor
         decoder.register_forward_pre_hook(self._count, with_kwargs=True)
 
     def _count(self, module, args, kwargs):
         import torch
 
-        mask, embeds = kwargs.get("attention_mask"), kwargs["inputs_embeds"]
-        if mask is not None:  # padded rows [B, T]
-            real, padded, samples = mask.sum(), mask.numel(), mask.shape[0]
-        else:  # one packed row of every sample's tokens: no padding
+        cu, embeds = kwargs.get("cu_seq_lens_q"), kwargs["inputs_embeds"]
+        if cu is not None:  # one packed row of every sample's tokens: no padding, except to a CUDA graph's length
             real = padded = embeds.shape[1]
-            samples = kwargs["cu_seq_lens_q"].shape[0] - 1
+            known = getattr(self.actor, "packed_tokens", None)  # (real, row length) of the row being run
+            if known is not None and known[1] == padded:
+                real = known[0]
+            samples = cu.shape[0] - 1
+        else:  # padded rows [B, T]
+            mask = kwargs["attention_mask"]
+            real, padded, samples = mask.sum(), mask.numel(), mask.shape[0]
         if torch.is_grad_enabled():
             self.grad, self.grad_padded = self.grad + real, self.grad_padded + padded
             self.grad_calls, self.grad_samples = self.grad_calls + 1, self.grad_samples + samples
@@ -163,7 +168,7 @@ def make_timer_callback(bench, counter: TokenCounter):
 
         def on_train_begin(self, args, state, control, model=None, **kw):
             self.model = model
-            counter.attach(model.base_model.get_decoder())
+            counter.attach(model.base_model.get_decoder(), model)
             sync()
             if cuda:
                 torch.cuda.reset_peak_memory_stats()

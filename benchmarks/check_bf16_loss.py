@@ -4,7 +4,6 @@
 Hidden states are random rows scaled like a final RMSNorm output (unit RMS) times a learned-like gain,
 the weight is N(0, 0.02) (the workload's init) plus a few large rows; labels random.
 """
-import inspect
 import os
 import sys
 
@@ -13,30 +12,20 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import losses  # noqa: E402
 
-losses_chunk_terms = losses._chunk_terms
-
 
 def run(mode: str, h, plan_h, neg_h, labels, w):
     """mode: fp32 | tf32 (fp32 GEMMs on tensor cores) | bf16 (bf16 operands and logits)."""
     h = h.detach().clone().requires_grad_(True)
     w = w.detach().clone().requires_grad_(True)
-    takes_function = "project" in inspect.signature(losses.latent_comm_loss_sums).parameters
     if mode == "bf16":
-        if takes_function:
-            project = lambda x: x.to(torch.bfloat16) @ w.to(torch.bfloat16).T  # noqa: E731
-        else:
-            inner = losses._chunk_terms
-            bf = lambda t: None if t is None else t.to(torch.bfloat16)  # noqa: E731
-            losses._chunk_terms = lambda a, b, c, l, pw, nw, wt: inner(bf(a), bf(b), bf(c), l, pw, nw, bf(wt))
-            project = w
+        project = lambda x: x.to(torch.bfloat16) @ w.to(torch.bfloat16).T  # noqa: E731
     else:
-        project = (lambda x: x @ w.T) if takes_function else w
+        project = lambda x: x @ w.T  # noqa: E731
     torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
     try:
-        s = losses.latent_comm_loss_sums(h, labels, project, plan_h, None, neg_h, None, chunk_size=1024)
+        s = losses.latent_comm_loss_sums(losses.LossInputs(h, labels, plan_hidden=plan_h, neg_hidden=neg_h), project,
+                                         losses.LossConfig(loss_chunk_size=1024))
     finally:
-        if mode == "bf16" and not takes_function:
-            losses._chunk_terms = losses_chunk_terms
         torch.backends.cuda.matmul.allow_tf32 = False
     total = s.ce + s.plan_similarity + 2 * s.random_contrast
     total.backward()

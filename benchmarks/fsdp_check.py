@@ -51,10 +51,11 @@ def train(argv: list[str]) -> int:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     import train_actor
+    from training import setup
 
     trainers = []
-    build = train_actor.build_trainer
-    train_actor.build_trainer = lambda *a, **k: trainers.append(build(*a, **k)) or trainers[-1]
+    build = setup.build_trainer  # train_actor.train imports it from training.setup when it runs
+    setup.build_trainer = lambda *a, **k: trainers.append(build(*a, **k)) or trainers[-1]
     rc = train_actor.main(argv)
     if rc:
         return rc

@@ -50,15 +50,18 @@ def main():
     labels = torch.randint(vocab, (rows,), device="cuda", generator=g)
     plan_w = (torch.rand(rows, device="cuda", generator=g) > 0.1).float()
     neg_w = (torch.rand(rows, device="cuda", generator=g) > 0.1).float()
-    call = lambda fn, **kw: fn(pos, labels, plan, plan_w, neg, neg_w, 1.0, 2.0, True, grad_dtype=torch.bfloat16, **kw)
+    chunk = losses.ChunkLogits(pos, labels, plan, plan_w, neg, neg_w)
+    call = lambda fn, **kw: fn(chunk, 1.0, 2.0, True, grad_dtype=torch.bfloat16, **kw)  # noqa: E731
 
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows, "vocab": vocab}
     import triton
     result["triton"] = triton.__version__
 
     # Agreement: float32 gradients of both against each other, and the bf16 gradient the loss uses.
-    want_sums, want_grad = losses.chunk_values_and_grad(pos, labels, plan, plan_w, neg, neg_w, 1.0, 2.0, True)
-    got_sums, got_grad = loss_kernel.chunk_values_and_grad(pos, labels, plan, plan_w, neg, neg_w, 1.0, 2.0, True)
+    sums = lambda terms: losses.sum_rows(terms, plan_w, neg_w).metrics()  # noqa: E731
+    want_terms, want_grad = losses.chunk_values_and_grad(chunk, 1.0, 2.0, True)
+    got_terms, got_grad = loss_kernel.chunk_values_and_grad(chunk, 1.0, 2.0, True)
+    want_sums, got_sums = sums(want_terms), sums(got_terms)
     result["sums_torch"] = want_sums.tolist()
     result["sums_triton"] = got_sums.tolist()
     result["sums_max_rel_diff"] = ((got_sums - want_sums).abs() / want_sums.abs().clamp_min(1e-6)).max().item()

@@ -14,6 +14,16 @@ IGNORE_INDEX = -100  # label of a token that is not supervised (PyTorch's cross-
 # Defaults that every tool must agree on (training, validation, evaluation, inference)
 PREPENDED_LENGTH = 256  # latent rows the head reads per sample (the first ones), unless configured
 MODEL_MAX_LENGTH = 3072  # the actor's longest sequence, latent block included, unless configured
+EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the base model that works offline (common/models.py)
+
+# The losses' defaults (losses.py computes them; common/args.py offers them as flags, without importing torch)
+LOSS_CHUNK_SIZE = 1024  # supervised rows projected to the vocabulary at a time: bounds [rows, vocab] logits
+# the compression stage (sender/train.py): the sender learns to speak in K latents
+COMPRESSION_KL_WEIGHT, COMPRESSION_ALIGN_WEIGHT = 0.1, 0.1
+DISTILL_TEMPERATURE = 4.0
+DISTILL_WINDOW = 64  # supervised tokens per sample that the distillation term looks at
+UNCERTAINTY_QUANTILE = 0.95
+SENDER_REQUEST = "Please generate a plan to solve this task: "  # the published student's fixed request
 
 # A collated batch's conversation tensors (what every branch shares)
 TEXT_KEYS = ("input_ids", "labels", "attention_mask", "marker_index")

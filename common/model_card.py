@@ -12,13 +12,12 @@ import os
 import re
 import shlex
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from common.constants import HEAD_FILE, HEAD_SAFETENSORS_FILE
-from common.models import EMBEDDED_MODEL, looks_like_repo_id
-from common.safe_io import write_text_atomic
-from evaluation.conditions import CONDITIONS
-from latent_head import HeadConfig
+from common.constants import EMBEDDED_MODEL, HEAD_FILE, HEAD_SAFETENSORS_FILE
+
+if TYPE_CHECKING:  # the rest loads when a card is written: train_actor.py's --help imports `command_line` alone
+    from latent_head import HeadConfig
 
 CARD_FILE = "README.md"
 REPORT_FILE = "eval_report.json"  # evaluation/evaluate.py's report, when written into the folder (make demo does)
@@ -66,6 +65,8 @@ def base_model_license(base_model: str | None) -> str | None:
         return KNOWN_LICENSES[base_model]
     from huggingface_hub import ModelCard, try_to_load_from_cache
 
+    from common.models import looks_like_repo_id
+
     path = os.path.join(base_model, CARD_FILE)
     if not os.path.isfile(path) and looks_like_repo_id(base_model):
         cached = try_to_load_from_cache(base_model, CARD_FILE)
@@ -79,6 +80,8 @@ def base_model_license(base_model: str | None) -> str | None:
 def evaluation_rows(output_dir: str, log_history: list[dict]) -> tuple[str, list[dict]] | None:
     """(where from, rows of condition -> ce_bits / exact_match / accuracy): `eval_report.json` when the folder
     holds one, else the newest `cond/*` metrics the training logged; None when neither exists."""
+    from evaluation.conditions import CONDITIONS
+
     path = os.path.join(output_dir, REPORT_FILE)
     if os.path.isfile(path):
         try:
@@ -107,6 +110,8 @@ def card_data(repo_id: str, base_model: str | None, datasets: Sequence[str], lic
               eval_data: str | None, lora: bool = False):
     """The front matter: what the hub indexes and filters by."""
     from huggingface_hub import EvalResult, ModelCardData
+
+    from common.models import looks_like_repo_id
 
     results = []
     if evaluation and eval_data:
@@ -204,6 +209,8 @@ def actor_card(repo_id: str, head: HeadConfig, evaluation: tuple[str, list[dict]
 
 def write_actor_card(output_dir: str, repo_id: str, head: HeadConfig, log_history: list[dict], **info) -> str:
     """Write `README.md` into `output_dir` (whole or not at all); returns its path. `info`: `actor_card`'s keywords."""
+    from common.safe_io import write_text_atomic
+
     path = os.path.join(output_dir, CARD_FILE)
     write_text_atomic(path, str(actor_card(repo_id, head, evaluation_rows(output_dir, log_history), **info)))
     return path

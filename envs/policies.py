@@ -1,5 +1,6 @@
 """Who chooses the next command in a text game: the expert (the game's own plan), a blind methodical explorer
-(the no-message baseline) and a trained actor reading the sender's message."""
+(the no-message baseline; envs/household.py's search for its games) and a trained actor reading the sender's
+message."""
 from __future__ import annotations
 
 import re
@@ -13,7 +14,8 @@ class Policy(Protocol):
 
 
 class ExpertPolicy:
-    """Follows the game's own plan (`policy_commands`, recomputed by the game at every step; TextWorld games)."""
+    """Follows the game's own plan: `policy_commands` (recomputed by the game at every step; compiled TextWorld
+    games), else the game's walkthrough from the start (envs/household.py games)."""
 
     def __init__(self, fmt: TurnFormat):
         self.fmt = fmt
@@ -21,7 +23,7 @@ class ExpertPolicy:
     def __call__(self, episodes: Sequence[Episode]) -> list[str]:
         replies = []
         for ep in episodes:
-            plan = ep.infos.get("policy_commands") or []
+            plan = ep.infos.get("policy_commands") or (ep.infos.get("extra.walkthrough") or [])[len(ep.turns):]
             replies.append(self.fmt.reply.format(command=plan[0] if plan else "look"))
         return replies
 
@@ -40,6 +42,13 @@ class ExplorerPolicy:
         replies = []
         for ep in episodes:
             admissible = list(ep.infos["admissible_commands"])
+            if ep.infos.get("extra.task"):  # envs/household.py games: the same kind of search, by sub-goal
+                from envs.household import explorer_command
+
+                observations = [ep.messages[0]["content"]] + [t["observation"] for t in ep.turns]
+                replies.append(self.fmt.reply.format(command=explorer_command(
+                    ep.infos["extra.task"], observations, [t["command"] for t in ep.turns], admissible, ep.memory)))
+                continue
             objective = normalise_command(ep.infos.get("objective") or "").split()
             rooms = re.findall(r"-= (.+?) =-", "\n".join([ep.messages[0]["content"]] +
                                                           [t["observation"] for t in ep.turns]))

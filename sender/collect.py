@@ -3,8 +3,9 @@
 For every record the sender model reads a chat prompt (a fixed instruction plus the first
 human message) and an assistant turn holding the plan. The latents are the last layer's
 hidden states at exactly the plan's content tokens: one row per plan token, an array [K, d]
-saved as `<latent_dir>/<safe id>.npy`. The output JSONL is the input record plus `plan` and
-`hidden_state_path` (relative to the output file's folder), the format `train_actor.py` reads.
+saved as `<latent_dir>/<safe id>.npy` (default `__latents__/<output stem>/`). The output JSONL is the input
+record plus `plan` and `hidden_state_path` (relative to the output file's folder), the format `train_actor.py`
+reads; the output folder loads with `train_actor.py --dataset_name FOLDER` too.
 
 Modes:
   teacher_forced  every record carries `plan`; one forward pass per batch.
@@ -34,7 +35,8 @@ import torch
 from common import models
 from common.constants import LATENT_OWNER_FILE
 from common.safe_io import check_output_file, remove_quietly, write_text_atomic
-from data import DataError, DatasetSource, Source, check_plain_text, read_records, record_messages, turns_field
+from data import (LATENTS_DIR, DataError, DatasetSource, Source, check_plain_text, read_records, record_messages,
+                  turns_field)
 from evaluation.generation import decode_replies, stop_token_ids, until_stop
 
 logger = logging.getLogger(__name__)
@@ -256,6 +258,16 @@ def save_npy(path: str, array: np.ndarray) -> None:
         raise
 
 
+def default_latent_dir(output_file: str) -> str:
+    """`__latents__/<stem>/` beside the output file: `datasets`' split rules skip folders named `__*`, so the
+    output folder loads with `--dataset_name` (a `<stem>_latents/` folder was read as the train split). An output
+    file begun before keeps its `<stem>_latents/` folder when resumed."""
+    folder, name = os.path.split(os.path.abspath(output_file))
+    stem = os.path.splitext(name)[0]
+    legacy = os.path.join(folder, stem + "_latents")
+    return legacy if os.path.isdir(legacy) else os.path.join(folder, LATENTS_DIR, stem)
+
+
 def claim_latent_dir(latent_dir: str, output_file: str) -> None:
     """Make `latent_dir` this output file's; refuse one that holds another output file's latents
     (both would write `<id>.npy` there, and one file would end up pointing at the other's latents)."""
@@ -298,7 +310,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                                "file, read with datasets.load_dataset")
     p.add_argument("--dataset_split", default="train", help="the split of --dataset_name")
     p.add_argument("--output_file", required=True, help="JSONL in the training format (appended to on resume)")
-    p.add_argument("--latent_dir", default=None, help="default: <output_file stem>_latents/ next to output_file")
+    p.add_argument("--latent_dir", default=None, help=f"default: {LATENTS_DIR}/<output_file stem>/ next to "
+                   "output_file (a name `datasets` never takes for a split, so the folder loads with --dataset_name)")
     p.add_argument("--mode", choices=("generate", "teacher_forced", "compressed"), default="teacher_forced")
     p.add_argument("--sender_dir", default=None, help="compressed mode: an output folder of sender/train.py")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="dtype of the saved .npy")
@@ -353,8 +366,7 @@ def run(args: argparse.Namespace) -> int:
     records = load_records(source)
     jobs = build_jobs(records, args.input_file, args.mode)
     out_dir = os.path.dirname(os.path.abspath(args.output_file))
-    latent_dir = args.latent_dir or os.path.join(out_dir, os.path.splitext(os.path.basename(args.output_file))[0]
-                                                 + "_latents")
+    latent_dir = args.latent_dir or default_latent_dir(args.output_file)
     claim_latent_dir(latent_dir, args.output_file)
     done = read_done_ids(args.output_file)
     todo = [j for j in jobs if str(j.record["id"]) not in done]

@@ -24,14 +24,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common.constants import MARKER_TOKEN, SENDER_FILE, TEXT_KEYS
+from common.constants import MARKER_TOKEN, SENDER_FILE, SENDER_REQUEST, TEXT_KEYS
 from data import LatentCollator, with_marker
 from latent_head import LatentActor
 from losses import (COMPRESSION_ALIGN_WEIGHT, COMPRESSION_KL_WEIGHT, DISTILL_TEMPERATURE, DISTILL_WINDOW,
-                    LOSS_CHUNK_SIZE, UNCERTAINTY_QUANTILE, alignment_loss, compression_loss, distillation_kl,
-                    first_rows_per_sample, latent_comm_loss_sums, token_ce, token_entropy, uncertainty_weights)
+                    LOSS_CHUNK_SIZE, UNCERTAINTY_QUANTILE, LossConfig, LossInputs, alignment_loss, compression_loss,
+                    distillation_kl, first_rows_per_sample, latent_comm_loss_sums, token_ce, token_entropy,
+                    uncertainty_weights)
 
-REQUEST = "Please generate a plan to solve this task: "  # the published student's fixed request
+REQUEST = SENDER_REQUEST  # the published student's fixed request (common/constants.py: sender/train.py's default)
 NOTES_PREFIX = "What you know: "  # before the plan, for a sender with knowledge="plan"
 KNOWLEDGE = ("none", "plan")
 
@@ -315,7 +316,8 @@ class CompressionModel(nn.Module):
         student_logits = actor.logits(student.hidden[window])
         window_student_ce = token_ce(student_logits, window_labels)
         ce_sum = window_student_ce.sum() + latent_comm_loss_sums(
-            student.hidden[~window], student.labels[~window], actor.logits, chunk_size=cfg.loss_chunk_size).ce
+            LossInputs(student.hidden[~window], student.labels[~window]), actor.logits,
+            LossConfig(loss_chunk_size=cfg.loss_chunk_size)).ce
         with torch.no_grad():
             data_logits, none_logits = actor.logits(data_hidden[window]), actor.logits(none_hidden[window])
         weights = uncertainty_weights(token_entropy(none_logits), token_entropy(data_logits), cfg.quantile)

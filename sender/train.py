@@ -16,82 +16,54 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
 
-import torch
-import transformers
-from transformers import AutoTokenizer
-
-from callbacks import LossLogCallback, NonFiniteGuardCallback
-from common.cli import UserError, exit_process, parse_config_and_flags, run_cli, save_interrupted
-from common.models import EMBEDDED_MODEL, ModelNotFoundError, load_model_and_tokenizer
-from common.validation import validate_files
-from data import ActorDataset, DataError
-from latent_head import HEAD_FILE, LatentActor, load_head_file, set_training_backends
-from losses import (COMPRESSION_ALIGN_WEIGHT, COMPRESSION_KL_WEIGHT, DISTILL_TEMPERATURE, DISTILL_WINDOW,
-                    LOSS_CHUNK_SIZE, UNCERTAINTY_QUANTILE)
-from sender.model import (KNOWLEDGE, REQUEST, SENDER_FILE, CompressionLossConfig, CompressionModel, LatentSender,
-                          SenderCollator, SenderConfig, SenderDataset)
-from sender.trainer import SenderTrainer
-from train_actor import (LIGER_REFUSAL, ActorTrainingArguments, DataArguments, build_datasets, check_data_source,
-                         data_sources, finish_run)
-from training.trainer import resolve_resume
+from common.args import (DataArguments, FLAG_ALIASES, ModelArguments, SENDER_FLAG_REFUSALS, SenderArguments,
+                         SenderTrainingOptions, TrainingOptions)
+from common.cli import CommandLine, UserError, exit_process, parse_config_and_flags, run_cli
 
 logger = logging.getLogger("train_sender")
-UNUSED = {"help": "(train_actor.py only; unused here)"}
 
 
-@dataclass
-class SenderArguments:
-    actor_dir: str | None = field(default=None, metadata={
-        "help": "An output folder of train_actor.py: the actor the sender learns to speak to (frozen)."})
-    model_name_or_path: str = field(default=EMBEDDED_MODEL, metadata={
-        "help": "The sender model the student starts from: the one whose hidden states the actor was trained on."})
-    num_latents: int = field(default=8, metadata={"help": "K: latent steps per message."})
-    request: str = field(default=REQUEST, metadata={"help": "Fixed text before the conversation in the student's context."})
-    sender_knowledge: str = field(default="none", metadata={
-        "help": "What the student reads besides the conversation: none (as published: the task alone) or plan "
-                "(the record's plan as private notes, for tasks whose plan holds knowledge the task lacks)."})
-    kl_weight: float = field(default=COMPRESSION_KL_WEIGHT, metadata={"help": "Weight of the distillation KL."})
-    alignment_weight: float = field(default=COMPRESSION_ALIGN_WEIGHT, metadata={"help": "Weight of 1 - cos alignment."})
-    distill_temperature: float = field(default=DISTILL_TEMPERATURE, metadata={"help": "Temperature T of the KL (x T^2)."})
-    distill_window: int = field(default=DISTILL_WINDOW, metadata={
-        "help": "Supervised tokens per sample (the first ones) that the distillation KL covers."})
-    uncertainty_quantile: float = field(default=UNCERTAINTY_QUANTILE, metadata={
-        "help": "Token weights relu(H_none - H_data) are clipped at this quantile of the positive ones."})
-    loss_chunk_size: int = field(default=LOSS_CHUNK_SIZE, metadata={"help": "Supervised tokens per vocabulary projection (CE)."})
-    attn_implementation: str | None = field(default=None, metadata={"help": "The student's, e.g. sdpa or eager."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the model's folder."})
+def _argument_types() -> tuple[type, ...]:
+    from common.training_args import SenderTrainingArguments  # transformers' Trainer stack: seconds
+
+    return SenderArguments, DataArguments, SenderTrainingArguments
 
 
-@dataclass
-class SenderTrainingArguments(ActorTrainingArguments):
-    """train_actor.py's training arguments (aliases, auto-detected precision and loader workers, best model);
-    its actor-only options stay accepted but do nothing here."""
-
-    head_learning_rate: float | None = field(default=None, metadata=UNUSED)
-    enable_infoNCE_probe: bool = field(default=False, metadata=UNUSED)
-    infoNCE_probe_interval: int = field(default=200, metadata=UNUSED)
-    infoNCE_probe_samples: int = field(default=8, metadata=UNUSED)
-    eval_latent_conditions: int = field(default=0, metadata=UNUSED)
-    sender_model_name_or_path: str | None = field(default=None, metadata=UNUSED)
+COMMAND_LINE = CommandLine(
+    prog="sender/train.py", description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[2],
+    groups=(("model and compression", (ModelArguments, SenderArguments)), ("data", (DataArguments,)),
+            ("training: this toolkit's options and changed defaults", (TrainingOptions, SenderTrainingOptions))),
+    light_types=(SenderArguments, DataArguments, SenderTrainingOptions), argument_types=_argument_types,
+    aliases={k: v for k, v in FLAG_ALIASES.items() if v != "base_dtype"}, refusals=SENDER_FLAG_REFUSALS,
+    examples="examples:\n" + __doc__.split("\n\n")[1].rstrip())
 
 
 def parse_args(argv: list[str] | None = None):
     """Flags, or a YAML/JSON config file first and flags overriding it (as train_actor.py)."""
-    return parse_config_and_flags((SenderArguments, DataArguments, SenderTrainingArguments), argv)
+    return parse_config_and_flags(COMMAND_LINE, argv)
 
 
-def check_inputs(sender_args: SenderArguments, data_args: DataArguments, args: SenderTrainingArguments):
+def check_inputs(sender_args: SenderArguments, data_args: DataArguments, args):
     """Everything that can be refused before a model is loaded; returns (head config, resume)."""
-    check_data_source(data_args)
+    from transformers import AutoTokenizer
+
+    from common.models import ModelNotFoundError
+    from common.validation import validate_files
+    from latent_head import HEAD_FILE, load_head_file
+    from sender.model import SENDER_FILE
+    from training.setup import data_sources
+    from training.trainer import resolve_resume
+
+    try:
+        data_args.check_source()
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if not sender_args.actor_dir:
         raise UserError("--actor_dir is required: an output folder of train_actor.py (the frozen actor)")
     if not os.path.exists(os.path.join(sender_args.actor_dir, HEAD_FILE)):
         raise UserError(f"--actor_dir {sender_args.actor_dir}: no {HEAD_FILE} here; is this an output folder of "
                         "train_actor.py?")
-    if args.use_liger_kernel:
-        raise UserError(LIGER_REFUSAL)
     if args.fsdp:
         raise UserError("--fsdp is not supported by sender/train.py: use DDP (torchrun without --fsdp)")
     if args.push_to_hub:  # the trainer's hub hooks and model card are the actor's
@@ -100,8 +72,6 @@ def check_inputs(sender_args: SenderArguments, data_args: DataArguments, args: S
     if args.gradient_checkpointing:
         raise UserError("--gradient_checkpointing is not supported by sender/train.py: the student's rollout "
                         "needs its KV cache")
-    if sender_args.sender_knowledge not in KNOWLEDGE:
-        raise UserError(f"--sender_knowledge {sender_args.sender_knowledge}: expected one of {', '.join(KNOWLEDGE)}")
     head = load_head_file(os.path.join(sender_args.actor_dir, HEAD_FILE))["config"]
     k = sender_args.num_latents
     if not 1 <= k <= head["prepended_length"]:
@@ -124,8 +94,16 @@ def check_inputs(sender_args: SenderArguments, data_args: DataArguments, args: S
     return head, resume
 
 
-def build_model(sender_args: SenderArguments, head: dict, seed: int) -> CompressionModel:
-    """The frozen actor from --actor_dir and a fresh sender (student = the sender model, new bridge)."""
+def build_model(sender_args: SenderArguments, head: dict, seed: int):
+    """The frozen actor from --actor_dir and a fresh sender (student = the sender model, new bridge): a
+    `sender.model.CompressionModel`."""
+    import torch
+    import transformers
+
+    from common.models import ModelNotFoundError, load_model_and_tokenizer
+    from latent_head import LatentActor
+    from sender.model import CompressionModel, LatentSender, SenderConfig
+
     actor = LatentActor.from_pretrained(sender_args.actor_dir, dtype=torch.float32)
     transformers.set_seed(seed)  # the bridge's and start vector's initialisation
     try:
@@ -145,8 +123,14 @@ def build_model(sender_args: SenderArguments, head: dict, seed: int) -> Compress
     return CompressionModel(LatentSender(student, tokenizer, config), actor)
 
 
-def build_trainer(model: CompressionModel, sender_args: SenderArguments, data_args: DataArguments,
-                  args: SenderTrainingArguments) -> SenderTrainer:
+def build_trainer(model, sender_args: SenderArguments, data_args: DataArguments, args):
+    """The `sender.trainer.SenderTrainer` of `model` (a `CompressionModel`) on the data."""
+    from callbacks import LossLogCallback, NonFiniteGuardCallback
+    from data import ActorDataset
+    from sender.model import CompressionLossConfig, SenderCollator, SenderDataset
+    from sender.trainer import SenderTrainer
+    from training.setup import build_datasets
+
     actor, sender = model.actor, model.sender
     train_rows, eval_rows = build_datasets(data_args, args.data_seed or args.seed)
     datasets = {name: SenderDataset(ActorDataset(rows, actor.tokenizer, data_args.model_max_length,
@@ -167,7 +151,12 @@ def build_trainer(model: CompressionModel, sender_args: SenderArguments, data_ar
     return trainer
 
 
-def train(sender_args: SenderArguments, data_args: DataArguments, args: SenderTrainingArguments) -> int:
+def train(sender_args: SenderArguments, data_args: DataArguments, args) -> int:
+    """Check, build, train, save (`args`: `common.training_args.SenderTrainingArguments`)."""
+    from common.cli import finish_run, save_interrupted
+    from data import DataError
+    from latent_head import set_training_backends
+
     head, resume = check_inputs(sender_args, data_args, args)
     if args.validate_only:
         return 0

@@ -23,7 +23,8 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir):
 def tiny_data(tmp_path):
     """(train.jsonl, eval.jsonl) with relative latent paths."""
     train = write_jsonl(tmp_path / "train.jsonl", make_records(12, str(tmp_path / "latents")))
-    evaluation = write_jsonl(tmp_path / "eval.jsonl", make_records(4, str(tmp_path / "latents_eval"), seed=1, prefix="e"))
+    evaluation = write_jsonl(tmp_path / "eval.jsonl",
+                             make_records(4, str(tmp_path / "latents_eval"), seed=1, prefix="e"))
     return train, evaluation
 
 

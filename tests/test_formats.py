@@ -13,8 +13,9 @@ from sender import collect as chs
 import train_actor
 from tests.helpers import ROOT, make_records, write_jsonl
 from common.validation import validate_files
-from data import (ActorDataset, DatasetSource, DataError, LatentCollator, build_hf_dataset, load_latents, load_samples,
-                  read_records, record_messages)
+from data import (ActorDataset, DatasetSource, DataError, LatentCollator, build_hf_dataset, dataset_data_files,
+                  load_latents, load_samples, read_records, record_messages)
+
 
 EXAMPLES = os.path.join(ROOT, "examples")
 MESSAGES_FILE, SHAREGPT_FILE = (os.path.join(EXAMPLES, f"train_{k}.jsonl") for k in ("messages", "sharegpt"))
@@ -137,8 +138,54 @@ def test_a_local_dataset_reads_as_its_file(actor, tmp_path):
     assert from_dataset[1]["where"] == f"{folder}:train[1]" and [s["id"] for s in load_samples(test)] == ["s004"]
     a, b = batch_of(actor, train), batch_of(actor, str(folder / "train.jsonl"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(DataError, match="cannot be loaded with datasets.load_dataset"):
+    with pytest.raises(DataError, match="not found: expected a local dataset folder or data file, or a hub id"):
         load_samples(DatasetSource(str(tmp_path / "no_such_folder")))
+    with pytest.raises(DataError, match=r"no split 'validation' \(found: train, test; splits come from file names"):
+        load_samples(DatasetSource(str(folder), "validation"))
+
+
+def _sender_folder(root, latent_folder: str):
+    """A folder laid out as sender/collect.py writes one: train.jsonl and test.jsonl, latents in `latent_folder`
+    (`__latents__/<stem>` now, `<stem>_latents` before), paths relative to the folder."""
+    os.makedirs(root)
+    records = {}
+    for split, n, seed in (("train", 4, 0), ("test", 2, 1)):
+        latents = os.path.join(root, latent_folder.format(stem=split))
+        records[split] = make_records(n, latents, seed=seed, prefix=split[:2])
+        for r in records[split]:  # make_records writes paths relative to the latent folder's parent
+            r["hidden_state_path"] = os.path.relpath(os.path.join(os.path.dirname(latents), r["hidden_state_path"]),
+                                                     root)
+        write_jsonl(os.path.join(root, f"{split}.jsonl"), records[split])
+    return records
+
+
+@pytest.mark.parametrize("latent_folder", ["__latents__/{stem}", "{stem}_latents"], ids=["now", "before"])
+def test_the_sender_s_folder_and_a_data_file_load_with_dataset_name(tmp_path, latent_folder):
+    """--dataset_name FOLDER reads the folder sender/collect.py writes (train.jsonl, test.jsonl and their latents)
+    through datasets' json loader, split by file name; `train_latents/` (the old name, which datasets' folder
+    rule takes for the train split) too. A single data file is the train split."""
+    folder = str(tmp_path / "sender_out")
+    records = _sender_folder(folder, latent_folder)
+    assert dataset_data_files(folder) == {"train": [os.path.join(folder, "train.jsonl")],
+                                          "test": [os.path.join(folder, "test.jsonl")]}
+    for split in ("train", "test"):
+        from_dataset = load_samples(DatasetSource(folder, split))
+        from_file = load_samples(os.path.join(folder, f"{split}.jsonl"))
+        assert [s["id"] for s in from_dataset] == [r["id"] for r in records[split]]
+        assert [s["hidden_state_path"] for s in from_dataset] == [s["hidden_state_path"] for s in from_file]
+        assert all(os.path.exists(s["hidden_state_path"]) for s in from_dataset)
+    assert validate_files([DatasetSource(folder, "train"), DatasetSource(folder, "test")]).ok
+    single = load_samples(DatasetSource(os.path.join(folder, "test.jsonl")))  # a file: its records, split train
+    assert [s["id"] for s in single] == [r["id"] for r in records["test"]]
+    as_object = os.path.join(folder, "all.json")  # the {"data": [...]} form of a data file
+    with open(as_object, "w") as f:
+        json.dump({"data": records["train"]}, f)
+    assert [s["id"] for s in load_samples(DatasetSource(as_object))] == [r["id"] for r in records["train"]]
+    os.remove(as_object)
+    if latent_folder.startswith("__"):  # datasets' own folder rule reads it too (the hub's, for an uploaded copy)
+        import datasets
+
+        assert datasets.load_dataset(folder, split="test")["id"] == [r["id"] for r in records["test"]]
 
 
 def _train(tiny_model_dir, out, *data_flags):
@@ -181,6 +228,8 @@ def test_the_sender_reads_a_dataset(tmp_path, tiny_model_dir):
     with open(out) as f:
         written = [json.loads(line) for line in f]
     assert [r["id"] for r in written] == ["ex0", "ex1", "ex2"] and "messages" in written[0]
+    assert all(r["hidden_state_path"].startswith("__latents__/out/") for r in written)  # no split rule takes it
+    assert [s["id"] for s in load_samples(DatasetSource(str(out)))] == ["ex0", "ex1", "ex2"]
     rows = np.load(out.parent / written[0]["hidden_state_path"])
     assert rows.shape[0] == len(chs.plan_token_ids(_tokenizer(tiny_model_dir), written[0]["plan"])) and rows.shape[1] == 32
     assert validate_files([str(out)]).ok

@@ -127,7 +127,7 @@ def test_a_data_source_flag_replaces_the_recipe_s(tmp_path):
     recipe = os.path.join(RECIPES, "qwen2.5-0.5b.yaml")
     _, data_args, _ = train_actor.parse_args([recipe, "--dataset_name", "org/data", "--output_dir", "o"])
     assert data_args.dataset_name == "org/data" and not data_args.train_file and not data_args.eval_file
-    train_actor.check_data_source(data_args)  # one source: accepted
+    data_args.check_source()  # one source: accepted
     config = tmp_path / "c.yaml"
     config.write_text("dataset_name: org/data\ndataset_split: train\noutput_dir: o\n")
     _, data_args, _ = train_actor.parse_args([str(config), "--train_file", "mine.jsonl"])
@@ -152,14 +152,37 @@ def hf_cache(tmp_path, monkeypatch):
     return cache
 
 
-def put_in_cache(cache, repo_id: str, folder: str) -> str:
-    """Lay `folder` out as the hub cache holds a downloaded repo: refs/main -> snapshots/<commit>/files."""
+def put_in_cache(cache, repo_id: str, folder: str, kind: str = "models") -> str:
+    """Lay `folder` out as the hub cache holds a downloaded repo (`kind` models or datasets): refs/main ->
+    snapshots/<commit>/files."""
     commit = hashlib.sha1(repo_id.encode()).hexdigest()
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    repo = cache / (f"{kind}--" + repo_id.replace("/", "--"))
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     shutil.copytree(folder, repo / "snapshots" / commit)
     return str(repo / "snapshots" / commit)
+
+
+def test_a_hub_dataset_id_reads_from_the_hf_cache(hf_cache, tmp_path, capsys):
+    """--dataset_name owner/name: the dataset's snapshot in the local HF cache, read as a local folder (its
+    latents relative to it); never a network call (offline here), one line when it is not cached."""
+    from data import DatasetSource, load_samples
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", make_records(4, str(folder / "__latents_train")))  # paths: __latents_train/...
+    write_jsonl(folder / "test.jsonl", make_records(2, str(folder / "__latents_test"), seed=1, prefix="t"))
+    snapshot = put_in_cache(hf_cache, "someone/tiny-data", str(folder), kind="datasets")
+    samples = load_samples(DatasetSource("someone/tiny-data", "test"))
+    assert [s["id"] for s in samples] == ["t000", "t001"] and samples[0]["where"] == "someone/tiny-data:test[0]"
+    assert all(s["hidden_state_path"].startswith(snapshot) and os.path.exists(s["hidden_state_path"]) for s in samples)
+    argv = ["--dataset_name", "someone/tiny-data", "--eval_split", "test", "--validate_only", "true"]
+    assert train_actor.main(argv) == 0
+    assert "checked 2 file(s), 6 record(s): 0 error(s)" in capsys.readouterr().out
+    assert train_actor.main(["--dataset_name", "someone/not-cached", "--validate_only", "true"]) == 1
+    err = capsys.readouterr().err
+    assert "someone/not-cached: not a local folder or file, not in the Hugging Face cache, and the hub cannot " \
+           "be reached" in err
 
 
 def test_the_head_is_also_safetensors_with_the_same_weights(actor_dir, tmp_path):
@@ -351,7 +374,12 @@ def test_the_tensorboard_callback_keeps_metric_groups():
                     logs={"loss": 1.5, "eval_loss": 2.0, "cond/true_ce_bits": 0.25, "probe/cInfoNCE_LB": 0.5,
                           "epoch": 0.1})
     assert callback.tb_writer.scalars == {"train/loss": (1.5, 7), "eval/loss": (2.0, 7), "cond/true_ce_bits": (0.25, 7),
-                                          "probe/cInfoNCE_LB": (0.5, 7)}
+                                          "probe/cInfoNCE_LB": (0.5, 7), "train/epoch": (0.1, 7)}
+    # a log of grouped metrics alone (the conditions after an evaluation): its "epoch" adds nothing
+    callback.tb_writer.scalars.clear()
+    callback.on_log(TrainingArguments(output_dir="unused", report_to="none"), state, TrainerControl(),
+                    logs={"cond/true_ce_bits": 0.5, "epoch": 0.1})
+    assert callback.tb_writer.scalars == {"cond/true_ce_bits": (0.5, 7)}
 
 
 def test_the_conditions_pass_shows_a_progress_bar_unless_disabled(actor, tmp_path, capsys):

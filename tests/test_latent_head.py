@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from latent_head import (HEAD_FILE, IGNORE_INDEX, HeadConfig, LatentActor, LatentCommHead, assemble_inputs)
+from latent_head import (HEAD_FILE, IGNORE_INDEX, HeadConfig, LatentActor, LatentCommHead, assemble_inputs,
+                         graph_row_length, pack_rows)
 
 BOP, EOP, PAD = 901, 902, 0
 
@@ -123,6 +124,82 @@ def test_packed_sequences_equal_padded_batch_and_are_not_saved(actor_dir, tmp_pa
     assert torch.allclose(together[0, 4:], alone[0], atol=1e-5)
     packed.save_pretrained(tmp_path / "saved")
     assert "interlat" not in (tmp_path / "saved" / "config.json").read_text()
+
+
+def test_graph_row_lengths_and_padded_packing_by_hand():
+    """Under CUDA graphs a packed row takes one of a few lengths: whole units up to 8, then 4 steps a doubling; the
+    extra tokens end the samples' segments (each at most the limit), after every real token of their sample."""
+    lengths = [graph_row_length(t, 10 ** 6, unit=4) for t in (1, 4, 5, 32, 33, 40, 41, 65)]
+    assert lengths == [4, 4, 8, 32, 40, 40, 48, 80]
+    assert graph_row_length(30, 24, unit=4) == 30 and graph_row_length(17, 24, unit=4) == 20  # limit; never short
+    row = pack_rows(torch.tensor([3, 1]), 4, width=4, segment_limit=4)  # room 1 and 3: 4 extra tokens fill both
+    assert row.length == 8 and row.real_tokens == 4 and row.cu.tolist() == [0, 4, 8]
+    assert row.position.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert row.real.tolist() == [True, True, True, False, True, False, False, False]
+    assert row.source[row.real].tolist() == [0, 1, 2, 4]  # sample b's token t comes from b * width + t
+    plain = pack_rows(torch.tensor([3, 1]), 4, width=4)
+    assert plain.length == 4 and plain.real is None and plain.source.tolist() == [0, 1, 2, 4]
+
+
+def test_branch_positions_are_the_assembled_supervised_labels(actor):
+    """`branch` finds the supervised positions from the text (no boolean mask over the assembled rows, which
+    waits for the device): the same labels, rows and hidden states as the assembled rows' shifted labels give,
+    with the marker first or inside, with and without a block."""
+    actor.eval()
+    m = actor.marker_id
+    text = torch.tensor([[m, 6, 7, 8, 9, 10], [5, 6, m, 7, 8, PAD], [5, m, 7, 8, 9, 10]])
+    labels = torch.tensor([[-100, 6, -100, 8, 9, 10], [-100, 6, -100, 7, 8, -100], [5, -100, 7, -100, 9, 10]])
+    lengths, marker = torch.tensor([6, 5, 6]), torch.tensor([0, 2, 1])
+    mask = (torch.arange(6)[None] < lengths[:, None]).long()
+    latents, latent_lengths, rows = torch.randn(3, 4, 24), torch.tensor([4, 2, 3]), torch.tensor([2, 2, 0])
+    plan = (torch.tensor([[50, 51], [52, 0], [53, 54]]), torch.tensor([2, 1, 2]))
+    for block_ids, block_lengths in ((None, None), plan):
+        with torch.no_grad():
+            out = actor.branch(text, labels, mask, marker, latents, latent_lengths, rows, block_ids, block_lengths)
+            asm = assemble_inputs(text, labels, lengths, marker, rows, block_ids, block_lengths, actor.bop_id,
+                                  actor.eop_id, actor.pad_id)
+            embeds = actor.embed(asm["input_ids"], asm["latent_slots"], latents, latent_lengths)
+            hidden = actor.base_model.get_decoder()(inputs_embeds=embeds, attention_mask=asm["attention_mask"]
+                                                    ).last_hidden_state
+        want_rows, want_cols = (asm["labels"][:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+        assert out.labels.tolist() == asm["labels"][:, 1:][want_rows, want_cols].tolist()
+        assert out.sample_index.tolist() == want_rows.tolist() and len(want_rows) == 10
+        assert torch.allclose(out.hidden, hidden[want_rows, want_cols], atol=1e-5)
+
+
+def test_rows_padded_for_cuda_graphs_give_equal_hidden_states_and_gradients(actor_dir, tmp_path):
+    """The CUDA-graph layout (each packed row padded to a recurring length, the extra tokens at the ends of the
+    samples' segments) changes no value and no gradient: run on the CPU without the graphs themselves, in float64
+    (float32 rounds the two layouts' sums differently, and some of the tiny model's gradients cancel to 1e-6 of
+    their terms)."""
+    from tests.helpers import make_records, write_jsonl
+    from data import ActorDataset, LatentCollator, build_hf_dataset
+
+    plain, padded = (LatentActor.from_pretrained(actor_dir).double() for _ in range(2))
+    plain.use_packed_sequences()
+    padded.use_packed_sequences()
+    padded.cuda_graphs = True  # what compile_layers(cuda_graphs=True) sets, without compiling
+    tok = plain.tokenizer
+    path = write_jsonl(tmp_path / "t.jsonl", make_records(3, str(tmp_path / "lat")))
+    dataset = ActorDataset(build_hf_dataset(path), tok, 512, 6)
+    batch = LatentCollator(tok.pad_token_id, 24)([dataset[i] for i in range(3)])
+    inputs = {k: batch[k] for k in ("input_ids", "labels", "attention_mask", "marker_index", "latent_lengths")}
+    inputs["latents"] = batch["latents"].double()
+    outs = []
+    for actor in (plain, padded):
+        actor.eval()
+        out = actor(**inputs, block_ids=batch["plan_ids"], block_lengths=batch["plan_lengths"])
+        out.hidden.square().sum().backward()
+        outs.append((out, {n: p.grad for n, p in actor.named_parameters() if p.grad is not None}, actor.packed_tokens))
+    (a, grads_a, tokens_a), (b, grads_b, tokens_b) = outs
+    assert tokens_a[0] == tokens_a[1] and tokens_b == (tokens_a[0], 1024)  # the padded row really was longer
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.sample_index, b.sample_index)
+    assert torch.allclose(a.hidden, b.hidden, rtol=1e-10, atol=1e-12)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for name, grad in grads_a.items():
+        assert torch.allclose(grad, grads_b[name], rtol=1e-9, atol=1e-14), name
+    with pytest.raises(ValueError, match="packed rows"):
+        LatentActor.from_pretrained(actor_dir).compile_layers(cuda_graphs=True)
 
 
 def test_building_an_actor_sets_no_global_backend_flag_training_does(tiny_model_dir, monkeypatch):

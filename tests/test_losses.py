@@ -1,6 +1,7 @@
 """Each loss term against a hand computation on small tensors."""
 import math
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -64,10 +65,11 @@ def test_loss_sums_chunked_equals_plain_and_masks_apply():
     neg_mask = torch.rand(n, generator=g) > 0.3
 
     project = lambda h: h @ weight.T
-    plain = losses.latent_comm_loss_sums(pos, labels, project, plan, plan_mask, neg, neg_mask, chunk_size=None)
+    inputs = losses.LossInputs(pos, labels, plan_hidden=plan, plan_mask=plan_mask, neg_hidden=neg, neg_mask=neg_mask)
+    plain = losses.latent_comm_loss_sums(inputs, project, losses.LossConfig(loss_chunk_size=None))
     total_plain = plain.total
     grads_plain = torch.autograd.grad(total_plain, (pos, weight))
-    chunked = losses.latent_comm_loss_sums(pos, labels, project, plan, plan_mask, neg, neg_mask, chunk_size=4)
+    chunked = losses.latent_comm_loss_sums(inputs, project, losses.LossConfig(loss_chunk_size=4))
     total_chunked = chunked.total
     grads_chunked = torch.autograd.grad(total_chunked, (pos, weight))
     assert torch.allclose(total_plain, total_chunked, atol=1e-5)
@@ -112,15 +114,18 @@ def _loss_case(seed=3, n=13, h=6, v=17):
 def test_fused_loss_matches_plain_path_values_and_gradients(with_plan, with_neg):
     """The closed-form gradients of the fused path equal autograd through the plain path."""
     weight, pos, plan, neg, labels, plan_mask, neg_mask = _loss_case()
-    kwargs = dict(plan_hidden=plan if with_plan else None, plan_mask=plan_mask,
-                  neg_hidden=neg if with_neg else None, neg_mask=neg_mask, plan_weight=0.7, contrast_weight=2.5)
+    branches = dict(plan_hidden=plan if with_plan else None, plan_mask=plan_mask,
+                    neg_hidden=neg if with_neg else None, neg_mask=neg_mask)
+    weights = dict(plan_similarity_weight=0.7, random_contrast_weight=2.5)
     results = []
     for fused in (False, True):
         w, h = weight.clone().requires_grad_(), pos.clone().requires_grad_()
+        inputs = losses.LossInputs(h, labels, **branches)
         if fused:
-            sums = losses.fused_latent_comm_loss_sums(h, labels, w, chunk_size=5, **kwargs)
+            sums = losses.fused_latent_comm_loss_sums(inputs, w, losses.LossConfig(loss_chunk_size=5, **weights))
         else:
-            sums = losses.latent_comm_loss_sums(h, labels, lambda x: x @ w.T, chunk_size=None, **kwargs)
+            sums = losses.latent_comm_loss_sums(inputs, lambda x: x @ w.T,
+                                                losses.LossConfig(loss_chunk_size=None, **weights))
         (3.0 * sums.total).backward()  # an upstream scale, as the division by the token count
         results.append((sums, h.grad, w.grad))
     (plain, g_h, g_w), (fused, f_h, f_w) = results
@@ -136,14 +141,17 @@ def test_fused_loss_matches_plain_path_values_and_gradients(with_plan, with_neg)
 
 def test_fused_loss_without_gradient_and_frozen_head():
     weight, pos, plan, neg, labels, plan_mask, neg_mask = _loss_case(seed=4)
-    plain = losses.latent_comm_loss_sums(pos, labels, lambda x: x @ weight.T, plan, plan_mask, neg, neg_mask, None)
+    rows = lambda h: losses.LossInputs(h, labels, plan_hidden=plan, plan_mask=plan_mask, neg_hidden=neg,  # noqa: E731
+                                       neg_mask=neg_mask)
+    unchunked, chunks_of_4 = losses.LossConfig(loss_chunk_size=None), losses.LossConfig(loss_chunk_size=4)
+    plain = losses.latent_comm_loss_sums(rows(pos), lambda x: x @ weight.T, unchunked)
     with torch.no_grad():
-        fused = losses.fused_latent_comm_loss_sums(pos, labels, weight, plan, plan_mask, neg, neg_mask, 4)
+        fused = losses.fused_latent_comm_loss_sums(rows(pos), weight, chunks_of_4)
     assert fused.total.item() == pytest.approx(plain.total.item(), rel=1e-5)
     h = pos.clone().requires_grad_()  # LoRA-style: the head is frozen, only the hidden states get a gradient
-    losses.fused_latent_comm_loss_sums(h, labels, weight, plan, plan_mask, neg, neg_mask, 4).total.backward()
+    losses.fused_latent_comm_loss_sums(rows(h), weight, chunks_of_4).total.backward()
     p = pos.clone().requires_grad_()
-    losses.latent_comm_loss_sums(p, labels, lambda x: x @ weight.T, plan, plan_mask, neg, neg_mask, None).total.backward()
+    losses.latent_comm_loss_sums(rows(p), lambda x: x @ weight.T, unchunked).total.backward()
     assert torch.allclose(h.grad, p.grad, rtol=1e-4, atol=1e-6)
 
 
@@ -160,8 +168,9 @@ def test_bf16_projections_stay_within_bf16_tolerance_of_float32():
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
         w, p = weight.clone().requires_grad_(), pos.clone().requires_grad_()
-        sums = losses.fused_latent_comm_loss_sums(p, labels, w, plan_hidden=plan, neg_hidden=neg, chunk_size=128,
-                                                  matmul_dtype=dtype, **masks)
+        sums = losses.fused_latent_comm_loss_sums(
+            losses.LossInputs(p, labels, plan_hidden=plan, neg_hidden=neg, **masks), w,
+            losses.LossConfig(loss_chunk_size=128, loss_matmul_dtype=str(dtype).removeprefix("torch.")))
         sums.total.backward()
         results[dtype] = (sums, p.grad, w.grad)
     (ref, ref_h, ref_w), (got, got_h, got_w) = results[torch.float32], results[torch.bfloat16]
@@ -197,14 +206,15 @@ def test_triton_chunk_kernel_matches_the_torch_chunk_function(interpreted_loss_k
     labels = torch.tensor([7, 0, 299, 128, 5, 64])
     plan_w = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 1.0])
     neg_w = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
-    args = (pos, labels, plan if with_plan else None, plan_w, neg if with_neg else None, neg_w, 1.3, 2.0, need_grad)
+    args = (losses.ChunkLogits(pos, labels, plan if with_plan else None, plan_w, neg if with_neg else None, neg_w),
+            1.3, 2.0, need_grad)
     want_terms, want_grad = losses.chunk_values_and_grad(*args)
     got_terms, got_grad = interpreted_loss_kernel.chunk_values_and_grad(*args, block=128, num_warps=4)
-    sums = lambda terms: losses.sum_rows(terms, plan_w, neg_w).metrics()
+    sums = lambda terms: losses.sum_rows(terms, plan_w, neg_w).metrics()  # noqa: E731
     torch.testing.assert_close(sums(got_terms), sums(want_terms), rtol=1e-5, atol=1e-5)
     if with_neg:  # the test's premise: one row with the hinge clamped, the others with it active
-        js = interpreted_loss_kernel.chunk_values_and_grad(pos[:2], labels[:2], None, plan_w[:2], neg[:2],
-                                                            neg_w[:2], 1.0, 1.0, False, block=128)[0].js.sum()
+        first_two = losses.ChunkLogits(pos[:2], labels[:2], None, plan_w[:2], neg[:2], neg_w[:2])
+        js = interpreted_loss_kernel.chunk_values_and_grad(first_two, 1.0, 1.0, False, block=128)[0].js.sum()
         assert js > losses.CONTRAST_MARGIN
     if need_grad:
         torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)
@@ -266,11 +276,11 @@ def test_triton_plan_term_keeps_float32_accuracy_when_plan_and_positive_nearly_a
         pos = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 2
         plan = pos + 0.01 * torch.randn(rows, vocab, generator=g, dtype=torch.float64)  # KL ~ 5e-5 a row
         labels, w = torch.randint(vocab, (rows,), generator=g), torch.ones(rows)
-        exact = losses.chunk_values_and_grad(pos, labels, plan, w.double(), None, w.double(), 1.0, 2.0,
-                                             False)[0].plan.sum()
+        exact = losses.chunk_values_and_grad(losses.ChunkLogits(pos, labels, plan, w.double(), None, w.double()),
+                                             1.0, 2.0, False)[0].plan.sum()
+        chunk = losses.ChunkLogits(pos.float(), labels, plan.float(), w, None, w)
         for block in (512, 2048):
-            got = interpreted_loss_kernel.chunk_values_and_grad(pos.float(), labels, plan.float(), w, None, w, 1.0,
-                                                                2.0, False, block=block)[0].plan.sum()
+            got = interpreted_loss_kernel.chunk_values_and_grad(chunk, 1.0, 2.0, False, block=block)[0].plan.sum()
             assert abs(got.item() - exact.item()) < 1e-3 * exact.item(), (seed, block, got.item(), exact.item())
 
 
@@ -290,10 +300,12 @@ def test_published_contrast_divergence_by_hand():
     sample's mean distributions over its rows with a negative, counted once per such row."""
     weight, pos, plan, neg, labels, neg_mask, sample_index = _switch_inputs()
     project = lambda x: x @ weight.T
-    kwargs = dict(plan_hidden=plan, neg_hidden=neg, neg_mask=neg_mask, plan_weight=1.0, contrast_weight=2.0)
-    js = losses.latent_comm_loss_sums(pos, labels, project, chunk_size=5, **kwargs)
-    pub = losses.latent_comm_loss_sums(pos, labels, project, chunk_size=5, contrast_divergence="published",
-                                       sample_index=sample_index, **kwargs)
+    inputs = losses.LossInputs(pos, labels, sample_index=sample_index, plan_hidden=plan, neg_hidden=neg,
+                               neg_mask=neg_mask)
+    weights = dict(plan_similarity_weight=1.0, random_contrast_weight=2.0)
+    js = losses.latent_comm_loss_sums(inputs, project, losses.LossConfig(loss_chunk_size=5, **weights))
+    published = losses.LossConfig(loss_chunk_size=5, contrast_divergence="published", fused_loss=False, **weights)
+    pub = losses.latent_comm_loss_sums(inputs, project, published)
     p, r = softmax(project(pos).detach().numpy()), softmax(project(neg).detach().numpy())
     expected = 0.0
     for b in range(3):
@@ -309,8 +321,7 @@ def test_published_contrast_divergence_by_hand():
                                              rel=1e-6)
     # the gradient of the hinge of means, chunked with recomputation, equals the unchunked one
     grad_chunked = torch.autograd.grad(pub.total, pos)[0]
-    plain = losses.latent_comm_loss_sums(pos, labels, project, chunk_size=None, contrast_divergence="published",
-                                         sample_index=sample_index, **kwargs)
+    plain = losses.latent_comm_loss_sums(inputs, project, replace(published, loss_chunk_size=None))
     assert torch.allclose(grad_chunked, torch.autograd.grad(plain.total, pos)[0], atol=1e-6)
     # unbounded, unlike JS: far-apart means exceed ln 2
     far = torch.tensor([[0.999, 0.001]], dtype=torch.float64), torch.tensor([[0.001, 0.999]], dtype=torch.float64)
@@ -322,14 +333,16 @@ def test_adaptive_loss_weighting_by_hand():
     L = the term's mean per token; the weights are constants for the gradient."""
     weight, pos, plan, neg, labels, neg_mask, _ = _switch_inputs()
     project = lambda x: x @ weight.T
-    kwargs = dict(plan_hidden=plan, neg_hidden=neg, neg_mask=neg_mask, chunk_size=5)
-    adaptive = losses.latent_comm_loss_sums(pos, labels, project, loss_weighting="adaptive", **kwargs)
+    inputs = losses.LossInputs(pos, labels, plan_hidden=plan, neg_hidden=neg, neg_mask=neg_mask)
+    adaptive = losses.latent_comm_loss_sums(inputs, project, losses.LossConfig(loss_chunk_size=5, fused_loss=False,
+                                                                               loss_weighting="adaptive"))
     l_plan = adaptive.plan_similarity.item() / adaptive.plan_tokens.item()
     l_rand = adaptive.random_contrast.item() / adaptive.contrast_tokens.item()
     w_plan = 0.01 + 0.04 * min(max(l_plan / 4, 0), 1)
     w_rand = 0.01 + 0.49 * min(max(l_rand / 0.69, 0), 1)
     assert 0 < l_rand < 0.69 and 0 < l_plan < 4  # inside the clip: both weights move with their terms
-    fixed = losses.latent_comm_loss_sums(pos, labels, project, plan_weight=w_plan, contrast_weight=w_rand, **kwargs)
+    fixed = losses.latent_comm_loss_sums(inputs, project, losses.LossConfig(
+        loss_chunk_size=5, plan_similarity_weight=w_plan, random_contrast_weight=w_rand))
     expected = adaptive.ce.item() + w_plan * adaptive.plan_similarity.item() + w_rand * adaptive.random_contrast.item()
     assert adaptive.total.item() == pytest.approx(expected, rel=1e-6)
     assert fixed.total.item() == pytest.approx(expected, rel=1e-6)

@@ -34,7 +34,8 @@ def readme_blocks() -> list[tuple[str, str, str]]:
 def command_lines(script: str) -> list[str]:
     """A shell block's commands: comments and blank lines dropped, continuation lines joined, spaces collapsed."""
     joined = re.sub(r"\\\n\s*", " ", script)
-    return [" ".join(line.split()) for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [" ".join(line.split()) for line in joined.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
 
 
 def test_every_command_block_is_marked_runnable_or_says_why_not():

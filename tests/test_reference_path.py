@@ -63,15 +63,20 @@ def reference_sums(actor, batch):
 
 
 @pytest.mark.parametrize("path", ["fused", pytest.param("fused+compile", marks=pytest.mark.slow),
-                                  pytest.param("fused+triton", marks=pytest.mark.slow), "autograd"])
+                                  pytest.param("fused+triton", marks=pytest.mark.slow), "autograd", "fused+packed",
+                                  "fused+packed+graph_rows"])
 def test_batched_step_matches_the_reference_path(path, tiny_model_dir, tmp_path, monkeypatch):
-    """Every path of the loss (the GPU default is fused+triton) against the float64 reference."""
+    """Every path of the loss (the GPU default is fused+triton, on packed rows) against the float64 reference;
+    graph_rows: the packed rows padded as under CUDA graphs (the graphs themselves need a GPU)."""
     if path == "fused+triton":
         pytest.importorskip("triton")
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
     actor = LatentActor.from_base(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tok, 24, 4, 8, dropout=0.0)
     sharpen_(actor)  # peaked distributions that the latents change: terms well above float32 rounding
+    if "packed" in path:
+        actor.use_packed_sequences()  # on the CPU: packed_attention's block mask stands in for flash varlen
+        actor.cuda_graphs = "graph_rows" in path
     data_file = write_jsonl(tmp_path / "t.jsonl", make_records(3, str(tmp_path / "lat")))
     ds = ActorDataset(build_hf_dataset(data_file), tok, 3072, 8)
     batch = LatentCollator(tok.pad_token_id, 24)([ds[i] for i in range(3)])
@@ -82,8 +87,9 @@ def test_batched_step_matches_the_reference_path(path, tiny_model_dir, tmp_path,
     monkeypatch.setattr(trainer_module, "pick_negatives", lambda own, *a: (DONORS.clone(), torch.ones(3, dtype=torch.bool)))
     monkeypatch.setattr(trainer_module, "NEGATIVE_NOISE_STD", 0.0)  # the noise itself: test_trainer.py
     args = TrainingArguments(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True)
+    kernel = path.split("+")[1] if path.count("+") == 1 and "packed" not in path else "eager"
     trainer = LatentActorTrainer(model=actor, args=args, loss_config=LossConfig(
-        loss_chunk_size=7, fused_loss=path != "autograd", loss_kernel=path.partition("+")[2] or "eager"))
+        loss_chunk_size=7, fused_loss=path != "autograd", loss_kernel=kernel))
     actor.train()
     loss = trainer.compute_loss(actor, batch)
     fast = trainer._metric_sums["train"].double()
@@ -101,3 +107,50 @@ def test_batched_step_matches_the_reference_path(path, tiny_model_dir, tmp_path,
     total = (expected[0] + 1.0 * expected[1] + 2.0 * expected[2]) / tokens
     assert loss.item() == pytest.approx(total.item(), rel=1e-4)
     assert fast[2].item() > 0 and not math.isclose(fast[0].item(), fast[3].item())  # the branches differ
+
+
+SYNCING_OPS = {"aten::nonzero", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::item", "aten::equal"}
+
+
+def test_the_training_step_reads_the_device_once(tiny_model_dir, tmp_path, monkeypatch):
+    """A step on packed rows (the GPU default) waits for the device once: `read_sizes`, for the sizes of both
+    forwards. No op that reads a tensor's values on the host (nonzero, item, a boolean mask's indexing) runs in
+    the draws, the branches or the loss; every wait would stall the host until the device catches up."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import latent_head
+
+    class Syncs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.found = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = func._schema.name
+            indices = args[1] if name.startswith(("aten::index", "aten::_index_put")) and len(args) > 1 else ()
+            if name in SYNCING_OPS or any(isinstance(t, torch.Tensor) and t.dtype == torch.bool
+                                          for t in (indices if isinstance(indices, (list, tuple)) else ())):
+                self.found.append(name)
+            return func(*args, **kwargs)
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    actor = LatentActor.from_base(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tok, 24, 4, 8)
+    actor.use_packed_sequences()
+    data_file = write_jsonl(tmp_path / "t.jsonl", make_records(4, str(tmp_path / "lat")))
+    ds = ActorDataset(build_hf_dataset(data_file), tok, 3072, 8)
+    batch = LatentCollator(tok.pad_token_id, 24)([ds[i] for i in range(4)])
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True)
+    trainer = LatentActorTrainer(model=actor, args=args, loss_config=LossConfig(loss_chunk_size=7))
+    reads = []
+    read_sizes = latent_head.read_sizes
+    monkeypatch.setattr(latent_head, "read_sizes", lambda *v: reads.append(len(v)) or read_sizes(*v))
+    actor.train()
+    with Syncs() as syncs:
+        loss = trainer.compute_loss(actor, batch)
+    assert reads == [6] and syncs.found == []  # (longest, total, supervised) of the positive and stacked forwards
+    assert torch.isfinite(loss) and trainer.last_negatives["found"].all()
+    # the checker sees what it looks for: a boolean mask's indexing and a nonzero
+    with Syncs() as syncs:
+        batch["latent_lengths"][batch["latent_lengths"] > 0].nonzero()
+    assert syncs.found == ["aten::index", "aten::nonzero"]

@@ -20,15 +20,16 @@ import os, signal, sys
 sys.path.insert(0, {root!r})
 import train_actor
 from transformers import TrainerCallback
+from training.trainer import LatentActorTrainer
 class Kill(TrainerCallback):
     def on_step_begin(self, args, state, control, **kw):
         if state.global_step == {kill_at}:
             os.kill(os.getpid(), signal.SIGKILL)
-original = train_actor.LatentActorTrainer.__init__
+original = LatentActorTrainer.__init__
 def init(self, *a, **k):
     original(self, *a, **k)
     self.add_callback(Kill())
-train_actor.LatentActorTrainer.__init__ = init
+LatentActorTrainer.__init__ = init
 sys.exit(train_actor.main(sys.argv[1:]))
 """
 

@@ -21,6 +21,7 @@ from common.safe_io import check_model_folder
 from common.validation import validate_files
 from data import DataError, build_hf_dataset, encode_conversation, encode_plan, load_latents, read_records
 from latent_head import LatentActor
+from training.trainer import LatentActorTrainer
 
 
 def _argv(model_dir, train, out, *extra, steps=2):
@@ -43,7 +44,9 @@ def _no_model_load(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the error was found")
 
-    monkeypatch.setattr(train_actor, "build_actor", refuse)
+    from training import setup  # train_actor.train builds the actor with training.setup.build_actor
+
+    monkeypatch.setattr(setup, "build_actor", refuse)
 
 
 def _files(folder) -> dict:
@@ -164,7 +167,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint_and_a_failed_final_save_says_so(tin
             if state.global_step == 1:
                 os.kill(os.getpid(), signal.SIGINT)  # as the terminal sends it
 
-    original = train_actor.LatentActorTrainer.__init__
+    original = LatentActorTrainer.__init__
 
     def init(self, *a, **k):
         original(self, *a, **k)
@@ -172,14 +175,14 @@ def test_ctrl_c_saves_a_resumable_checkpoint_and_a_failed_final_save_says_so(tin
 
     train = write_jsonl(tmp_path / "train.jsonl", make_records(8, str(tmp_path / "lat")))
     out = str(tmp_path / "out")
-    monkeypatch.setattr(train_actor.LatentActorTrainer, "__init__", init)
+    monkeypatch.setattr(LatentActorTrainer, "__init__", init)
     assert train_actor.main(_argv(tiny_model_dir, train, out, "--save_strategy", "no", steps=4)) == 130
     line = _one_line_error(capsys.readouterr().err)
     ckpt = os.path.join(out, "checkpoint-2")
     assert "interrupted (Ctrl-C) after step 2" in line and ckpt in line and "--resume_from_checkpoint latest" in line
     assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= set(os.listdir(ckpt))
     assert not os.path.exists(os.path.join(out, "model.safetensors"))  # no final model from a cut run
-    monkeypatch.setattr(train_actor.LatentActorTrainer, "__init__", original)
+    monkeypatch.setattr(LatentActorTrainer, "__init__", original)
 
     # Resumed, and the final save hits a full disk: what was there stays, the message says what failed.
     real = LatentActor.save_pretrained
@@ -364,7 +367,7 @@ def test_validator_survives_pathological_json(tmp_path, text, words):
 
 
 @pytest.mark.parametrize("flag,value,words", [("--num_heads", "5", "must divide the model's hidden size 32"),
-                                              ("--nonfinite_policy", "ignore", "expected skip or stop"),
+                                              ("--nonfinite_policy", "ignore", "choose from 'skip', 'stop'"),
                                               ("--mix_ratios", "a", "comma-separated numbers"),
                                               ("--mix_ratios", "0.5,2", "comma-separated numbers"),
                                               ("--model_max_length", "7", "leaves no room")])

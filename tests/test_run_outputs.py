@@ -70,8 +70,10 @@ class _Evaluations:
     ([{"eval_loss": 1.0, "step": 2}, {"eval_loss": 2.0, "step": 4}], 4, "out/checkpoint-2", 0),  # the best, loaded
 ])
 def test_the_saved_model_is_evaluated_once(history, step, best, expected):
+    from common.cli import finish_run
+
     trainer = _Evaluations(history, step, best)
-    assert train_actor.finish_run(trainer, "out") == 0
+    assert finish_run(trainer, "out") == 0
     assert trainer.evaluations == expected
 
 
@@ -113,10 +115,12 @@ def test_the_card_s_command_line_hides_tokens_and_the_base_model_s_license_is_re
 
 
 def test_pushing_offline_is_one_line_before_the_model_loads(tiny_model_dir, tiny_data, tmp_path, capsys, monkeypatch):
+    import training.setup
+
     train, _ = tiny_data
     out = tmp_path / "out"
     loaded = []
-    monkeypatch.setattr(train_actor, "build_actor", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr(training.setup, "build_actor", lambda *a, **k: loaded.append(1))
     argv = ["--model_name_or_path", tiny_model_dir, "--train_file", train, "--output_dir", str(out),
             "--report_to", "none", "--num_heads", "4", "--push_to_hub", "true", "--hub_model_id", "me/actor"]
     assert train_actor.main(argv) == 2  # HF_HUB_OFFLINE=1 in every test (conftest.py)

@@ -12,7 +12,10 @@ import torch
 
 import train_actor
 from tests.helpers import ROOT, make_records, write_jsonl
-from training.trainer import draw_mix_ratios, pick_negatives
+from common.args import DEFAULT_ACTOR_MODEL
+from common.training_args import ActorTrainingArguments
+from training.setup import resolve_auto_settings
+from training.trainer import LatentActorTrainer, draw_mix_ratios, pick_negatives
 
 SPEC_BASIC = """--model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --train_file ./data/train.json
   --eval_file ./data/eval.json --output_dir ./checkpoints/actor_model --per_device_train_batch_size 2
@@ -37,7 +40,9 @@ def test_both_specification_command_lines_parse():
     assert (model.prepended_length, model.num_heads) == (256, 8)
     assert (model.plan_similarity_weight, model.random_contrast_weight) == (1.0, 2.0)
     defaults = train_actor.parse_args(["--output_dir", "x"])
-    assert defaults[0].model_name_or_path == "Qwen/Qwen2.5-0.5B-Instruct" and defaults[2].learning_rate == 2e-5
+    # no model named: --validate_only checks structure only; training takes the specification's default then
+    assert defaults[0].model_name_or_path is None and DEFAULT_ACTOR_MODEL == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert defaults[2].learning_rate == 2e-5
     assert not defaults[2].bf16 and not defaults[2].fp16  # no GPU here: auto-detect picks fp32
     assert defaults[2].dataloader_num_workers == 0 and not defaults[2].dataloader_persistent_workers  # nor workers
     assert not defaults[2].dataloader_pin_memory  # nor pinned memory (torch warns without an accelerator)
@@ -88,7 +93,7 @@ def _one_step_update(model_dir, train, out, batch, accumulation, *extra):
                        "--train_sampling_strategy", "sequential", "--logging_steps", "1",
                        "--head_warm_start_steps", "0", *extra)  # its batches follow the batch size
     captured = {}
-    original = train_actor.LatentActorTrainer.train
+    original = LatentActorTrainer.train
 
     def train_and_capture(self, *a, **k):
         before = {n: p.detach().clone() for n, p in self.model.named_parameters()}
@@ -96,11 +101,11 @@ def _one_step_update(model_dir, train, out, batch, accumulation, *extra):
         captured.update({n: before[n] - p.detach() for n, p in self.model.named_parameters()})
         return result
 
-    train_actor.LatentActorTrainer.train = train_and_capture
+    LatentActorTrainer.train = train_and_capture
     try:
         assert train_actor.main(argv) == 0
     finally:
-        train_actor.LatentActorTrainer.train = original
+        LatentActorTrainer.train = original
     return captured
 
 
@@ -340,7 +345,7 @@ def test_fsdp2_under_bf16_keeps_the_loss_sums_float32(tmp_path):
         ["--model_name_or_path", "unused", "--train_file", "unused.jsonl", "--output_dir", str(tmp_path / "o"),
          "--fsdp", "full_shard auto_wrap", "--fsdp_config", '{"version": 2}', "--bf16", "true", "--use_cpu", "true",
          "--report_to", "none"])
-    train_actor.resolve_auto_settings(model_args, args)
+    resolve_auto_settings(model_args, args)
     ours = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
     accelerates = FullyShardedDataParallelPlugin(fsdp_version=2)
     for plugin in (ours, accelerates):
@@ -386,7 +391,7 @@ def test_lora_run_saves_a_folder_that_reloads_with_equal_logits(tiny_model_dir, 
     train, evaluation = tiny_data
     out = str(tmp_path / "lora")
     seen = {}
-    original = train_actor.LatentActorTrainer.train
+    original = LatentActorTrainer.train
 
     def train_and_inspect(self, *a, **k):
         actor = self.model
@@ -399,13 +404,13 @@ def test_lora_run_saves_a_folder_that_reloads_with_equal_logits(tiny_model_dir, 
             seen["logits"] = actor.logits(actor(**_fixed_batch(actor.tokenizer, evaluation)).hidden)
         return result
 
-    train_actor.LatentActorTrainer.train = train_and_inspect
+    LatentActorTrainer.train = train_and_inspect
     try:
         argv = _train_argv(tiny_model_dir, train, out, "--per_device_train_batch_size", "2", "--max_steps", "3",
                            "--lora_r", "4", "--learning_rate", "1e-2", "--gradient_checkpointing", "true")
         assert train_actor.main(argv) == 0
     finally:
-        train_actor.LatentActorTrainer.train = original
+        LatentActorTrainer.train = original
     trainable = seen["trainable"]
     assert any("lora_" in n for n in trainable) and any(n.startswith("head.") for n in trainable)
     assert any("trainable_tokens" in n for n in trainable)  # the new special tokens' rows
@@ -449,7 +454,7 @@ def test_stacked_no_grad_branches_equal_separate_forwards(tiny_model_dir, tiny_d
 def test_head_learning_rate_puts_the_head_in_its_own_groups(tiny_model_dir, tiny_data, tmp_path):
     train, _ = tiny_data
     seen = {}
-    original = train_actor.LatentActorTrainer.train
+    original = LatentActorTrainer.train
 
     def capture(self, *a, **k):
         result = original(self, *a, **k)
@@ -458,13 +463,13 @@ def test_head_learning_rate_puts_the_head_in_its_own_groups(tiny_model_dir, tiny
                           for g in self.optimizer.param_groups]
         return result
 
-    train_actor.LatentActorTrainer.train = capture
+    LatentActorTrainer.train = capture
     try:
         argv = _train_argv(tiny_model_dir, train, str(tmp_path / "o"), "--max_steps", "1", "--learning_rate", "1e-4",
                            "--head_learning_rate", "1e-2", "--lr_scheduler_type", "constant")
         assert train_actor.main(argv) == 0
     finally:
-        train_actor.LatentActorTrainer.train = original
+        LatentActorTrainer.train = original
     head_groups = [g for g in seen["groups"] if g[2]]
     assert head_groups and all(all_head and lr == 1e-2 for lr, all_head, _ in head_groups)
     assert all(lr == 1e-4 for lr, _, any_head in seen["groups"] if not any_head)
@@ -555,7 +560,7 @@ def test_negative_branch_holds_donor_rows_then_the_own_plan_suffix(tiny_model_di
     seen = []
     backbone = actor.backbone
     monkeypatch.setattr(actor, "backbone", lambda embeds, mask, **kw: (seen.append(embeds), backbone(embeds, mask, **kw))[1])
-    args = train_actor.ActorTrainingArguments(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True)
+    args = ActorTrainingArguments(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True)
     trainer = LatentActorTrainer(model=actor, args=args, loss_config=LossConfig(fused_loss=False))
     actor.train()
     trainer.compute_loss(actor, batch)
@@ -601,7 +606,7 @@ def test_auto_settings_are_decided_once_before_training_and_logged_in_one_line(c
     model, _, args = train_actor.parse_args(["--output_dir", "x"])
     assert (model.loss_kernel, model.loss_matmul_dtype, model.packed_sequences) == ("auto", "auto", None)
     with caplog.at_level(logging.INFO, logger="train_actor"):
-        settings = train_actor.resolve_auto_settings(model, args)
+        settings = resolve_auto_settings(model, args)
     assert (model.loss_kernel, model.loss_matmul_dtype) == ("eager", "float32")
     assert model.packed_sequences is False and model.compile_layers is False
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Settings: ")]

@@ -567,3 +567,32 @@ def test_cli_subprocess_no_traceback(tmp_path):
     assert f"{bad}:1: id 'a': conversations[1].value: missing; expected a string" in text
     assert f"{bad}:2: column 2: malformed JSON line" in text
     assert "missing.json: file not found" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# train_actor.py --validate_only: structure without a model, lengths with its tokenizer
+# ---------------------------------------------------------------------------------------------
+def test_validate_only_needs_no_model_and_checks_lengths_with_one(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import train_actor
+    from common import models
+    from training import setup
+
+    def no_model(*a, **k):  # offline, the default Qwen id cannot load: nothing may try
+        raise AssertionError("--validate_only without --model_name_or_path looked for a model")
+
+    path = write_jsonl(tmp_path / "d.jsonl", good_records(tmp_path, n=3))
+    for module in (models, setup):
+        monkeypatch.setattr(module, "resolve_model", no_model)
+    assert train_actor.main(["--train_file", path, "--validate_only", "true", "--model_max_length", "20",
+                             "--prepended_length", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "3 record(s): 0 error(s)" in out and "the chat template and the lengths need the model's tokenizer" in out
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "x", "conversations": "not a list"}])
+    assert train_actor.main(["--train_file", bad, "--validate_only", "true"]) == 1  # structure: still checked
+    assert "conversations_not_list" in capsys.readouterr().err
+    monkeypatch.undo()
+    # with the model's tokenizer, the lengths: 20 tokens cannot hold a conversation
+    assert train_actor.main(["--train_file", path, "--validate_only", "true", "--model_max_length", "20",
+                             "--prepended_length", "6", "--model_name_or_path", tiny_model_dir]) in (0, 1)
+    out = capsys.readouterr()
+    assert "truncat" in (out.out + out.err) and "need the model's tokenizer" not in out.out

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from losses import CONTRAST_MARGIN, PLAN_COS_WEIGHT, PLAN_KL_WEIGHT, RowTerms
+from common.loss_terms import CONTRAST_MARGIN, PLAN_COS_WEIGHT, PLAN_KL_WEIGHT, ChunkLogits, RowTerms
 
 try:
     import triton
@@ -134,27 +134,24 @@ if triton is not None:
                 tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=valid)
 
 
-def chunk_values_and_grad(pos_logits: torch.Tensor, labels: torch.Tensor,
-                          plan_logits: torch.Tensor | None, plan_w: torch.Tensor,
-                          neg_logits: torch.Tensor | None, neg_w: torch.Tensor,
-                          plan_weight: float, contrast_weight: float, need_grad: bool = True,
+def chunk_values_and_grad(chunk: ChunkLogits, plan_weight: float, contrast_weight: float, need_grad: bool = True,
                           grad_dtype: torch.dtype = torch.float32, block: int = 2048, num_warps: int = 8,
                           num_stages: int = 3):
     """`losses.chunk_values_and_grad` (same arguments and results) by `_chunk_kernel`. The defaults were
     the fastest on an H200 at 1024 x 151,936 (benchmarks/loss_kernel_check.py)."""
-    rows, vocab = pos_logits.shape
+    rows, vocab = chunk.pos.shape
     # The kernel walks each row with unit stride; an absent branch passes the positive logits, never read.
-    unit = lambda t: pos_logits if t is None else (t if t.stride(1) == 1 else t.contiguous())
-    pos, plan, neg = unit(pos_logits), unit(plan_logits), unit(neg_logits)
+    unit = lambda t: chunk.pos if t is None else (t if t.stride(1) == 1 else t.contiguous())  # noqa: E731
+    pos, plan, neg = unit(chunk.pos), unit(chunk.plan), unit(chunk.neg)
     per_row = pos.new_zeros(rows, 4, dtype=torch.float32)  # ce, plan term, js, negative's ce
     grad = torch.empty(rows, vocab, dtype=grad_dtype, device=pos.device) if need_grad else None
     if rows:
         _chunk_kernel[(rows,)](
-            pos, plan, neg, labels, plan_w, neg_w, per_row if grad is None else grad, per_row,
+            pos, plan, neg, chunk.labels, chunk.plan_w, chunk.neg_w, per_row if grad is None else grad, per_row,
             pos.stride(0), plan.stride(0), neg.stride(0), vocab, vocab,
             float(plan_weight), float(contrast_weight), PLAN_KL_WEIGHT, PLAN_COS_WEIGHT, CONTRAST_MARGIN,
-            HAS_PLAN=plan_logits is not None, HAS_NEG=neg_logits is not None, NEED_GRAD=need_grad,
+            HAS_PLAN=chunk.plan is not None, HAS_NEG=chunk.neg is not None, NEED_GRAD=need_grad,
             BLOCK=block, num_warps=num_warps, num_stages=num_stages)
     ce, plan_term, js, neg_ce = per_row.unbind(1)  # the kernel's output layout
-    return RowTerms(ce, plan_term if plan_logits is not None else None, js if neg_logits is not None else None,
-                    neg_ce if neg_logits is not None else None), grad
+    return RowTerms(ce, plan_term if chunk.plan is not None else None, js if chunk.neg is not None else None,
+                    neg_ce if chunk.neg is not None else None), grad

@@ -51,7 +51,9 @@ def pick_negatives(own_index: torch.Tensor, candidate_valid: torch.Tensor, bank_
     bank = bank_valid[None, :] & ~has_other[:, None]
     weights = torch.cat([others, bank], dim=1).float()
     found = weights.sum(1) > 0
-    weights[~found, 0] = 1.0  # placeholder draw for rows without any candidate; masked out by `found`
+    # A placeholder draw for rows without any candidate, masked out by `found` (where, not a boolean-mask
+    # assignment: that one waits for the device to count the rows)
+    weights[:, 0] = torch.where(found, weights[:, 0], 1.0)
     return torch.multinomial(weights, 1, generator=generator).squeeze(1), found
 
 
