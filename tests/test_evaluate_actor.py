@@ -84,6 +84,7 @@ def test_conditions_build_the_inputs_they_claim(actor, tmp_path, monkeypatch):
     assert checked == dict.fromkeys(ev.CONDITIONS, n)
 
 
+@pytest.mark.slow
 def test_cli_writes_the_report_with_hand_checked_ce(actor_dir, tmp_path, capsys):
     records, path = records_with_answers(tmp_path, n=4)
     out = str(tmp_path / "results" / "eval.json")

@@ -199,6 +199,7 @@ def _train(tiny_model_dir, out, *data_flags):
         return [float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")]
 
 
+@pytest.mark.slow
 def test_a_messages_dataset_trains_as_the_sharegpt_file(tiny_model_dir, tmp_path):
     folder = tmp_path / "ds"
     folder.mkdir()

@@ -199,6 +199,7 @@ def test_the_head_is_also_safetensors_with_the_same_weights(actor_dir, tmp_path)
     assert all(torch.equal(x, y) for x, y in zip(a.head.state_dict().values(), b.head.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_a_hub_id_round_trip_through_the_hf_cache(actor_dir, hf_cache, tmp_path, capsys):
     import numpy as np
 

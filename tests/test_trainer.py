@@ -109,6 +109,7 @@ def _one_step_update(model_dir, train, out, batch, accumulation, *extra):
     return captured
 
 
+@pytest.mark.slow
 def test_two_accumulation_steps_of_two_equal_one_step_of_four(tiny_model_dir, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", make_records(4, str(tmp_path / "lat")))  # different lengths
     g4 = _one_step_update(tiny_model_dir, train, str(tmp_path / "a"), batch=4, accumulation=1)

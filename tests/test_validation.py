@@ -552,6 +552,7 @@ def test_cli_exit_codes_in_process(tmp_path, capsys):
     assert "cannot load the tokenizer" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_subprocess_no_traceback(tmp_path):
     good = write_jsonl(tmp_path / "good.jsonl", good_records(tmp_path, n=2))
     bad = tmp_path / "bad.jsonl"
