@@ -128,12 +128,12 @@ def test_output_arrays_and_paths(tiny_sender_dir, tokenizer, tmp_path, dtype):
         assert "hidden_state" not in row
         assert row["plan"] == record["plan"] and row["conversations"] == record["conversations"]
         path = row["hidden_state_path"]
-        assert not os.path.isabs(path) and path.startswith("collected_latents" + os.sep)
+        assert not os.path.isabs(path) and path.startswith(os.path.join("__latents__", "collected") + os.sep)
         array = np.load(out.parent / path)
         assert array.dtype == np.dtype(dtype)
         assert array.shape == (len(chs.plan_token_ids(tokenizer, record["plan"])), 32)
     assert len({r["hidden_state_path"] for r in rows}) == 3
-    assert not [p for p in os.listdir(out.parent / "collected_latents") if ".tmp" in p]
+    assert not [p for p in os.listdir(out.parent / "__latents__" / "collected") if ".tmp" in p]
 
 
 def test_generate_mode(tiny_sender_dir, tokenizer, tmp_path):
